@@ -1,0 +1,101 @@
+"""A least-recently-used cache of loaded adapters, bounded by count and by bytes.
+
+Pinned adapters are never evicted; an adapter leased by a batch in flight is never evicted under it. The
+cache is an explicit object owned by the engine (one per model instance), never module state.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from peftserve.errors import AdapterLoadError
+
+
+class Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V", bound=Sized)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class AdapterCache(Generic[K, V]):
+    """LRU over loaded adapters; ``on_evict`` is called with each evicted key (for metrics and logs)."""
+
+    def __init__(
+        self, *, max_entries: int, max_bytes: int, on_evict: Callable[[K], None] | None = None
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.on_evict = on_evict
+        self.stats = CacheStats()
+        self._entries: OrderedDict[K, V] = OrderedDict()
+        self._pinned: set[K] = set()
+        self._leases: dict[K, int] = {}
+        self._lock = threading.RLock()
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(value.nbytes for value in self._entries.values())
+
+    def pin(self, key: K) -> None:
+        self._pinned.add(key)
+
+    def acquire(self, key: K, load: Callable[[], V]) -> V:
+        """Return the cached value (loading it on a miss) and lease it until :meth:`release`."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self.stats.hits += 1
+                self._entries.move_to_end(key)
+            else:
+                self.stats.misses += 1
+                value = load()
+                self._make_room(value.nbytes, key)
+                self._entries[key] = value
+            self._leases[key] = self._leases.get(key, 0) + 1
+            return value
+
+    def release(self, key: K) -> None:
+        with self._lock:
+            remaining = self._leases[key] - 1
+            if remaining:
+                self._leases[key] = remaining
+            else:
+                del self._leases[key]
+
+    def _make_room(self, incoming_bytes: int, incoming_key: K) -> None:
+        if incoming_bytes > self.max_bytes:
+            raise AdapterLoadError(
+                f"adapter {incoming_key} needs {incoming_bytes} bytes, more than the whole adapter cache "
+                f"({self.max_bytes} bytes, max_adapter_memory_mb)"
+            )
+        while len(self._entries) + 1 > self.max_entries or self.nbytes + incoming_bytes > self.max_bytes:
+            victim = next((k for k in self._entries if k not in self._pinned and k not in self._leases), None)
+            if victim is None:
+                raise AdapterLoadError(
+                    f"adapter cache full ({len(self._entries)} adapters, {self.nbytes} bytes), every entry pinned or "
+                    "in use; raise max_loaded_adapters or max_adapter_memory_mb"
+                )
+            del self._entries[victim]
+            self.stats.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(victim)

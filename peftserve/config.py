@@ -1,0 +1,89 @@
+"""Serving configuration, read from the ``parameters`` of ``config.pbtxt``.
+
+Triton hands every parameter over as a string; pydantic converts and range-checks them and the errors of
+all keys are reported together, naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peftserve.errors import ConfigError
+
+# Triton's own parameters that live beside ours in config.pbtxt and are not engine settings.
+TRITON_RESERVED_PARAMETERS = frozenset({"EXECUTION_ENV_PATH", "FORCE_CPU_ONLY_INPUT_TENSORS"})
+
+
+class ServeConfig(BaseModel):
+    """Everything the engine needs to serve; paths are absolute once built by :func:`from_parameters`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(description="local directory or Hugging Face model id (read from the local cache)")
+    adapter_repository: str = Field("adapters", description="directory holding <adapter_id>/<version>/")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    default_max_tokens: int = Field(32, ge=1)
+    max_tokens_limit: int = Field(256, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=1)
+    max_prompt_bytes: int = Field(65536, ge=1)
+    max_loaded_adapters: int = Field(16, ge=1)
+    max_adapter_memory_mb: float = Field(1024.0, gt=0)
+    preload: tuple[str, ...] = ()
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _split_preload(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ServeConfig:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
+            )
+        return self
+
+    @property
+    def max_adapter_memory_bytes(self) -> int:
+        return int(self.max_adapter_memory_mb * 1024 * 1024)
+
+
+def from_parameters(parameters: dict[str, Any], *, model_dir: Path) -> ServeConfig:
+    """Build the config from Triton's ``parameters`` map (``{key: {"string_value": v}}``) or plain values.
+
+    Relative paths resolve against ``model_dir`` (the model's directory in the Triton repository), so a
+    repository can be moved or mounted anywhere.
+    """
+    values: dict[str, Any] = {}
+    for key, raw in parameters.items():
+        if key in TRITON_RESERVED_PARAMETERS:
+            continue
+        values[key] = raw["string_value"] if isinstance(raw, dict) else raw
+    try:
+        config = ServeConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid peft_llm parameters in config.pbtxt: {problems}") from exc
+    return config.model_copy(
+        update={
+            "base_model": _resolve_local(config.base_model, model_dir),
+            "adapter_repository": str((model_dir / config.adapter_repository).resolve()),
+        }
+    )
+
+
+def _resolve_local(name_or_path: str, model_dir: Path) -> str:
+    """A path relative to the model directory when it exists there; otherwise a hub id, left unchanged."""
+    candidate = Path(name_or_path).expanduser()
+    if not candidate.is_absolute():
+        candidate = model_dir / candidate
+    return str(candidate.resolve()) if candidate.exists() else name_or_path

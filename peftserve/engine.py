@@ -1,0 +1,220 @@
+"""The serving engine: base model, adapter repository and cache, request checks and batched generation.
+
+``Engine.complete`` takes the requests of one Triton batch and returns, per request, either a
+:class:`Completion` or the :class:`PeftServeError` that request earned; one bad request never fails the
+others, and a batch that fails as a whole is retried row by row so that only the culprit errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from peftserve.adapter_cache import AdapterCache
+from peftserve.adapter_repository import AdapterRepository, AdapterVersion
+from peftserve.adapter_weights import AdapterWeights, BaseModelShape, convert_adapter, read_adapter_files
+from peftserve.batched_layers import AdapterLayers
+from peftserve.config import ServeConfig
+from peftserve.errors import ConfigError, InvalidRequestError, PeftServeError
+from peftserve.generation import BatchGenerator, GenerationRow, SamplingParams
+
+logger = logging.getLogger("peftserve.engine")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """One request as the client sent it; ``None`` means the optional input was absent."""
+
+    text: str | bytes
+    adapter_id: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    adapter_version: str  # "<adapter_id>@<version>", empty for the base model
+    output_tokens: int
+    finish_reason: str
+
+
+class Engine:
+    """One base model serving many adapters; not thread-safe (Triton calls ``execute`` serially)."""
+
+    def __init__(self, config: ServeConfig, *, device: str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.tokenizer, self.model = _load_base_model(config, self.device)
+        self.layers = AdapterLayers(self.model)
+        self.base_shape = _base_shape(self.model, self.layers)
+        self.repository = AdapterRepository(Path(config.adapter_repository))
+        self.cache: AdapterCache[AdapterVersion, AdapterWeights] = AdapterCache(
+            max_entries=config.max_loaded_adapters,
+            max_bytes=config.max_adapter_memory_bytes,
+            on_evict=lambda version: logger.info("evicted adapter %s", version.label),
+        )
+        eos = _eos_token_ids(self.model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos)
+        self.generator = BatchGenerator(self.model, self.layers, eos_token_ids=eos, pad_token_id=pad)
+        for adapter_id in config.preload:
+            version = self.repository.latest(adapter_id)
+            self.cache.acquire(version, lambda v=version: self.load_adapter(v))
+            self.cache.release(version)
+            self.cache.pin(version)
+
+    def load_adapter(self, version: AdapterVersion) -> AdapterWeights:
+        """Read, check and convert one adapter version, and wrap the layers it targets."""
+        started = time.perf_counter()
+        config, tensors = read_adapter_files(version.path)
+        weights = convert_adapter(config, tensors, self.base_shape)
+        self.layers.wrap(list(weights.modules))
+        logger.info(
+            "loaded adapter %s (%s, %d bytes) in %.1f ms",
+            version.label, weights.peft_type, weights.nbytes, 1000 * (time.perf_counter() - started),
+        )
+        return weights
+
+    def complete(self, requests: Sequence[CompletionRequest]) -> list[Completion | PeftServeError]:
+        """Answer one batch; element ``i`` answers ``requests[i]``."""
+        results: list[Completion | PeftServeError | None] = [None] * len(requests)
+        prepared: list[tuple[int, GenerationRow, str]] = []
+        leased: list[AdapterVersion] = []
+        try:
+            for index, request in enumerate(requests):
+                try:
+                    row, version = self.prepare(request)
+                    if version is not None:
+                        row.adapter = self.cache.acquire(version, lambda v=version: self.load_adapter(v))
+                        leased.append(version)
+                    prepared.append((index, row, version.label if version else ""))
+                except PeftServeError as exc:
+                    results[index] = exc
+            outputs = self._generate_isolating_failures([row for _, row, _ in prepared])
+            for (index, _, label), output in zip(prepared, outputs, strict=True):
+                if isinstance(output, PeftServeError):
+                    results[index] = output
+                else:
+                    text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
+                    results[index] = Completion(text, label, len(output.token_ids), output.finish_reason)
+        finally:
+            for version in leased:
+                self.cache.release(version)
+        return results  # type: ignore[return-value]
+
+    def prepare(self, request: CompletionRequest) -> tuple[GenerationRow, AdapterVersion | None]:
+        """Check one request and turn it into a generation row (adapter not yet attached)."""
+        prompt_ids = self._encode_prompt(request.text)
+        max_tokens = self.config.default_max_tokens if request.max_tokens is None else request.max_tokens
+        if not 1 <= max_tokens <= self.config.max_tokens_limit:
+            raise InvalidRequestError(
+                f"max_tokens must be between 1 and {self.config.max_tokens_limit} (max_tokens_limit), got {max_tokens}"
+            )
+        sampling = _sampling_params(request)
+        version = self.repository.latest(request.adapter_id) if request.adapter_id else None
+        return GenerationRow(prompt_ids, None, max_tokens, sampling), version
+
+    def _encode_prompt(self, text: str | bytes) -> list[int]:
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidRequestError(f"text_input is not valid UTF-8 (byte {exc.start}: {exc.reason})") from exc
+        size = len(text.encode("utf-8"))
+        if size > self.config.max_prompt_bytes:
+            raise InvalidRequestError(
+                f"text_input has {size} bytes, more than max_prompt_bytes ({self.config.max_prompt_bytes})"
+            )
+        ids = self.tokenizer(text).input_ids
+        if not ids:  # an empty prompt still needs one position to start from
+            ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.generator.pad_token_id]
+        if len(ids) > self.config.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"text_input has {len(ids)} tokens, more than max_prompt_tokens ({self.config.max_prompt_tokens})"
+            )
+        return ids
+
+    def _generate_isolating_failures(self, rows: list[GenerationRow]) -> list:
+        if not rows:
+            return []
+        try:
+            return self.generator.generate(rows)
+        except Exception as exc:  # noqa: BLE001 - any failure must stay per request
+            if len(rows) == 1:
+                logger.exception("generation failed")
+                return [PeftServeError(f"generation failed: {type(exc).__name__}: {exc}")]
+            logger.warning("batch of %d failed (%s); retrying row by row", len(rows), exc)
+            return [self._generate_isolating_failures([row])[0] for row in rows]
+
+
+def _sampling_params(request: CompletionRequest) -> SamplingParams:
+    temperature = 0.0 if request.temperature is None else float(request.temperature)
+    top_p = 1.0 if request.top_p is None else float(request.top_p)
+    top_k = 0 if request.top_k is None else int(request.top_k)
+    if not math.isfinite(temperature) or not 0.0 <= temperature <= 100.0:
+        raise InvalidRequestError(f"temperature must be between 0 and 100 (0 = greedy), got {temperature}")
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise InvalidRequestError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+    seed = None if request.seed is None else int(request.seed) % (1 << 63)
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+
+def _load_base_model(config: ServeConfig, device: torch.device) -> tuple[AutoTokenizer, PreTrainedModel]:
+    if config.dtype == "auto":
+        dtype = torch.float32 if device.type == "cpu" else "auto"
+    else:
+        dtype = _DTYPES[config.dtype]
+    try:
+        # Never run code from the model repository; read only local files (no hub on serving hosts).
+        tokenizer = AutoTokenizer.from_pretrained(config.base_model, trust_remote_code=False, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            config.base_model,
+            dtype=dtype,
+            trust_remote_code=False,
+            local_files_only=True,
+            attn_implementation=config.attn_implementation,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load base_model {config.base_model!r}: {exc}. Set the base_model parameter to a local model "
+            "directory or the id of a model in the local Hugging Face cache (run `make demo` for the demo model)"
+        ) from exc
+    return tokenizer, model.to(device).eval()
+
+
+def _base_shape(model: PreTrainedModel, layers: AdapterLayers) -> BaseModelShape:
+    text_config = model.config.get_text_config()
+    heads = text_config.num_attention_heads
+    return BaseModelShape(
+        linear_shapes=layers.linear_shapes(),
+        num_layers=text_config.num_hidden_layers,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
+        hidden_size=text_config.hidden_size,
+        dtype=next(model.parameters()).dtype,
+        device=next(model.parameters()).device,
+    )
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: AutoTokenizer) -> set[int]:
+    configured = model.generation_config.eos_token_id if model.generation_config else None
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ConfigError("the base model defines no eos_token_id; generation would never stop early")
+    return ids
