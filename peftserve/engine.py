@@ -102,6 +102,9 @@ class Engine:
                     prepared.append((index, row, version.label if version else ""))
                 except PeftServeError as exc:
                     results[index] = exc
+                except Exception as exc:  # noqa: BLE001 - a bug on one request must not fail its batch
+                    logger.exception("preparing request %d failed", index)
+                    results[index] = PeftServeError(f"internal error preparing the request: {type(exc).__name__}")
             outputs = self._generate_isolating_failures([row for _, row, _ in prepared])
             for (index, _, label), output in zip(prepared, outputs, strict=True):
                 if isinstance(output, PeftServeError):

@@ -1,0 +1,55 @@
+# peftserve: `make serve` and `make test` set everything up on a fresh machine.
+#
+# The venv is made from Debian's /usr/bin/python3.11 on purpose: Triton's Python-backend stub links the
+# system libpython3.11, and a venv of a different 3.11 patch release fails inside the stub.
+PYTHON ?= /usr/bin/python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO := model_repository/peft_llm/base_model/config.json
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+export HTTP_PORT GRPC_PORT METRICS_PORT
+
+.PHONY: serve test unit integration demo lint format clean
+
+serve: $(STAMP) $(DEMO)
+	$(PY) -m tools.serve --repository model_repository
+
+test: $(STAMP) $(DEMO) system-deps
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+unit: $(STAMP) $(DEMO)
+	$(PY) -m pytest -q tests/unit
+
+integration: $(STAMP) $(DEMO) system-deps
+	$(PY) -m pytest -q tests/integration
+
+demo: $(DEMO)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+	touch $(STAMP)
+
+$(DEMO): tools/demo_assets.py | $(STAMP)
+	$(PY) -m tools.demo_assets --repository model_repository
+
+# perf_analyzer (from the tritonclient wheel) links Debian's libb64.
+.PHONY: system-deps
+system-deps:
+	@ldconfig -p | grep -q libb64.so.0d || (apt-get update -qq && apt-get install -y -qq libb64-0d)
+
+clean:
+	rm -rf $(VENV) model_repository/peft_llm/base_model model_repository/peft_llm/adapters

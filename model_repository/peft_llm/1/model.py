@@ -1,0 +1,110 @@
+"""Triton glue for peft_llm: parse requests, call the peftserve engine, build responses.
+
+Everything else lives in the ``peftserve`` package so it can be tested without Triton. A request may
+carry several rows (its batch dimension); each Triton request gets exactly one response, an error one if
+any of its rows is bad, and a bad request never fails the others in its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from peftserve.config import from_parameters
+from peftserve.engine import Completion, CompletionRequest, Engine
+from peftserve.errors import InvalidRequestError, PeftServeError
+
+logger = logging.getLogger("peftserve.triton")
+
+# Optional inputs: request field name and the Python type one element converts to.
+_OPTIONAL_INPUTS = {
+    "adapter_id": str,
+    "max_tokens": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "seed": int,
+}
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        model_config = json.loads(args["model_config"])
+        config = from_parameters(model_config.get("parameters", {}), model_dir=Path(args["model_repository"]))
+        device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
+        logger.info("loading %s on %s", config.base_model, device)
+        self.engine = Engine(config, device=device)
+
+    def execute(self, requests: list) -> list:
+        parsed: list[list[CompletionRequest] | PeftServeError] = []
+        for request in requests:
+            try:
+                parsed.append(_parse_request(request))
+            except PeftServeError as exc:
+                parsed.append(exc)
+            except Exception as exc:  # noqa: BLE001 - one malformed request must not fail the batch
+                logger.exception("cannot parse request")
+                parsed.append(PeftServeError(f"cannot parse request: {type(exc).__name__}: {exc}"))
+        rows = [row for item in parsed if not isinstance(item, PeftServeError) for row in item]
+        results = iter(self.engine.complete(rows))
+        responses = []
+        for item in parsed:
+            if isinstance(item, PeftServeError):
+                responses.append(_error_response(item))
+                continue
+            answers = [next(results) for _ in item]
+            failure = next((a for a in answers if isinstance(a, PeftServeError)), None)
+            responses.append(_error_response(failure) if failure else _success_response(answers))
+        return responses
+
+    def finalize(self) -> None:
+        self.engine = None
+
+
+def _parse_request(request) -> list[CompletionRequest]:
+    texts = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
+    options: dict[str, list] = {}
+    for name, convert in _OPTIONAL_INPUTS.items():
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            continue
+        values = tensor.as_numpy().reshape(-1)
+        if len(values) != len(texts):
+            raise InvalidRequestError(f"input {name} has {len(values)} elements, text_input has {len(texts)}")
+        options[name] = [_convert(name, value, convert) for value in values]
+    return [
+        CompletionRequest(text=bytes(text), **{name: values[i] for name, values in options.items()})
+        for i, text in enumerate(texts)
+    ]
+
+
+def _convert(name: str, value, convert):
+    if convert is str:
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError(f"input {name} is not valid UTF-8") from exc
+    return convert(value)
+
+
+def _success_response(answers: list[Completion]):
+    def column(values, dtype):
+        return np.array(values, dtype=dtype).reshape(-1, 1)
+
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("text_output", column([a.text.encode("utf-8") for a in answers], np.object_)),
+            pb_utils.Tensor("adapter_version", column([a.adapter_version.encode() for a in answers], np.object_)),
+            pb_utils.Tensor("output_tokens", column([a.output_tokens for a in answers], np.int32)),
+        ]
+    )
+
+
+def _error_response(error: PeftServeError):
+    code = getattr(pb_utils.TritonError, error.triton_code, pb_utils.TritonError.INTERNAL)
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error), code))
