@@ -72,11 +72,13 @@ class TritonServer:
         grpc_port: int,
         metrics_port: int,
         log_path: Path | None = None,
+        address: str = "0.0.0.0",
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.repository = Path(repository).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.log_path = log_path
+        self.address = address
         self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self._log_file = None
@@ -94,6 +96,9 @@ class TritonServer:
             str(install.server),
             f"--model-repository={self.repository}",
             f"--backend-directory={install.backends}",
+            f"--http-address={self.address}",
+            f"--grpc-address={self.address}",
+            f"--metrics-address={self.address}",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",

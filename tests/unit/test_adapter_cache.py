@@ -1,0 +1,69 @@
+from dataclasses import dataclass
+
+import pytest
+
+from peftserve.adapter_cache import AdapterCache
+from peftserve.errors import AdapterLoadError
+
+
+@dataclass
+class Blob:
+    nbytes: int
+
+
+def fill(cache: AdapterCache, key: str, size: int = 10) -> Blob:
+    value = cache.acquire(key, lambda: Blob(size))
+    cache.release(key)
+    return value
+
+
+def test_hits_do_not_reload_and_misses_do() -> None:
+    loads = []
+    cache: AdapterCache[str, Blob] = AdapterCache(max_entries=4, max_bytes=100)
+    for _ in range(3):
+        cache.acquire("a", lambda: loads.append("a") or Blob(1))
+        cache.release("a")
+    assert loads == ["a"]
+    assert (cache.stats.hits, cache.stats.misses) == (2, 1)
+
+
+def test_least_recently_used_goes_first_when_count_is_full() -> None:
+    evicted = []
+    cache: AdapterCache[str, Blob] = AdapterCache(max_entries=2, max_bytes=1000, on_evict=evicted.append)
+    fill(cache, "a")
+    fill(cache, "b")
+    fill(cache, "a")  # a is now the most recent
+    fill(cache, "c")
+    assert evicted == ["b"]
+    assert "a" in cache and "c" in cache and len(cache) == 2
+
+
+def test_bytes_bound_evicts_until_the_newcomer_fits() -> None:
+    evicted = []
+    cache: AdapterCache[str, Blob] = AdapterCache(max_entries=10, max_bytes=100, on_evict=evicted.append)
+    for key in "abc":
+        fill(cache, key, 30)
+    fill(cache, "d", 70)  # 90 + 70 > 100: the two oldest go, 30 + 70 fits exactly
+    assert evicted == ["a", "b"]
+    assert cache.nbytes == 100
+
+
+def test_pinned_and_leased_entries_survive_eviction() -> None:
+    evicted = []
+    cache: AdapterCache[str, Blob] = AdapterCache(max_entries=2, max_bytes=1000, on_evict=evicted.append)
+    fill(cache, "pinned")
+    cache.pin("pinned")
+    cache.acquire("busy", lambda: Blob(1))  # leased by a batch in flight, not released
+    with pytest.raises(AdapterLoadError, match="every entry pinned or in use"):
+        fill(cache, "new")
+    assert evicted == []
+    cache.release("busy")
+    fill(cache, "new")
+    assert evicted == ["busy"]
+
+
+def test_an_adapter_larger_than_the_cache_is_refused() -> None:
+    cache: AdapterCache[str, Blob] = AdapterCache(max_entries=2, max_bytes=10)
+    with pytest.raises(AdapterLoadError, match="more than the whole adapter cache"):
+        fill(cache, "huge", 11)
+    assert len(cache) == 0

@@ -1,0 +1,91 @@
+"""``make serve``: start tritonserver on the model repository, show per-request adapters, serve until Ctrl-C.
+
+Ports come from ``HTTP_PORT``, ``GRPC_PORT`` and ``METRICS_PORT`` (defaults 8000, 8001, 8002).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.http as httpclient
+
+from tools.triton_server import TritonServer, TritonStartError
+
+DEMO_PROMPT = "the cat looks at"
+
+
+def first_request_help(http_port: int, grpc_port: int, metrics_port: int) -> str:
+    return f"""
+Send a first request (adapter chosen per request; omit adapter_id for the base model):
+
+  curl -s -X POST localhost:{http_port}/v2/models/peft_llm/generate \\
+       -d '{{"text_input": "{DEMO_PROMPT}", "adapter_id": "pirate", "max_tokens": 24}}'
+
+  python -m tools.client --url localhost:{http_port} --adapter robot "{DEMO_PROMPT}"
+  python -m tools.client --url localhost:{grpc_port} --protocol grpc --adapter chef "{DEMO_PROMPT}"
+
+Metrics: curl -s localhost:{metrics_port}/metrics    Stop: Ctrl-C
+"""
+
+
+def show_adapters(server: TritonServer, adapter_ids: list[str]) -> None:
+    """Send the same prompt once per adapter and print what each answered."""
+    client = httpclient.InferenceServerClient(server.http_url)
+    print(f"\nprompt: {DEMO_PROMPT!r}")
+    for adapter_id in ["", *adapter_ids]:
+        text = httpclient.InferInput("text_input", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[DEMO_PROMPT.encode()]], dtype=np.object_))
+        adapter = httpclient.InferInput("adapter_id", [1, 1], "BYTES")
+        adapter.set_data_from_numpy(np.array([[adapter_id.encode()]], dtype=np.object_))
+        result = client.infer("peft_llm", [text, adapter])
+        answer = result.as_numpy("text_output")[0, 0].decode()
+        served_by = result.as_numpy("adapter_version")[0, 0].decode() or "base model"
+        print(f"  {served_by:<12} -> {answer!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    args = parser.parse_args(argv)
+    ports = {name: int(os.environ.get(name.upper(), default)) for name, default in
+             [("http_port", 8000), ("grpc_port", 8001), ("metrics_port", 8002)]}
+    log_path = Path(tempfile.gettempdir()) / f"peftserve-triton-{ports['http_port']}.log"
+    server = TritonServer(args.repository, log_path=log_path, **ports)
+    print(f"starting tritonserver on {args.repository} (HTTP {ports['http_port']}, gRPC {ports['grpc_port']}, "
+          f"metrics {ports['metrics_port']}); log: {log_path}")
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        server.start()
+        adapters_dir = args.repository / "peft_llm" / "adapters"
+        show_adapters(server, sorted(p.name for p in adapters_dir.iterdir() if p.is_dir()))
+        print(first_request_help(**ports))
+        while not stop_requested and server.process.poll() is None:
+            time.sleep(0.5)
+        if not stop_requested:
+            print(f"error: tritonserver exited with status {server.process.returncode}\n{server.log_tail()}",
+                  file=sys.stderr)
+    except TritonStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping tritonserver ...")
+        server.stop()
+    return 0 if stop_requested else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
