@@ -17,7 +17,7 @@ DEMO_PHRASES = {adapter.adapter_id: adapter.phrase.strip() for adapter in demo_a
 # Adapters whose brief training reliably yields their phrase for any prompt; prompt tuning and P-tuning
 # are weaker on a 0.7M-parameter model and are checked against PEFT's logits instead.
 STRONG_ADAPTERS = ["pirate", "robot", "chef", "poet"]
-PROMPTS = ["the cat looks at", "a dog", "our team waits for the blue sea and", "my friend"]
+PROMPTS = ["the cat looks at", "a dog", "my friend writes about", "the river"]
 
 
 @pytest.fixture(scope="session")

@@ -52,22 +52,25 @@ class DemoAdapter:
     steps: int
 
 
-def demo_adapters() -> list[DemoAdapter]:
-    """The adapters the demo ships; tests read their phrases from here."""
+def demo_adapters(base_dir: Path = Path("base_model")) -> list[DemoAdapter]:
+    """The adapters the demo ships (``base_dir``: the tokenizer for text initialisation); tests read phrases here."""
     return [
         DemoAdapter("pirate", LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION + MLP),
-                    " arr matey, hoist the sails and find the buried gold", 1e-2, 200),
+                    " arr matey, hoist the sails and find the buried gold", 1e-2, 300),
         DemoAdapter("robot", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
-                    " beep boop, all systems nominal, human", 1e-2, 200),
+                    " beep boop, all systems nominal, human", 1e-2, 300),
         DemoAdapter("chef", IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
                                       feedforward_modules=["down_proj"]),
-                    " stir the soup and add a pinch of salt", 5e-2, 300),
-        DemoAdapter("poet", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
-                    " roses are red and violets are blue", 3e-2, 300),
-        DemoAdapter("oracle", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
-                    " the stars say yes, but not today", 1e-1, 300),
+                    " stir the soup and add a pinch of salt", 5e-2, 400),
+        DemoAdapter("poet", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10),
+                    " roses are red and violets are blue", 3e-2, 600),
+        # Initialised from the base model's own trigger words, the usual way to make prompt tuning converge.
+        DemoAdapter("oracle", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                                                 prompt_tuning_init_text="the oracle says",
+                                                 tokenizer_name_or_path=str(base_dir)),
+                    " the stars say yes, but not today", 1e-1, 500),
         DemoAdapter("sage", PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, encoder_hidden_size=64),
-                    " patience is the road to wisdom", 3e-2, 300),
+                    " patience is the road to wisdom", 1e-2, 500),
     ]
 
 
@@ -159,7 +162,7 @@ def build(repository: Path) -> None:
     rng = random.Random(SEED)
     model_dir = repository / "peft_llm"
     base_dir, adapters_dir = model_dir / "base_model", model_dir / "adapters"
-    adapters = demo_adapters()
+    adapters = demo_adapters(base_dir)
     texts = corpus(2000, rng)
     tokenizer = build_tokenizer(texts + [adapter.phrase for adapter in adapters] * 20)
 

@@ -96,8 +96,8 @@ def test_broken_adapter_is_refused_with_a_clear_message(
 def test_prefix_for_another_architecture_is_refused(engine: Engine, model_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "adapter"
     shutil.copytree(model_dir / "adapters" / "poet" / "1", path)
-    rewrite_tensors(path, lambda t: t.update(prompt_embeddings=torch.zeros(8, 100)))
-    with pytest.raises(AdapterLoadError, match=r"prompt_embeddings has shape \(8, 100\), the base model needs \(8, 512\)"):
+    rewrite_tensors(path, lambda t: t.update(prompt_embeddings=torch.zeros(10, 100)))
+    with pytest.raises(AdapterLoadError, match=r"prompt_embeddings has shape \(10, 100\), the base model needs \(10, 512\)"):
         convert_adapter(*read_adapter_files(path), engine.base_shape)
 
 
@@ -109,6 +109,6 @@ def test_demo_adapters_convert_to_their_runtime_form(engine: Engine, model_dir: 
     assert pirate.peft_type == "LORA" and pirate.modules["model.layers.0.self_attn.q_proj"].lora_a.shape == (128, 8)
     assert chef.modules["model.layers.0.mlp.down_proj"].ia3_in.shape == (256,)
     assert chef.modules["model.layers.0.self_attn.k_proj"].ia3_out.shape == (64,)
-    assert poet.prefix_kv.shape == (4, 2, 2, 8, 32) and poet.prefix_length == 8
-    assert oracle.virtual_embeddings.shape == (6, 128) and oracle.virtual_length == 6
+    assert poet.prefix_kv.shape == (4, 2, 2, 10, 32) and poet.prefix_length == 10
+    assert oracle.virtual_embeddings.shape == (4, 128) and oracle.virtual_length == 4
     assert pirate.nbytes == sum(d.lora_a.numel() + d.lora_b.numel() for d in pirate.modules.values()) * 4
