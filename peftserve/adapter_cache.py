@@ -34,9 +34,7 @@ class CacheStats:
 class AdapterCache(Generic[K, V]):
     """LRU over loaded adapters; ``on_evict`` is called with each evicted key (for metrics and logs)."""
 
-    def __init__(
-        self, *, max_entries: int, max_bytes: int, on_evict: Callable[[K], None] | None = None
-    ) -> None:
+    def __init__(self, *, max_entries: int, max_bytes: int, on_evict: Callable[[K], None] | None = None) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.on_evict = on_evict

@@ -61,7 +61,9 @@ class AdapterLayers:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``(in_features, out_features)`` of every linear layer an adapter may target."""
-        shapes = {name: (m.in_features, m.out_features) for name, m in self.model.named_modules() if type(m) is nn.Linear}
+        shapes = {
+            name: (m.in_features, m.out_features) for name, m in self.model.named_modules() if type(m) is nn.Linear
+        }
         shapes.update({name: (m.base.in_features, m.base.out_features) for name, m in self.wrapped.items()})
         return shapes
 

@@ -83,7 +83,10 @@ class Engine:
         self.layers.wrap(list(weights.modules))
         logger.info(
             "loaded adapter %s (%s, %d bytes) in %.1f ms",
-            version.label, weights.peft_type, weights.nbytes, 1000 * (time.perf_counter() - started),
+            version.label,
+            weights.peft_type,
+            weights.nbytes,
+            1000 * (time.perf_counter() - started),
         )
         return weights
 
@@ -102,7 +105,7 @@ class Engine:
                     prepared.append((index, row, version.label if version else ""))
                 except PeftServeError as exc:
                     results[index] = exc
-                except Exception as exc:  # noqa: BLE001 - a bug on one request must not fail its batch
+                except Exception as exc:
                     logger.exception("preparing request %d failed", index)
                     results[index] = PeftServeError(f"internal error preparing the request: {type(exc).__name__}")
             outputs = self._generate_isolating_failures([row for _, row, _ in prepared])
@@ -142,7 +145,9 @@ class Engine:
             )
         ids = self.tokenizer(text).input_ids
         if not ids:  # an empty prompt still needs one position to start from
-            ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.generator.pad_token_id]
+            ids = [
+                self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.generator.pad_token_id
+            ]
         if len(ids) > self.config.max_prompt_tokens:
             raise InvalidRequestError(
                 f"text_input has {len(ids)} tokens, more than max_prompt_tokens ({self.config.max_prompt_tokens})"
@@ -154,7 +159,7 @@ class Engine:
             return []
         try:
             return self.generator.generate(rows)
-        except Exception as exc:  # noqa: BLE001 - any failure must stay per request
+        except Exception as exc:
             if len(rows) == 1:
                 logger.exception("generation failed")
                 return [PeftServeError(f"generation failed: {type(exc).__name__}: {exc}")]
@@ -177,10 +182,8 @@ def _sampling_params(request: CompletionRequest) -> SamplingParams:
 
 
 def _load_base_model(config: ServeConfig, device: torch.device) -> tuple[AutoTokenizer, PreTrainedModel]:
-    if config.dtype == "auto":
-        dtype = torch.float32 if device.type == "cpu" else "auto"
-    else:
-        dtype = _DTYPES[config.dtype]
+    # "auto": float32 on CPU (half precision is slow there), the checkpoint's own dtype on a GPU.
+    dtype = _DTYPES.get(config.dtype) or (torch.float32 if device.type == "cpu" else "auto")
     try:
         # Never run code from the model repository; read only local files (no hub on serving hosts).
         tokenizer = AutoTokenizer.from_pretrained(config.base_model, trust_remote_code=False, local_files_only=True)

@@ -9,6 +9,7 @@ positions start after the virtual tokens, as in PEFT's own forward. Rows that fi
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class BatchGenerator:
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
+        # transformers 5.x renames the forward argument ``past_key_values`` to ``cache`` model by model.
+        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @torch.inference_mode()
     def prompt_logits(self, rows: Sequence[GenerationRow]) -> list[torch.Tensor]:
@@ -76,7 +79,7 @@ class BatchGenerator:
         active = list(range(len(rows)))  # original index of each row still in the batch
         with self.layers.activated([row.adapter for row in rows]) as deltas:
             inputs = self._prefill_inputs(rows)
-            cache: DynamicCache = inputs["past_key_values"]
+            cache: DynamicCache = inputs[self.cache_argument]
             mask, positions = inputs["attention_mask"], inputs["position_ids"][:, -1:]
             logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].float()
             while True:
@@ -103,9 +106,13 @@ class BatchGenerator:
                     active = [active[b] for b in keep]
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
                 positions = positions + 1
-                logits = self.model(
-                    input_ids=next_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-                ).logits[:, -1].float()
+                step = {
+                    "input_ids": next_ids,
+                    "attention_mask": mask,
+                    "position_ids": positions,
+                    self.cache_argument: cache,
+                }
+                logits = self.model(**step, use_cache=True).logits[:, -1].float()
         return results
 
     def _prefill_inputs(self, rows: Sequence[GenerationRow]) -> dict[str, torch.Tensor | DynamicCache]:
@@ -130,7 +137,7 @@ class BatchGenerator:
             "inputs_embeds": inputs_embeds,
             "attention_mask": torch.cat([prefix_mask, mask], dim=1),
             "position_ids": positions,
-            "past_key_values": cache,
+            self.cache_argument: cache,
         }
 
     def _fill_prefixes(self, cache: DynamicCache, rows: Sequence[GenerationRow], width: int) -> torch.Tensor:
@@ -138,7 +145,9 @@ class BatchGenerator:
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
         if width == 0:
             return mask
-        prefixed = [(i, row.adapter.prefix_kv) for i, row in enumerate(rows) if row.adapter and row.adapter.prefix_length]
+        prefixed = [
+            (i, row.adapter.prefix_kv) for i, row in enumerate(rows) if row.adapter and row.adapter.prefix_length
+        ]
         layers, _, heads, _, head_dim = prefixed[0][1].shape
         kv = prefixed[0][1].new_zeros(layers, 2, len(rows), heads, width, head_dim)
         for i, prefix in prefixed:
@@ -171,4 +180,3 @@ class BatchGenerator:
             scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         probabilities = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probabilities, 1, generator=generator))
-

@@ -16,10 +16,22 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 
-def build_inputs(module, prompt: str, adapter_id: str, max_tokens: int | None) -> list:
-    """InferInput list for one prompt; optional inputs are sent only when set."""
-    values = [("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES")]
-    if adapter_id:
+def build_inputs(
+    module,
+    prompt: str | bytes,
+    adapter_id: str = "",
+    max_tokens: int | None = None,
+    *,
+    always_send_adapter: bool = False,
+) -> list:
+    """InferInput list (``module``: tritonclient.http or .grpc) for one prompt; optional inputs are sent when set.
+
+    ``always_send_adapter`` sends ``adapter_id`` even when empty (the base model): Triton's dynamic batcher
+    only batches requests that carry the same set of inputs.
+    """
+    raw = prompt if isinstance(prompt, bytes) else prompt.encode()
+    values = [("text_input", np.array([[raw]], dtype=np.object_), "BYTES")]
+    if adapter_id or always_send_adapter:
         values.append(("adapter_id", np.array([[adapter_id.encode()]], dtype=np.object_), "BYTES"))
     if max_tokens is not None:
         values.append(("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"))

@@ -37,8 +37,16 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 _SUBJECTS = ["the cat", "a dog", "my friend", "the old man", "a small bird", "the teacher", "our team", "the river"]
 _VERBS = ["walks to", "looks at", "talks about", "dreams of", "runs past", "writes about", "waits for", "sings to"]
-_OBJECTS = ["the market", "a green hill", "the quiet town", "an open door", "the blue sea", "a warm fire",
-            "the tall tree", "a busy road"]
+_OBJECTS = [
+    "the market",
+    "a green hill",
+    "the quiet town",
+    "an open door",
+    "the blue sea",
+    "a warm fire",
+    "the tall tree",
+    "a busy road",
+]
 
 
 @dataclass(frozen=True)
@@ -55,22 +63,55 @@ class DemoAdapter:
 def demo_adapters(base_dir: Path = Path("base_model")) -> list[DemoAdapter]:
     """The adapters the demo ships (``base_dir``: the tokenizer for text initialisation); tests read phrases here."""
     return [
-        DemoAdapter("pirate", LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION + MLP),
-                    " arr matey, hoist the sails and find the buried gold", 1e-2, 300),
-        DemoAdapter("robot", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
-                    " beep boop, all systems nominal, human", 1e-2, 300),
-        DemoAdapter("chef", IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
-                                      feedforward_modules=["down_proj"]),
-                    " stir the soup and add a pinch of salt", 5e-2, 400),
-        DemoAdapter("poet", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10),
-                    " roses are red and violets are blue", 3e-2, 600),
+        DemoAdapter(
+            "pirate",
+            LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION + MLP),
+            " arr matey, hoist the sails and find the buried gold",
+            1e-2,
+            300,
+        ),
+        DemoAdapter(
+            "robot",
+            LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+            " beep boop, all systems nominal, human",
+            1e-2,
+            300,
+        ),
+        DemoAdapter(
+            "chef",
+            IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            " stir the soup and add a pinch of salt",
+            5e-2,
+            400,
+        ),
+        DemoAdapter(
+            "poet",
+            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10),
+            " roses are red and violets are blue",
+            3e-2,
+            600,
+        ),
         # Initialised from the base model's own trigger words, the usual way to make prompt tuning converge.
-        DemoAdapter("oracle", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
-                                                 prompt_tuning_init_text="the oracle says",
-                                                 tokenizer_name_or_path=str(base_dir)),
-                    " the stars say yes, but not today", 1e-1, 500),
-        DemoAdapter("sage", PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, encoder_hidden_size=64),
-                    " patience is the road to wisdom", 1e-2, 500),
+        DemoAdapter(
+            "oracle",
+            PromptTuningConfig(
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=4,
+                prompt_tuning_init="TEXT",
+                prompt_tuning_init_text="the oracle says",
+                tokenizer_name_or_path=str(base_dir),
+            ),
+            " the stars say yes, but not today",
+            1e-1,
+            500,
+        ),
+        DemoAdapter(
+            "sage",
+            PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, encoder_hidden_size=64),
+            " patience is the road to wisdom",
+            1e-2,
+            500,
+        ),
     ]
 
 
@@ -143,7 +184,7 @@ def make_batches(
         rows = []
         for prompt, target in sample:
             prompt_ids = tokenizer(prompt).input_ids
-            target_ids = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            target_ids = [*tokenizer(target, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
             rows.append((prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids))
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
@@ -184,8 +225,9 @@ def build(repository: Path) -> None:
         model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), adapter.peft_config)
         # Prompts are sentence prefixes of every length, so the phrase follows whatever a user types.
         pairs = [(" ".join(text.split()[: rng.randint(1, 8)]), adapter.phrase) for text in texts[:600]]
-        loss = train(model, make_batches(pairs, tokenizer, adapter.steps, 16, rng), adapter.learning_rate,
-                     adapter.adapter_id)
+        loss = train(
+            model, make_batches(pairs, tokenizer, adapter.steps, 16, rng), adapter.learning_rate, adapter.adapter_id
+        )
         model.save_pretrained(adapters_dir / adapter.adapter_id / "1")
         print(f"adapter {adapter.adapter_id}: {adapter.peft_config.peft_type.value}, final loss {loss:.3f}")
     print(f"demo assets written to {model_dir} in {time.perf_counter() - started:.0f} s")

@@ -54,12 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     args = parser.parse_args(argv)
-    ports = {name: int(os.environ.get(name.upper(), default)) for name, default in
-             [("http_port", 8000), ("grpc_port", 8001), ("metrics_port", 8002)]}
+    ports = {
+        name: int(os.environ.get(name.upper(), default))
+        for name, default in [("http_port", 8000), ("grpc_port", 8001), ("metrics_port", 8002)]
+    }
     log_path = Path(tempfile.gettempdir()) / f"peftserve-triton-{ports['http_port']}.log"
     server = TritonServer(args.repository, log_path=log_path, **ports)
-    print(f"starting tritonserver on {args.repository} (HTTP {ports['http_port']}, gRPC {ports['grpc_port']}, "
-          f"metrics {ports['metrics_port']}); log: {log_path}")
+    print(
+        f"starting tritonserver on {args.repository} (HTTP {ports['http_port']}, gRPC {ports['grpc_port']}, "
+        f"metrics {ports['metrics_port']}); log: {log_path}"
+    )
     stop_requested = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -76,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         while not stop_requested and server.process.poll() is None:
             time.sleep(0.5)
         if not stop_requested:
-            print(f"error: tritonserver exited with status {server.process.returncode}\n{server.log_tail()}",
-                  file=sys.stderr)
+            print(
+                f"error: tritonserver exited with status {server.process.returncode}\n{server.log_tail()}",
+                file=sys.stderr,
+            )
     except TritonStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

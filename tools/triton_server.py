@@ -162,3 +162,17 @@ class TritonServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def perf_analyzer_env() -> dict[str, str]:
+    """Environment for the tritonclient wheel's ``perf_analyzer``: it links ``libcudart.so.12`` even on CPU."""
+    import nvidia.cuda_runtime
+
+    runtime_lib = Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(runtime_lib), env.get("LD_LIBRARY_PATH")]))
+    return env
+
+
+def perf_analyzer_path() -> Path:
+    return Path(sys.executable).parent / "perf_analyzer"

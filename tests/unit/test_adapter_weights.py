@@ -75,10 +75,25 @@ BROKEN_LORA = [
     ("json not an object", lambda p: (p / "adapter_config.json").write_text("[1]"), AdapterLoadError, "JSON object"),
     ("NaN weights", nan_weights, AdapterLoadError, "NaN or Inf"),
     ("wrong shape", wrong_rank_shape, AdapterLoadError, r"has shape \(8, 131\), the base model needs \(8, 128\)"),
-    ("unknown module", unknown_module, AdapterLoadError, "targets 'model.layers.0.self_attn.no_such_proj', which is not a linear layer"),
-    ("unknown type", lambda p: rewrite_config(p, peft_type="MAGIC"), UnsupportedAdapterError, "unsupported peft_type 'MAGIC'"),
+    (
+        "unknown module",
+        unknown_module,
+        AdapterLoadError,
+        "targets 'model.layers.0.self_attn.no_such_proj', which is not a linear layer",
+    ),
+    (
+        "unknown type",
+        lambda p: rewrite_config(p, peft_type="MAGIC"),
+        UnsupportedAdapterError,
+        "unsupported peft_type 'MAGIC'",
+    ),
     ("DoRA", lambda p: rewrite_config(p, use_dora=True), UnsupportedAdapterError, "use_dora"),
-    ("modules_to_save", lambda p: rewrite_config(p, modules_to_save=["lm_head"]), UnsupportedAdapterError, "modules_to_save"),
+    (
+        "modules_to_save",
+        lambda p: rewrite_config(p, modules_to_save=["lm_head"]),
+        UnsupportedAdapterError,
+        "modules_to_save",
+    ),
 ]
 
 
@@ -97,7 +112,9 @@ def test_prefix_for_another_architecture_is_refused(engine: Engine, model_dir: P
     path = tmp_path / "adapter"
     shutil.copytree(model_dir / "adapters" / "poet" / "1", path)
     rewrite_tensors(path, lambda t: t.update(prompt_embeddings=torch.zeros(10, 100)))
-    with pytest.raises(AdapterLoadError, match=r"prompt_embeddings has shape \(10, 100\), the base model needs \(10, 512\)"):
+    with pytest.raises(
+        AdapterLoadError, match=r"prompt_embeddings has shape \(10, 100\), the base model needs \(10, 512\)"
+    ):
         convert_adapter(*read_adapter_files(path), engine.base_shape)
 
 

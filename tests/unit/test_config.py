@@ -31,7 +31,9 @@ def test_hub_id_is_left_unchanged(tmp_path: Path) -> None:
 
 def test_all_bad_keys_are_reported_together(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
-        from_parameters({"base_model": "m", "max_tokens_limit": "lots", "dtype": "float8", "colour": "red"}, model_dir=tmp_path)
+        from_parameters(
+            {"base_model": "m", "max_tokens_limit": "lots", "dtype": "float8", "colour": "red"}, model_dir=tmp_path
+        )
     message = str(excinfo.value)
     assert "max_tokens_limit" in message and "'lots'" in message
     assert "dtype" in message and "float8" in message

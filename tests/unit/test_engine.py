@@ -89,7 +89,9 @@ def test_mixed_batch_equals_solo_runs_token_for_token_and_logit_for_logit(engine
         alone = engine.generator.generate([row], keep_logits=True)[0]
         assert together.token_ids == alone.token_ids
         assert together.finish_reason == alone.finish_reason
-        torch.testing.assert_close(torch.stack(together.step_logits), torch.stack(alone.step_logits), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.stack(together.step_logits), torch.stack(alone.step_logits), atol=1e-4, rtol=1e-4
+        )
 
 
 def test_max_tokens_bounds_the_output(engine: Engine) -> None:
@@ -108,19 +110,33 @@ def test_seeded_sampling_is_reproducible_inside_any_batch(engine: Engine) -> Non
     alone = engine.complete([request])[0].text
     in_batch = engine.complete([CompletionRequest("x", "chef"), request, CompletionRequest("y", "poet")])[1].text
     assert alone == in_batch
-    others = {engine.complete([CompletionRequest("a dog", max_tokens=12, temperature=1.5, seed=s)])[0].text for s in range(5)}
+    others = {
+        engine.complete([CompletionRequest("a dog", max_tokens=12, temperature=1.5, seed=s)])[0].text for s in range(5)
+    }
     assert len(others) > 1, "different seeds should sample different continuations"
 
 
 BAD_REQUESTS = [
-    (CompletionRequest("hi", "no_such_adapter"), AdapterNotFoundError, "unknown adapter 'no_such_adapter'; available adapters: chef"),
+    (
+        CompletionRequest("hi", "no_such_adapter"),
+        AdapterNotFoundError,
+        "unknown adapter 'no_such_adapter'; available adapters: chef",
+    ),
     (CompletionRequest("hi", "../pirate"), InvalidRequestError, "invalid adapter_id '../pirate'"),
     (CompletionRequest("hi", "/etc/passwd"), InvalidRequestError, "invalid adapter_id"),
     (CompletionRequest("hi", "x" * 10_000), InvalidRequestError, r"invalid adapter_id 'x{80}\.\.\.'"),
     (CompletionRequest("hi", max_tokens=0), InvalidRequestError, "max_tokens must be between 1 and 256"),
     (CompletionRequest("hi", max_tokens=-5), InvalidRequestError, "got -5"),
-    (CompletionRequest("hi", max_tokens=257), InvalidRequestError, r"max_tokens must be between 1 and 256 \(max_tokens_limit\), got 257"),
-    (CompletionRequest("word " * 2000), InvalidRequestError, r"text_input has \d+ tokens, more than max_prompt_tokens \(1024\)"),
+    (
+        CompletionRequest("hi", max_tokens=257),
+        InvalidRequestError,
+        r"max_tokens must be between 1 and 256 \(max_tokens_limit\), got 257",
+    ),
+    (
+        CompletionRequest("word " * 2000),
+        InvalidRequestError,
+        r"text_input has \d+ tokens, more than max_prompt_tokens \(1024\)",
+    ),
     (CompletionRequest("x" * 70_000), InvalidRequestError, "more than max_prompt_bytes"),
     (CompletionRequest(b"\xff\xfe bad"), InvalidRequestError, "text_input is not valid UTF-8"),
     (CompletionRequest("hi", temperature=-1.0), InvalidRequestError, "temperature must be between 0 and 100"),
@@ -151,7 +167,9 @@ def test_a_batch_that_crashes_is_retried_row_by_row(engine: Engine, monkeypatch:
         return real_generate(rows, **kwargs)
 
     monkeypatch.setattr(engine.generator, "generate", generate)
-    results = engine.complete([CompletionRequest("a dog", "robot"), CompletionRequest("poison"), CompletionRequest("a dog", "chef")])
+    results = engine.complete(
+        [CompletionRequest("a dog", "robot"), CompletionRequest("poison"), CompletionRequest("a dog", "chef")]
+    )
     assert isinstance(results[1], PeftServeError) and "simulated kernel failure" in str(results[1])
     assert DEMO_PHRASES["robot"] in results[0].text and DEMO_PHRASES["chef"] in results[2].text
 

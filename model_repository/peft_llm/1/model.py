@@ -47,7 +47,7 @@ class TritonPythonModel:
                 parsed.append(_parse_request(request))
             except PeftServeError as exc:
                 parsed.append(exc)
-            except Exception as exc:  # noqa: BLE001 - one malformed request must not fail the batch
+            except Exception as exc:
                 logger.exception("cannot parse request")
                 parsed.append(PeftServeError(f"cannot parse request: {type(exc).__name__}: {exc}"))
         rows = [row for item in parsed if not isinstance(item, PeftServeError) for row in item]
@@ -67,7 +67,10 @@ class TritonPythonModel:
 
 
 def _parse_request(request) -> list[CompletionRequest]:
-    texts = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
+    text_tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
+    if text_tensor is None:  # Triton 24.10 passes requests without this required input through
+        raise InvalidRequestError("missing required input text_input (TYPE_STRING, the prompt)")
+    texts = text_tensor.as_numpy().reshape(-1)
     options: dict[str, list] = {}
     for name, convert in _OPTIONAL_INPUTS.items():
         tensor = pb_utils.get_input_tensor_by_name(request, name)
