@@ -108,11 +108,10 @@ def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     return config, tensors
 
 
-def convert_adapter(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
-    """Turn a PEFT config and its tensors into :class:`AdapterWeights` checked against ``base``."""
+def check_servable(config: dict[str, Any]) -> None:
+    """Raise :class:`UnsupportedAdapterError` for a PEFT type or option this engine cannot serve."""
     peft_type = str(config.get("peft_type", ""))
-    converter = _CONVERTERS.get(peft_type)
-    if converter is None:
+    if peft_type not in _CONVERTERS:
         raise UnsupportedAdapterError(
             f"unsupported peft_type {peft_type!r}; supported: {', '.join(sorted(_CONVERTERS))}"
         )
@@ -120,11 +119,19 @@ def convert_adapter(config: dict[str, Any], tensors: dict[str, torch.Tensor], ba
         raise UnsupportedAdapterError(
             f"modules_to_save {config['modules_to_save']} would replace whole base modules per request; not supported"
         )
+    if peft_type == "LORA":
+        for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
+            if config.get(option):
+                raise UnsupportedAdapterError(f"LoRA option {option}=true is not supported")
+
+
+def convert_adapter(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
+    """Turn a PEFT config and its tensors into :class:`AdapterWeights` checked against ``base``."""
+    check_servable(config)
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise AdapterLoadError(f"tensor {name!r} holds NaN or Inf values")
-    weights = converter(config, tensors, base)
-    return weights
+    return _CONVERTERS[config["peft_type"]](config, tensors, base)
 
 
 def _cast(tensor: torch.Tensor, base: BaseModelShape) -> torch.Tensor:
@@ -161,9 +168,6 @@ def _expect_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) ->
 
 
 def _convert_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
-    for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
-        if config.get(option):
-            raise UnsupportedAdapterError(f"LoRA option {option}=true is not supported")
     weights = AdapterWeights(peft_type="LORA")
     for module, params in _module_tensors(tensors, base).items():
         if set(params) != {"lora_A.weight", "lora_B.weight"}:
