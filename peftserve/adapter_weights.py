@@ -41,6 +41,26 @@ class BaseModelShape:
     dtype: torch.dtype
     device: torch.device
 
+    @classmethod
+    def describe(cls, model: torch.nn.Module) -> BaseModelShape:
+        """Read the shape facts off a loaded (or ``meta``-device) transformers model, before any wrapping."""
+        text_config = model.config.get_text_config()
+        heads = text_config.num_attention_heads
+        parameter = next(model.parameters())
+        return cls(
+            linear_shapes={
+                name: (module.in_features, module.out_features)
+                for name, module in model.named_modules()
+                if type(module) is torch.nn.Linear
+            },
+            num_layers=text_config.num_hidden_layers,
+            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
+            hidden_size=text_config.hidden_size,
+            dtype=parameter.dtype,
+            device=parameter.device,
+        )
+
 
 @dataclass
 class ModuleDelta:
@@ -69,12 +89,16 @@ class AdapterWeights:
     def virtual_length(self) -> int:
         return 0 if self.virtual_embeddings is None else self.virtual_embeddings.shape[0]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every runtime tensor this adapter holds."""
+        parts = [self.prefix_kv, self.virtual_embeddings]
+        for delta in self.modules.values():
+            parts += [delta.lora_a, delta.lora_b, delta.ia3_in, delta.ia3_out]
+        return [t for t in parts if t is not None]
+
     @property
     def nbytes(self) -> int:
-        tensors = [self.prefix_kv, self.virtual_embeddings]
-        for delta in self.modules.values():
-            tensors += [delta.lora_a, delta.lora_b, delta.ia3_in, delta.ia3_out]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

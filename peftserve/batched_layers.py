@@ -59,14 +59,6 @@ class AdapterLayers:
         self.model = model
         self.wrapped: dict[str, AdapterLinear] = {}
 
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """``(in_features, out_features)`` of every linear layer an adapter may target."""
-        shapes = {
-            name: (m.in_features, m.out_features) for name, m in self.model.named_modules() if type(m) is nn.Linear
-        }
-        shapes.update({name: (m.base.in_features, m.base.out_features) for name, m in self.wrapped.items()})
-        return shapes
-
     def wrap(self, module_names: Sequence[str]) -> None:
         """Wrap the named linear layers (idempotent); done when an adapter targeting them loads."""
         for name in module_names:

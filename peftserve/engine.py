@@ -58,8 +58,8 @@ class Engine:
         self.config = config
         self.device = torch.device(device)
         self.tokenizer, self.model = _load_base_model(config, self.device)
+        self.base_shape = BaseModelShape.describe(self.model)
         self.layers = AdapterLayers(self.model)
-        self.base_shape = _base_shape(self.model, self.layers)
         self.repository = AdapterRepository(Path(config.adapter_repository))
         self.cache: AdapterCache[AdapterVersion, AdapterWeights] = AdapterCache(
             max_entries=config.max_loaded_adapters,
@@ -200,20 +200,6 @@ def _load_base_model(config: ServeConfig, device: torch.device) -> tuple[AutoTok
             "directory or the id of a model in the local Hugging Face cache (run `make demo` for the demo model)"
         ) from exc
     return tokenizer, model.to(device).eval()
-
-
-def _base_shape(model: PreTrainedModel, layers: AdapterLayers) -> BaseModelShape:
-    text_config = model.config.get_text_config()
-    heads = text_config.num_attention_heads
-    return BaseModelShape(
-        linear_shapes=layers.linear_shapes(),
-        num_layers=text_config.num_hidden_layers,
-        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
-        hidden_size=text_config.hidden_size,
-        dtype=next(model.parameters()).dtype,
-        device=next(model.parameters()).device,
-    )
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: AutoTokenizer) -> set[int]:

@@ -1,0 +1,82 @@
+"""Serving fit: can peftserve load this adapter, what will it occupy, does it fit the serving limits."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from peftserve.adapter_repository import AdapterVersion
+from peftserve.adapter_weights import check_servable, convert_adapter
+from peftserve.config import ServeConfig
+from peftserve.engine import Engine
+from peftserve.errors import PeftServeError
+from peftserve.generation import GenerationRow
+from validation.context import ValidationContext
+from validation.report import Severity
+
+CATEGORY = "serving"
+NO_EFFECT_LOGIT_DIFFERENCE = 1e-6
+
+
+def check_serving(ctx: ValidationContext) -> None:
+    if ctx.config is None:
+        return
+    try:
+        check_servable(ctx.config)
+    except PeftServeError as exc:
+        ctx.add(
+            Severity.ERROR,
+            CATEGORY,
+            f"peftserve cannot serve it: {exc}",
+            "serve a supported type (see the README's adapter table) or convert the adapter",
+        )
+        return
+    if ctx.has_errors() or ctx.base is None:
+        return  # the conversion below would only repeat the errors already found
+    try:
+        weights = convert_adapter(ctx.config, ctx.tensors, ctx.base.shape)  # on the meta device: no memory
+    except PeftServeError as exc:
+        ctx.add(Severity.ERROR, CATEGORY, f"peftserve refuses it: {exc}")
+        return
+    parameters = sum(t.numel() for t in weights.tensors())
+    served_bytes = parameters * torch.empty(0, dtype=ctx.options.serving_dtype).element_size()
+    ctx.report.facts["serving_parameters"] = parameters
+    ctx.report.facts["serving_bytes"] = served_bytes
+    limit = ctx.options.max_adapter_memory_mb
+    if limit is not None and served_bytes > limit * 1024 * 1024:
+        ctx.add(
+            Severity.ERROR,
+            CATEGORY,
+            f"needs {served_bytes / 2**20:.1f} MiB, more than the adapter cache ({limit} MiB)",
+            "raise max_adapter_memory_mb in config.pbtxt or serve a smaller rank",
+        )
+    ranks = [d.lora_a.shape[1] for d in weights.modules.values() if d.lora_a is not None]
+    if ranks and ctx.options.max_rank is not None and max(ranks) > ctx.options.max_rank:
+        ctx.add(Severity.ERROR, CATEGORY, f"rank {max(ranks)} exceeds the serving limit {ctx.options.max_rank}")
+
+
+def check_smoke_load(ctx: ValidationContext) -> None:
+    """With --load: load the real base model and the adapter, generate once, and time it."""
+    if not ctx.options.load or ctx.has_errors():
+        return
+    engine = Engine(ServeConfig(base_model=ctx.base_model_name, adapter_repository=str(ctx.adapter_dir.parent)))
+    started = time.perf_counter()
+    weights = engine.load_adapter(AdapterVersion(ctx.adapter_dir.name, 0, ctx.adapter_dir))
+    ctx.report.facts["load_ms"] = round(1000 * (time.perf_counter() - started), 1)
+    ctx.report.facts["loaded_bytes"] = weights.nbytes
+    prompt_ids = engine.tokenizer(ctx.options.prompt).input_ids
+    base_row = GenerationRow(prompt_ids, None, max_new_tokens=16)
+    adapter_row = GenerationRow(prompt_ids, weights, max_new_tokens=16)
+    base_logits, adapter_logits = engine.generator.prompt_logits([base_row, adapter_row])
+    difference = float((base_logits - adapter_logits).abs().max())
+    ctx.report.facts["max_logit_change"] = round(difference, 4)
+    output = engine.generator.generate([adapter_row])[0]
+    ctx.report.facts["sample_output"] = engine.tokenizer.decode(output.token_ids, skip_special_tokens=True)
+    if difference < NO_EFFECT_LOGIT_DIFFERENCE:
+        ctx.add(
+            Severity.WARNING,
+            CATEGORY,
+            "the adapter does not change the model's output",
+            "it looks untrained, or its scaling is zero",
+        )
