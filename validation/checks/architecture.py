@@ -10,7 +10,7 @@ from pathlib import PurePath
 from typing import Any
 
 import torch
-from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+from peft import PeftConfig, PeftType, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
 from validation.checks.schema import PROMPT_LEARNING
@@ -22,8 +22,8 @@ _SHOWN = 5
 
 
 def check_architecture(ctx: ValidationContext) -> None:
-    if ctx.config is None or ctx.has_errors("config"):
-        return
+    if ctx.config is None or ctx.peft_type not in {member.value for member in PeftType}:
+        return  # the files or config check already reported why
     base = ctx.base
     if base is None:
         return
@@ -76,7 +76,11 @@ def _check_prompt_learning_dimensions(ctx: ValidationContext, config: dict[str, 
 
 
 def _skeleton_config(config: dict[str, Any], peft_type: str) -> PeftConfig:
-    values = dict(config, inference_mode=True)
+    # Dropouts never change shapes; zeroing them lets shapes be checked even when a dropout is invalid.
+    dropouts = {
+        key: 0.0 for key in ("lora_dropout", "rank_dropout", "module_dropout", "encoder_dropout") if key in config
+    }
+    values = dict(config, inference_mode=True, **dropouts)
     if peft_type in PROMPT_LEARNING:
         # Let PEFT derive the sizes from this base, so a mismatch shows in the shapes.
         values |= {
@@ -107,8 +111,13 @@ def _expected_shapes(ctx: ValidationContext, config: dict[str, Any]) -> dict[str
                 f"target_modules do not match the base model: {message}",
                 f"linear modules of this base: {', '.join(modules)}",
             )
-        else:
-            ctx.add(Severity.ERROR, CATEGORY, f"PEFT cannot apply this adapter to the base model: {message}")
+        elif not ctx.has_errors("config"):  # with config errors, those already explain the failure
+            ctx.add(
+                Severity.ERROR,
+                CATEGORY,
+                f"PEFT cannot apply this adapter to the base model: {message}",
+                "check the adapter was made for this base model and a PEFT version that knows its options",
+            )
         return None
 
 
@@ -135,8 +144,13 @@ def _compare(ctx: ValidationContext, expected: dict[str, tuple], found: dict[str
             Severity.ERROR,
             CATEGORY,
             f"tensor {key} has shape {got}, this base model needs {want}",
-            "the adapter was trained on a model with other hidden sizes, layers or heads",
+            "made for a model of other sizes, or adapter_config.json (r, target_modules) does not match these weights",
         )
     if len(mismatched) > _SHOWN:
-        ctx.add(Severity.ERROR, CATEGORY, f"{len(mismatched) - _SHOWN} more tensors have shapes that do not fit")
+        ctx.add(
+            Severity.ERROR,
+            CATEGORY,
+            f"{len(mismatched) - _SHOWN} more tensors have shapes that do not fit",
+            "see the tensors above: the same cause usually explains all of them",
+        )
     ctx.report.facts["tensors"] = len(found)

@@ -54,7 +54,9 @@ def _read_config(ctx: ValidationContext, path: Path) -> None:
         )
         return
     if path.stat().st_size > MAX_CONFIG_BYTES:
-        ctx.add(Severity.ERROR, CATEGORY, f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        ctx.add(
+            Severity.ERROR, CATEGORY, f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes", "re-save the adapter"
+        )
         return
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -62,7 +64,12 @@ def _read_config(ctx: ValidationContext, path: Path) -> None:
         ctx.add(Severity.ERROR, CATEGORY, f"{CONFIG_FILE} is not valid JSON: {exc}", "re-save the adapter")
         return
     if not isinstance(config, dict):
-        ctx.add(Severity.ERROR, CATEGORY, f"{CONFIG_FILE} holds a {type(config).__name__}, not a JSON object")
+        ctx.add(
+            Severity.ERROR,
+            CATEGORY,
+            f"{CONFIG_FILE} holds a {type(config).__name__}, not a JSON object",
+            "re-save the adapter",
+        )
         return
     ctx.config = config
     ctx.report.peft_type = str(config.get("peft_type")) if config.get("peft_type") else None
@@ -112,5 +119,10 @@ def _find_weights(ctx: ValidationContext, directory: Path) -> None:
     try:
         ctx.tensor_shapes = {key: tuple(t.shape) for key, t in ctx.tensors.items()}
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a finding, not a crash
-        ctx.add(Severity.ERROR, CATEGORY, f"{PICKLE_WEIGHTS_FILE} cannot be read safely: {exc}")
+        ctx.add(
+            Severity.ERROR,
+            CATEGORY,
+            f"{PICKLE_WEIGHTS_FILE} cannot be read safely: {exc}",
+            f"convert it to {WEIGHTS_FILE} where it was made",
+        )
         ctx.weights_path = None

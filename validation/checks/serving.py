@@ -37,7 +37,9 @@ def check_serving(ctx: ValidationContext) -> None:
     try:
         weights = convert_adapter(ctx.config, ctx.tensors, ctx.base.shape)  # on the meta device: no memory
     except PeftServeError as exc:
-        ctx.add(Severity.ERROR, CATEGORY, f"peftserve refuses it: {exc}")
+        ctx.add(
+            Severity.ERROR, CATEGORY, f"peftserve refuses it: {exc}", "fix what the message names and validate again"
+        )
         return
     parameters = sum(t.numel() for t in weights.tensors())
     served_bytes = parameters * torch.empty(0, dtype=ctx.options.serving_dtype).element_size()
@@ -53,7 +55,12 @@ def check_serving(ctx: ValidationContext) -> None:
         )
     ranks = [d.lora_a.shape[1] for d in weights.modules.values() if d.lora_a is not None]
     if ranks and ctx.options.max_rank is not None and max(ranks) > ctx.options.max_rank:
-        ctx.add(Severity.ERROR, CATEGORY, f"rank {max(ranks)} exceeds the serving limit {ctx.options.max_rank}")
+        ctx.add(
+            Severity.ERROR,
+            CATEGORY,
+            f"rank {max(ranks)} exceeds the serving limit {ctx.options.max_rank}",
+            "retrain with a smaller r or raise the deployment's rank limit",
+        )
 
 
 def check_smoke_load(ctx: ValidationContext) -> None:

@@ -21,6 +21,7 @@ def check_tokenizer(ctx: ValidationContext) -> None:
             Severity.WARNING,
             CATEGORY,
             f"the base tokenizer has {base.tokenizer_vocab} tokens, its embeddings only {base.vocab_size}",
+            "tokens beyond the embeddings cannot be generated; resize the base model's embeddings",
         )
     _check_embedding_sizes(ctx)
     if any((ctx.adapter_dir / name).is_file() for name in TOKENIZER_FILES):
@@ -53,7 +54,12 @@ def _check_shipped_tokenizer(ctx: ValidationContext) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(ctx.adapter_dir, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as exc:
-        ctx.add(Severity.ERROR, CATEGORY, f"the tokenizer shipped with the adapter cannot be read: {exc}")
+        ctx.add(
+            Severity.ERROR,
+            CATEGORY,
+            f"the tokenizer shipped with the adapter cannot be read: {exc}",
+            "re-save it with save_pretrained or remove it",
+        )
         return
     base = ctx.base
     if base.tokenizer_vocab is not None and len(tokenizer) != base.tokenizer_vocab:

@@ -31,7 +31,12 @@ def check_weights(ctx: ValidationContext) -> None:
         )
     not_float = [name for name, t in tensors.items() if not t.is_floating_point()]
     if not_float:
-        ctx.add(Severity.ERROR, CATEGORY, f"{len(not_float)} tensors are not floating point, e.g. {not_float[0]}")
+        ctx.add(
+            Severity.ERROR,
+            CATEGORY,
+            f"{len(not_float)} tensors are not floating point, e.g. {not_float[0]}",
+            "adapter weights must be float32, float16 or bfloat16; re-save them",
+        )
     if any(t.dtype == torch.float64 for t in tensors.values()):
         ctx.add(
             Severity.WARNING,
