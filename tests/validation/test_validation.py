@@ -317,6 +317,23 @@ def test_serving_config_limits_are_read_from_config_pbtxt(
 def test_every_finding_is_collected_not_just_the_first(model_dir: Path, base_model: str, tmp_path: Path) -> None:
     path = copy_adapter(model_dir, tmp_path)
     edit_config(path, r=4, lora_dropout=1.2)
-    edit_tensors(path, lambda t: t["base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight"].fill_(float("inf")))
+    edit_tensors(
+        path, lambda t: t["base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight"].fill_(float("inf"))
+    )
     categories = {category for category, _ in findings(validate_adapter(path, base_model), Severity.ERROR)}
     assert categories == {"config", "architecture", "weights"}
+
+
+def test_tokenizer_shipped_with_the_adapter_is_compared(model_dir: Path, base_model: str, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    path = copy_adapter(model_dir, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer.add_tokens(["<tool_call>", "<tool_result>"])
+    tokenizer.add_special_tokens({"eos_token": "<tool_result>"})
+    tokenizer.save_pretrained(path)
+    report = validate_adapter(path, base_model)
+    assert report.compatibility_level == Level.INCOMPATIBLE, report.render()
+    errors, warnings = findings(report, Severity.ERROR), findings(report, Severity.WARNING)
+    assert ("tokenizer", "the adapter's tokenizer has 470 tokens, the base's 468 (+2)") in errors
+    assert ("tokenizer", "special token eos_token is '<tool_result>' in the adapter, '</s>' in the base") in warnings
