@@ -1,17 +1,13 @@
-"""Read untrusted PEFT adapter files and convert them into the engine's per-module runtime form.
+"""Untrusted adapter files in, and the engine's per-module runtime form of an adapter.
 
-Every supported PEFT type is reduced to a few primitives that the batched layers can apply per row:
-a low-rank pair (LoRA family), scaling vectors (IA3), key/value prefixes (prefix tuning) and virtual token
-embeddings (prompt tuning, P-tuning). Shapes are checked against the base model here, so an incompatible
-adapter fails at load with a message naming the tensor, instead of failing a batch later.
+Every supported PEFT type is reduced (in :mod:`peftserve.adapter_types`) to a few primitives that the
+batched layers apply per row: a low-rank pair, input and output scaling vectors, key/value prefixes and
+virtual token embeddings.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +16,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from peftserve.errors import AdapterLoadError, UnsupportedAdapterError
+from peftserve.errors import AdapterLoadError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 1 << 20
-_MODULE_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|ia3_l)")
 
 
 @dataclass(frozen=True)
@@ -40,6 +35,7 @@ class BaseModelShape:
     hidden_size: int
     dtype: torch.dtype
     device: torch.device
+    linear_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # references, not copies
 
     @classmethod
     def describe(cls, model: torch.nn.Module) -> BaseModelShape:
@@ -47,18 +43,16 @@ class BaseModelShape:
         text_config = model.config.get_text_config()
         heads = text_config.num_attention_heads
         parameter = next(model.parameters())
+        linears = {name: module for name, module in model.named_modules() if type(module) is torch.nn.Linear}
         return cls(
-            linear_shapes={
-                name: (module.in_features, module.out_features)
-                for name, module in model.named_modules()
-                if type(module) is torch.nn.Linear
-            },
+            linear_shapes={name: (module.in_features, module.out_features) for name, module in linears.items()},
             num_layers=text_config.num_hidden_layers,
             num_kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
             head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
             hidden_size=text_config.hidden_size,
             dtype=parameter.dtype,
             device=parameter.device,
+            linear_weights={name: module.weight for name, module in linears.items()},
         )
 
 
@@ -67,9 +61,10 @@ class ModuleDelta:
     """Per-module parts of one adapter, stored ready for the batched matmuls."""
 
     lora_a: torch.Tensor | None = None  # (in, r): A transposed
-    lora_b: torch.Tensor | None = None  # (r, out): B transposed, LoRA scaling folded in
-    ia3_in: torch.Tensor | None = None  # (in,): IA3 on a feed-forward module scales the input
-    ia3_out: torch.Tensor | None = None  # (out,): IA3 elsewhere scales the output
+    lora_b: torch.Tensor | None = None  # (r, out): B transposed, scaling folded in
+    in_scale: torch.Tensor | None = None  # (in,): IA3 on a feed-forward module scales the input
+    out_scale: torch.Tensor | None = None  # (out,): IA3 elsewhere, and DoRA's magnitude / column norm
+    scales_bias: bool = False  # IA3 scales the whole output, bias included; DoRA leaves the bias alone
 
 
 @dataclass
@@ -93,7 +88,7 @@ class AdapterWeights:
         """Every runtime tensor this adapter holds."""
         parts = [self.prefix_kv, self.virtual_embeddings]
         for delta in self.modules.values():
-            parts += [delta.lora_a, delta.lora_b, delta.ia3_in, delta.ia3_out]
+            parts += [delta.lora_a, delta.lora_b, delta.in_scale, delta.out_scale]
         return [t for t in parts if t is not None]
 
     @property
@@ -130,136 +125,3 @@ def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterLoadError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
     return config, tensors
-
-
-def check_servable(config: dict[str, Any]) -> None:
-    """Raise :class:`UnsupportedAdapterError` for a PEFT type or option this engine cannot serve."""
-    peft_type = str(config.get("peft_type", ""))
-    if peft_type not in _CONVERTERS:
-        raise UnsupportedAdapterError(
-            f"unsupported peft_type {peft_type!r}; supported: {', '.join(sorted(_CONVERTERS))}"
-        )
-    if config.get("modules_to_save"):
-        raise UnsupportedAdapterError(
-            f"modules_to_save {config['modules_to_save']} would replace whole base modules per request; not supported"
-        )
-    if peft_type == "LORA":
-        for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
-            if config.get(option):
-                raise UnsupportedAdapterError(f"LoRA option {option}=true is not supported")
-
-
-def convert_adapter(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
-    """Turn a PEFT config and its tensors into :class:`AdapterWeights` checked against ``base``."""
-    check_servable(config)
-    for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise AdapterLoadError(f"tensor {name!r} holds NaN or Inf values")
-    return _CONVERTERS[config["peft_type"]](config, tensors, base)
-
-
-def _cast(tensor: torch.Tensor, base: BaseModelShape) -> torch.Tensor:
-    return tensor.to(device=base.device, dtype=base.dtype).contiguous()
-
-
-def _module_tensors(tensors: dict[str, torch.Tensor], base: BaseModelShape) -> dict[str, dict[str, torch.Tensor]]:
-    """Group ``base_model.model.<module>.<param>`` keys by module; refuse keys the engine cannot apply."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _MODULE_KEY.fullmatch(key)
-        if match is None:
-            raise UnsupportedAdapterError(f"unexpected tensor {key!r} in adapter weights")
-        module = match["module"]
-        if module not in base.linear_shapes:
-            raise AdapterLoadError(f"tensor {key!r} targets {module!r}, which is not a linear layer of the base model")
-        grouped.setdefault(module, {})[match["param"]] = tensor
-    if not grouped:
-        raise AdapterLoadError("adapter weights hold no tensors")
-    return grouped
-
-
-def _pattern_value(module: str, patterns: dict[str, Any], default: Any) -> Any:
-    """PEFT's ``rank_pattern``/``alpha_pattern``: a key matches a module name's suffix, as a regex."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-def _expect_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
-    if tuple(tensor.shape) != expected:
-        raise AdapterLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, the base model needs {expected}")
-
-
-def _convert_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
-    weights = AdapterWeights(peft_type="LORA")
-    for module, params in _module_tensors(tensors, base).items():
-        if set(params) != {"lora_A.weight", "lora_B.weight"}:
-            raise AdapterLoadError(f"LoRA module {module!r} needs lora_A and lora_B, found {sorted(params)}")
-        a, b = params["lora_A.weight"], params["lora_B.weight"]
-        in_features, out_features = base.linear_shapes[module]
-        rank = a.shape[0]
-        _expect_shape(f"{module}.lora_A.weight", a, (rank, in_features))
-        _expect_shape(f"{module}.lora_B.weight", b, (out_features, rank))
-        alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("lora_alpha", 8)))
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        weights.modules[module] = ModuleDelta(lora_a=_cast(a.t(), base), lora_b=_cast(b.t() * scaling, base))
-    return weights
-
-
-def _convert_ia3(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
-    weights = AdapterWeights(peft_type="IA3")
-    for module, params in _module_tensors(tensors, base).items():
-        vector = params.get("ia3_l")
-        if vector is None or len(params) != 1:
-            raise AdapterLoadError(f"IA3 module {module!r} needs exactly one ia3_l tensor, found {sorted(params)}")
-        in_features, out_features = base.linear_shapes[module]
-        # PEFT stores (1, in) for feed-forward modules (input scaling) and (out, 1) for the others.
-        if tuple(vector.shape) == (1, in_features):
-            weights.modules[module] = ModuleDelta(ia3_in=_cast(vector.flatten(), base))
-        elif tuple(vector.shape) == (out_features, 1):
-            weights.modules[module] = ModuleDelta(ia3_out=_cast(vector.flatten(), base))
-        else:
-            raise AdapterLoadError(
-                f"tensor {module}.ia3_l has shape {tuple(vector.shape)}, the base model needs "
-                f"(1, {in_features}) or ({out_features}, 1)"
-            )
-    return weights
-
-
-def _prompt_embeddings(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    if set(tensors) != {"prompt_embeddings"}:
-        raise AdapterLoadError(f"prompt-learning adapters hold one tensor 'prompt_embeddings', found {sorted(tensors)}")
-    return tensors["prompt_embeddings"]
-
-
-def _convert_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
-    embeddings = _prompt_embeddings(tensors)
-    if int(config.get("num_transformer_submodules") or 1) != 1:
-        raise UnsupportedAdapterError("prefix tuning with num_transformer_submodules != 1 (encoder-decoder)")
-    virtual_tokens = embeddings.shape[0]
-    _expect_shape(
-        "prompt_embeddings",
-        embeddings,
-        (virtual_tokens, base.num_layers * 2 * base.num_kv_heads * base.head_dim),
-    )
-    # PEFT's layout: (tokens, layers * 2, heads, head_dim), keys at even and values at odd positions.
-    kv = embeddings.view(virtual_tokens, base.num_layers, 2, base.num_kv_heads, base.head_dim)
-    return AdapterWeights(peft_type="PREFIX_TUNING", prefix_kv=_cast(kv.permute(1, 2, 3, 0, 4), base))
-
-
-def _convert_prompt(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
-    # Saved prompt-learning embeddings are the encoder's output (P-tuning) or the table itself (prompt
-    # tuning), so at inference both are virtual tokens prepended to the input embeddings.
-    embeddings = _prompt_embeddings(tensors)
-    _expect_shape("prompt_embeddings", embeddings, (embeddings.shape[0], base.hidden_size))
-    return AdapterWeights(peft_type=str(config["peft_type"]), virtual_embeddings=_cast(embeddings, base))
-
-
-_CONVERTERS: dict[str, Callable[[dict[str, Any], dict[str, torch.Tensor], BaseModelShape], AdapterWeights]] = {
-    "LORA": _convert_lora,
-    "IA3": _convert_ia3,
-    "PREFIX_TUNING": _convert_prefix,
-    "PROMPT_TUNING": _convert_prompt,
-    "P_TUNING": _convert_prompt,
-}

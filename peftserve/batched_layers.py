@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from peftserve.adapter_weights import AdapterWeights
 
@@ -23,17 +24,22 @@ from peftserve.adapter_weights import AdapterWeights
 class RowDeltas:
     """Per-row tensors of one module for the batch in flight (``B`` = batch rows)."""
 
-    lora_a: torch.Tensor | None = None  # (B, in, r), zeros for rows without LoRA here
+    lora_a: torch.Tensor | None = None  # (B, in, r), zeros for rows without a low-rank pair here
     lora_b: torch.Tensor | None = None  # (B, r, out)
-    ia3_in: torch.Tensor | None = None  # (B, 1, in), ones for rows without input scaling
-    ia3_out: torch.Tensor | None = None  # (B, 1, out)
+    in_scale: torch.Tensor | None = None  # (B, 1, in), ones for rows without input scaling
+    out_scale: torch.Tensor | None = None  # (B, 1, out), ones for rows without output scaling
+    bias_scale: torch.Tensor | None = None  # (B, 1, out), set only when the layer has a bias
 
     def select_rows(self, rows: torch.Tensor) -> RowDeltas:
         return RowDeltas(*(None if t is None else t.index_select(0, rows) for t in vars(self).values()))
 
 
 class AdapterLinear(nn.Module):
-    """A base ``nn.Linear`` plus whatever per-row deltas the current batch installed."""
+    """A base ``nn.Linear`` plus whatever per-row deltas the current batch installed.
+
+    Per row: ``(W (x * in_scale) + x A B) * out_scale + bias * bias_scale``; each row belongs to one adapter,
+    so at most one of the terms differs from the identity for it.
+    """
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
@@ -44,11 +50,13 @@ class AdapterLinear(nn.Module):
         rows = self.rows
         if rows is None:
             return self.base(x)
-        out = self.base(x if rows.ia3_in is None else x * rows.ia3_in)
-        if rows.ia3_out is not None:
-            out = out * rows.ia3_out
+        out = F.linear(x if rows.in_scale is None else x * rows.in_scale, self.base.weight)
         if rows.lora_a is not None:
             out = out + torch.bmm(torch.bmm(x, rows.lora_a), rows.lora_b)
+        if rows.out_scale is not None:
+            out = out * rows.out_scale
+        if self.base.bias is not None:
+            out = out + (self.base.bias if rows.bias_scale is None else self.base.bias * rows.bias_scale)
         return out
 
 
@@ -104,28 +112,35 @@ class BatchDeltas:
 
 def _gather(name: str, row_adapters: Sequence[AdapterWeights | None], base: nn.Linear) -> RowDeltas:
     weight = base.weight
-    in_features, out_features = base.in_features, base.out_features
     deltas = [adapter.modules.get(name) if adapter else None for adapter in row_adapters]
     batch = len(deltas)
     result = RowDeltas()
     ranks = [d.lora_a.shape[1] for d in deltas if d is not None and d.lora_a is not None]
     if ranks:
         rank = max(ranks)
-        result.lora_a = weight.new_zeros(batch, in_features, rank)
-        result.lora_b = weight.new_zeros(batch, rank, out_features)
+        result.lora_a = weight.new_zeros(batch, base.in_features, rank)
+        result.lora_b = weight.new_zeros(batch, rank, base.out_features)
         for row, delta in enumerate(deltas):
             if delta is not None and delta.lora_a is not None:
                 r = delta.lora_a.shape[1]
                 result.lora_a[row, :, :r] = delta.lora_a
                 result.lora_b[row, :r, :] = delta.lora_b
-    if any(d is not None and d.ia3_in is not None for d in deltas):
-        result.ia3_in = weight.new_ones(batch, 1, in_features)
+    result.in_scale = _row_vectors(deltas, "in_scale", batch, base.in_features, weight)
+    result.out_scale = _row_vectors(deltas, "out_scale", batch, base.out_features, weight)
+    if base.bias is not None and any(d is not None and d.scales_bias for d in deltas):
+        result.bias_scale = weight.new_ones(batch, 1, base.out_features)
         for row, delta in enumerate(deltas):
-            if delta is not None and delta.ia3_in is not None:
-                result.ia3_in[row, 0] = delta.ia3_in
-    if any(d is not None and d.ia3_out is not None for d in deltas):
-        result.ia3_out = weight.new_ones(batch, 1, out_features)
-        for row, delta in enumerate(deltas):
-            if delta is not None and delta.ia3_out is not None:
-                result.ia3_out[row, 0] = delta.ia3_out
+            if delta is not None and delta.scales_bias:
+                result.bias_scale[row, 0] = delta.out_scale
     return result
+
+
+def _row_vectors(deltas: list, field: str, batch: int, width: int, like: torch.Tensor) -> torch.Tensor | None:
+    """Stack one per-row scaling vector (ones where a row has none), or None if no row has one."""
+    if not any(d is not None and getattr(d, field) is not None for d in deltas):
+        return None
+    stacked = like.new_ones(batch, 1, width)
+    for row, delta in enumerate(deltas):
+        if delta is not None and getattr(delta, field) is not None:
+            stacked[row, 0] = getattr(delta, field)
+    return stacked

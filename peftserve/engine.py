@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from peftserve.adapter_cache import AdapterCache
 from peftserve.adapter_repository import AdapterRepository, AdapterVersion
-from peftserve.adapter_weights import AdapterWeights, BaseModelShape, convert_adapter, read_adapter_files
+from peftserve.adapter_types import convert_adapter
+from peftserve.adapter_weights import AdapterWeights, BaseModelShape, read_adapter_files
 from peftserve.batched_layers import AdapterLayers
 from peftserve.config import ServeConfig
 from peftserve.errors import ConfigError, InvalidRequestError, PeftServeError

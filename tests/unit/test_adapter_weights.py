@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftserve.adapter_weights import convert_adapter, read_adapter_files
+from peftserve.adapter_types import convert_adapter
+from peftserve.adapter_weights import read_adapter_files
 from peftserve.engine import Engine
 from peftserve.errors import AdapterLoadError, UnsupportedAdapterError
 
@@ -87,7 +88,8 @@ BROKEN_LORA = [
         UnsupportedAdapterError,
         "unsupported peft_type 'MAGIC'",
     ),
-    ("DoRA", lambda p: rewrite_config(p, use_dora=True), UnsupportedAdapterError, "use_dora"),
+    ("DoRA without magnitudes", lambda p: rewrite_config(p, use_dora=True), AdapterLoadError, "lora_magnitude_vector"),
+    ("LoRA bias", lambda p: rewrite_config(p, lora_bias=True), UnsupportedAdapterError, "lora_bias"),
     (
         "modules_to_save",
         lambda p: rewrite_config(p, modules_to_save=["lm_head"]),
@@ -124,8 +126,8 @@ def test_demo_adapters_convert_to_their_runtime_form(engine: Engine, model_dir: 
 
     pirate, chef, poet, oracle = (convert(a) for a in ["pirate", "chef", "poet", "oracle"])
     assert pirate.peft_type == "LORA" and pirate.modules["model.layers.0.self_attn.q_proj"].lora_a.shape == (128, 8)
-    assert chef.modules["model.layers.0.mlp.down_proj"].ia3_in.shape == (256,)
-    assert chef.modules["model.layers.0.self_attn.k_proj"].ia3_out.shape == (64,)
+    assert chef.modules["model.layers.0.mlp.down_proj"].in_scale.shape == (256,)
+    assert chef.modules["model.layers.0.self_attn.k_proj"].out_scale.shape == (64,)
     assert poet.prefix_kv.shape == (4, 2, 2, 10, 32) and poet.prefix_length == 10
     assert oracle.virtual_embeddings.shape == (4, 128) and oracle.virtual_length == 4
     assert pirate.nbytes == sum(d.lora_a.numel() + d.lora_b.numel() for d in pirate.modules.values()) * 4

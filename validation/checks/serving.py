@@ -7,7 +7,7 @@ import time
 import torch
 
 from peftserve.adapter_repository import AdapterVersion
-from peftserve.adapter_weights import check_servable, convert_adapter
+from peftserve.adapter_types import check_servable, convert_adapter
 from peftserve.config import ServeConfig
 from peftserve.engine import Engine
 from peftserve.errors import PeftServeError

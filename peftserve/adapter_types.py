@@ -1,0 +1,249 @@
+"""Convert each PEFT adapter type into the engine's runtime form, checked against the base model.
+
+What each type becomes, so that one batch can mix them all in one forward pass:
+
+- LoRA, rsLoRA: A and B·scaling (low-rank pair).
+- DoRA: the LoRA pair plus an output scale ``magnitude / ||W + scaling·B·A||`` per output feature,
+  computed once at load (PEFT treats the norm as a constant too); the bias is not scaled.
+- AdaLoRA: A·diag(E) and B·scaling/rank, i.e. a plain low-rank pair.
+- LoHa, LoKr: their delta weight (Hadamard or Kronecker product of factors) is rebuilt and factored
+  exactly by SVD into a low-rank pair of its numerical rank. A full-rank delta (e.g. LoKr with two full
+  Kronecker factors) then costs two dense matmuls per row, but still shares the pass.
+- IA3: an input (feed-forward modules) or output scaling vector.
+- Prefix tuning: key/value prefixes per layer. Prompt tuning, P-tuning: virtual token embeddings (the
+  saved embeddings are already the P-tuning encoder's output).
+
+Shapes are checked here, so an incompatible adapter fails at load with a message naming the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from peftserve.adapter_weights import AdapterWeights, BaseModelShape, ModuleDelta
+from peftserve.errors import AdapterLoadError, UnsupportedAdapterError
+
+_MODULE_KEY = re.compile(
+    r"base_model\.model\.(?P<module>.+)\.(?P<param>lora_[AB]\.weight|lora_[ABE]|lora_magnitude_vector|ia3_l"
+    r"|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)"
+)
+# Singular values below this fraction of the largest are float noise when refactoring a delta weight.
+_SVD_RELATIVE_TOLERANCE = 1e-6
+
+Converter = Callable[[dict[str, Any], dict[str, torch.Tensor], BaseModelShape], AdapterWeights]
+
+
+def check_servable(config: dict[str, Any]) -> None:
+    """Raise :class:`UnsupportedAdapterError` for a PEFT type or option this engine cannot serve."""
+    peft_type = str(config.get("peft_type", ""))
+    if peft_type not in CONVERTERS:
+        raise UnsupportedAdapterError(
+            f"unsupported peft_type {peft_type!r}; supported: {', '.join(sorted(CONVERTERS))}"
+        )
+    if config.get("modules_to_save"):
+        raise UnsupportedAdapterError(
+            f"modules_to_save {config['modules_to_save']} would replace whole base modules per request; not supported"
+        )
+    for option in ("lora_bias", "fan_in_fan_out", "trainable_token_indices", "layer_replication"):
+        if config.get(option):
+            raise UnsupportedAdapterError(f"{peft_type} option {option}={config[option]!r} is not supported")
+
+
+def convert_adapter(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
+    """Turn a PEFT config and its tensors into :class:`AdapterWeights` checked against ``base``."""
+    check_servable(config)
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterLoadError(f"tensor {name!r} holds NaN or Inf values")
+    return CONVERTERS[config["peft_type"]](config, tensors, base)
+
+
+def _cast(tensor: torch.Tensor, base: BaseModelShape) -> torch.Tensor:
+    return tensor.to(device=base.device, dtype=base.dtype).contiguous()
+
+
+def _module_tensors(tensors: dict[str, torch.Tensor], base: BaseModelShape) -> dict[str, dict[str, torch.Tensor]]:
+    """Group ``base_model.model.<module>.<param>`` keys by module; refuse keys the engine cannot apply."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _MODULE_KEY.fullmatch(key)
+        if match is None:
+            raise UnsupportedAdapterError(f"unexpected tensor {key!r} in adapter weights")
+        module = match["module"]
+        if module not in base.linear_shapes:
+            raise AdapterLoadError(f"tensor {key!r} targets {module!r}, which is not a linear layer of the base model")
+        grouped.setdefault(module, {})[match["param"]] = tensor
+    if not grouped:
+        raise AdapterLoadError("adapter weights hold no tensors")
+    return grouped
+
+
+def _pattern_value(module: str, patterns: dict[str, Any] | None, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern``: a key matches a module name's suffix, as a regex."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _expect_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != expected:
+        raise AdapterLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, the base model needs {expected}")
+
+
+def _expect_params(peft_type: str, module: str, params: dict[str, torch.Tensor], allowed: set[str]) -> None:
+    if not set(params) <= allowed:
+        raise AdapterLoadError(f"{peft_type} module {module!r} holds {sorted(params)}; expected {sorted(allowed)}")
+
+
+def _low_rank_pair(a: torch.Tensor, b: torch.Tensor, base: BaseModelShape) -> ModuleDelta:
+    """``a``: (r, in), ``b``: (out, r) with delta = b @ a, stored transposed for ``x @ a.T @ b.T``."""
+    return ModuleDelta(lora_a=_cast(a.t(), base), lora_b=_cast(b.t(), base))
+
+
+def _factor_delta(delta: torch.Tensor, base: BaseModelShape) -> ModuleDelta:
+    """An exact low-rank pair for a dense delta weight (out, in), of its numerical rank."""
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    rank = max(1, int((s > s[0] * _SVD_RELATIVE_TOLERANCE).sum())) if s.numel() and s[0] > 0 else 1
+    return _low_rank_pair(vh[:rank], u[:, :rank] * s[:rank], base)
+
+
+def _convert_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
+    weights = AdapterWeights(peft_type="LORA")
+    use_dora = bool(config.get("use_dora"))
+    for module, params in _module_tensors(tensors, base).items():
+        required = {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"} if use_dora else set())
+        if set(params) != required:
+            raise AdapterLoadError(f"LoRA module {module!r} needs {sorted(required)}, found {sorted(params)}")
+        a, b = params["lora_A.weight"], params["lora_B.weight"]
+        in_features, out_features = base.linear_shapes[module]
+        rank = a.shape[0]
+        _expect_shape(f"{module}.lora_A.weight", a, (rank, in_features))
+        _expect_shape(f"{module}.lora_B.weight", b, (out_features, rank))
+        alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("lora_alpha", 8)))
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        delta = _low_rank_pair(a, b * scaling, base)
+        if use_dora:
+            magnitude = params["lora_magnitude_vector"]
+            _expect_shape(f"{module}.lora_magnitude_vector", magnitude, (out_features,))
+            weight = base.linear_weights[module]
+            merged = weight.float() + (b.float() @ a.float()).to(weight.device) * scaling
+            delta.out_scale = _cast(magnitude.to(weight.device).float() / torch.linalg.norm(merged, dim=1), base)
+        weights.modules[module] = delta
+    return weights
+
+
+def _convert_adalora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
+    weights = AdapterWeights(peft_type="ADALORA")
+    for module, params in _module_tensors(tensors, base).items():
+        if set(params) != {"lora_A", "lora_B", "lora_E"}:
+            raise AdapterLoadError(f"AdaLoRA module {module!r} needs lora_A, lora_B and lora_E, found {sorted(params)}")
+        a, b, e = params["lora_A"], params["lora_B"], params["lora_E"]
+        in_features, out_features = base.linear_shapes[module]
+        rank = a.shape[0]
+        _expect_shape(f"{module}.lora_A", a, (rank, in_features))
+        _expect_shape(f"{module}.lora_B", b, (out_features, rank))
+        _expect_shape(f"{module}.lora_E", e, (rank, 1))
+        alpha = float(config.get("lora_alpha") or rank)
+        # PEFT divides by the current rank plus 1e-5 (its ``ranknum``); folding keeps results identical.
+        weights.modules[module] = _low_rank_pair(a * e, b * (alpha / (rank + 1e-5)), base)
+    return weights
+
+
+def _convert_loha(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
+    weights = AdapterWeights(peft_type="LOHA")
+    names = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
+    for module, params in _module_tensors(tensors, base).items():
+        if set(params) != names:
+            raise AdapterLoadError(f"LoHa module {module!r} needs {sorted(names)}, found {sorted(params)}")
+        in_features, out_features = base.linear_shapes[module]
+        rank = params["hada_w1_a"].shape[1]
+        alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("alpha", rank)))
+        delta = (params["hada_w1_a"] @ params["hada_w1_b"]) * (params["hada_w2_a"] @ params["hada_w2_b"])
+        _expect_shape(f"{module} LoHa delta", delta, (out_features, in_features))
+        weights.modules[module] = _factor_delta(delta * (alpha / rank), base)
+    return weights
+
+
+def _convert_lokr(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
+    weights = AdapterWeights(peft_type="LOKR")
+    for module, params in _module_tensors(tensors, base).items():
+        _expect_params(
+            "LoKr", module, params, {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+        )
+        factors = []
+        for side in ("w1", "w2"):
+            if f"lokr_{side}" in params:
+                factors.append(params[f"lokr_{side}"])
+            elif {f"lokr_{side}_a", f"lokr_{side}_b"} <= set(params):
+                factors.append(params[f"lokr_{side}_a"] @ params[f"lokr_{side}_b"])
+            else:
+                raise AdapterLoadError(f"LoKr module {module!r} lacks its {side} factor, found {sorted(params)}")
+        in_features, out_features = base.linear_shapes[module]
+        rank = int(_pattern_value(module, config.get("rank_pattern"), config.get("r", 8)))
+        alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("alpha", rank)))
+        delta = torch.kron(factors[0], factors[1])
+        _expect_shape(f"{module} LoKr delta", delta, (out_features, in_features))
+        weights.modules[module] = _factor_delta(delta * (alpha / rank), base)
+    return weights
+
+
+def _convert_ia3(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
+    weights = AdapterWeights(peft_type="IA3")
+    for module, params in _module_tensors(tensors, base).items():
+        vector = params.get("ia3_l")
+        if vector is None or len(params) != 1:
+            raise AdapterLoadError(f"IA3 module {module!r} needs exactly one ia3_l tensor, found {sorted(params)}")
+        in_features, out_features = base.linear_shapes[module]
+        # PEFT stores (1, in) for feed-forward modules (input scaling) and (out, 1) for the others.
+        if tuple(vector.shape) == (1, in_features):
+            weights.modules[module] = ModuleDelta(in_scale=_cast(vector.flatten(), base))
+        elif tuple(vector.shape) == (out_features, 1):
+            weights.modules[module] = ModuleDelta(out_scale=_cast(vector.flatten(), base), scales_bias=True)
+        else:
+            raise AdapterLoadError(
+                f"tensor {module}.ia3_l has shape {tuple(vector.shape)}, the base model needs "
+                f"(1, {in_features}) or ({out_features}, 1)"
+            )
+    return weights
+
+
+def _prompt_embeddings(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if set(tensors) != {"prompt_embeddings"}:
+        raise AdapterLoadError(f"prompt-learning adapters hold one tensor 'prompt_embeddings', found {sorted(tensors)}")
+    return tensors["prompt_embeddings"]
+
+
+def _convert_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
+    embeddings = _prompt_embeddings(tensors)
+    if int(config.get("num_transformer_submodules") or 1) != 1:
+        raise UnsupportedAdapterError("prefix tuning with num_transformer_submodules != 1 (encoder-decoder)")
+    virtual_tokens = embeddings.shape[0]
+    width = base.num_layers * 2 * base.num_kv_heads * base.head_dim
+    _expect_shape("prompt_embeddings", embeddings, (virtual_tokens, width))
+    # PEFT's layout: (tokens, layers * 2, heads, head_dim), keys at even and values at odd positions.
+    kv = embeddings.view(virtual_tokens, base.num_layers, 2, base.num_kv_heads, base.head_dim)
+    return AdapterWeights(peft_type="PREFIX_TUNING", prefix_kv=_cast(kv.permute(1, 2, 3, 0, 4), base))
+
+
+def _convert_prompt(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
+    embeddings = _prompt_embeddings(tensors)
+    _expect_shape("prompt_embeddings", embeddings, (embeddings.shape[0], base.hidden_size))
+    return AdapterWeights(peft_type=str(config["peft_type"]), virtual_embeddings=_cast(embeddings, base))
+
+
+CONVERTERS: dict[str, Converter] = {
+    "LORA": _convert_lora,
+    "ADALORA": _convert_adalora,
+    "LOHA": _convert_loha,
+    "LOKR": _convert_lokr,
+    "IA3": _convert_ia3,
+    "PREFIX_TUNING": _convert_prefix,
+    "PROMPT_TUNING": _convert_prompt,
+    "P_TUNING": _convert_prompt,
+}
