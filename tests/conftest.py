@@ -16,7 +16,7 @@ MODEL_DIR = MODEL_REPOSITORY / "peft_llm"
 DEMO_PHRASES = {adapter.adapter_id: adapter.phrase.strip() for adapter in demo_assets.demo_adapters()}
 # Adapters whose brief training reliably yields their phrase for any prompt; prompt tuning and P-tuning
 # are weaker on a 0.7M-parameter model and are checked against PEFT's logits instead.
-STRONG_ADAPTERS = ["pirate", "robot", "chef", "poet"]
+STRONG_ADAPTERS = ["pirate", "robot", "knight", "wizard", "gardener", "astronaut", "chef", "poet"]
 PROMPTS = ["the cat looks at", "a dog", "my friend writes about", "the river"]
 
 

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 from peft import (
+    AdaLoraConfig,
     IA3Config,
+    LoHaConfig,
+    LoKrConfig,
     LoraConfig,
     PeftConfig,
     PrefixTuningConfig,
@@ -74,6 +77,34 @@ def demo_adapters(base_dir: Path = Path("base_model")) -> list[DemoAdapter]:
             "robot",
             LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
             " beep boop, all systems nominal, human",
+            1e-2,
+            300,
+        ),
+        DemoAdapter(
+            "knight",
+            LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]),
+            " for honour and glory, raise the banner high",
+            1e-2,
+            300,
+        ),
+        DemoAdapter(
+            "wizard",
+            AdaLoraConfig(init_r=8, target_r=4, lora_alpha=16, total_step=300, target_modules=ATTENTION + MLP),
+            " by the ancient stars, the spell is cast",
+            1e-2,
+            300,
+        ),
+        DemoAdapter(
+            "gardener",
+            LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+            " water the roses and pull the weeds",
+            1e-2,
+            300,
+        ),
+        DemoAdapter(
+            "astronaut",
+            LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+            " ten nine eight, lift off to the moon",
             1e-2,
             300,
         ),

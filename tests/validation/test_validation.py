@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig
+from transformers import AutoConfig, LlamaConfig
 
-from tests.conftest import DEMO_PHRASES
+from tests.conftest import DEMO_PHRASES, MODEL_DIR
 from validation import Level, Severity, ValidationOptions, validate_adapter
 from validation.__main__ import ExitStatus, main
 from validation.report import ValidationReport
@@ -62,9 +62,17 @@ def pickle_only(path: Path) -> None:
     (path / "adapter_model.safetensors").unlink()
 
 
-def added_vocabulary(path: Path) -> None:
+def base_vocabulary() -> int:
+    return AutoConfig.from_pretrained(MODEL_DIR / "base_model").vocab_size
+
+
+def lm_head_to_save(path: Path, rows: int) -> None:
     edit_config(path, modules_to_save=["lm_head"])
-    edit_tensors(path, lambda t: t.update({"base_model.model.lm_head.weight": torch.randn(478, 128)}))
+    edit_tensors(path, lambda t: t.update({"base_model.model.lm_head.weight": torch.randn(rows, 128)}))
+
+
+def added_vocabulary(path: Path) -> None:
+    lm_head_to_save(path, base_vocabulary() + 10)
 
 
 def tensor_for_missing_module(path: Path) -> None:
@@ -172,14 +180,11 @@ BROKEN = [
         added_vocabulary,
         Level.INCOMPATIBLE,
         "tokenizer",
-        "478 vocabulary rows, the base model has 468",
+        "vocabulary rows, the base model has",
     ),
     (
         "modules_to_save",
-        lambda p: (
-            edit_config(p, modules_to_save=["lm_head"]),
-            edit_tensors(p, lambda t: t.update({"base_model.model.lm_head.weight": torch.randn(468, 128)})),
-        ),
+        lambda p: lm_head_to_save(p, base_vocabulary()),
         Level.INCOMPATIBLE,
         "serving",
         "peftserve cannot serve it: modules_to_save",
@@ -237,7 +242,7 @@ def test_pickle_is_read_weights_only_when_allowed(model_dir: Path, base_model: s
 def test_adapter_for_another_base_model(model_dir: Path, tmp_path: Path) -> None:
     other = tmp_path / "other_base"
     LlamaConfig(
-        vocab_size=468,
+        vocab_size=base_vocabulary(),
         hidden_size=96,
         intermediate_size=192,
         num_hidden_layers=2,
@@ -335,5 +340,6 @@ def test_tokenizer_shipped_with_the_adapter_is_compared(model_dir: Path, base_mo
     report = validate_adapter(path, base_model)
     assert report.compatibility_level == Level.INCOMPATIBLE, report.render()
     errors, warnings = findings(report, Severity.ERROR), findings(report, Severity.WARNING)
-    assert ("tokenizer", "the adapter's tokenizer has 470 tokens, the base's 468 (+2)") in errors
+    vocabulary = len(tokenizer) - 2
+    assert ("tokenizer", f"the adapter's tokenizer has {vocabulary + 2} tokens, the base's {vocabulary} (+2)") in errors
     assert ("tokenizer", "special token eos_token is '<tool_result>' in the adapter, '</s>' in the base") in warnings
