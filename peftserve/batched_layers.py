@@ -2,36 +2,65 @@
 
 PEFT's ``adapter_names`` mixed batches are exact for LoRA only and silently apply the active adapter to
 every row for IA3 and the others. Here every targeted ``nn.Linear`` is wrapped once by
-:class:`AdapterLinear`; for the batch in flight it holds per-row tensors (gathered LoRA factors, IA3
-vectors), so a batch mixing adapters and types is one batched computation: two ``bmm`` for LoRA rows,
-broadcast multiplies for IA3 rows, and nothing extra for rows without an adapter on that module.
+:class:`AdapterLinear`; for the batch in flight it holds per-row tensors, so a batch mixing adapters and
+types is one batched computation: the base matmul for all rows, low-rank pairs gathered per row, and
+broadcast multiplies for scaling vectors.
+
+Low-rank rows are grouped by rank bucket (powers of two), so a rank-128 LoKr row does not pad every rank-8
+LoRA row to 128; a group whose rows all use one adapter multiplies by its pair directly, without gathering.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftserve.adapter_weights import AdapterWeights
+from peftserve.adapter_weights import AdapterWeights, ModuleDelta
+
+_SMALLEST_RANK_BUCKET = 8
+
+
+@dataclass
+class LowRankGroup:
+    """Rows sharing one padded rank: ``x[rows] @ a @ b`` is added to their output."""
+
+    rows: torch.Tensor | None  # row indices; None means every row of the batch, in order
+    a: torch.Tensor  # (n, in, r) per row, or (in, r) when every row of the group uses one adapter
+    b: torch.Tensor  # (n, r, out) or (r, out)
+
+    def select(self, mapping: torch.Tensor, batch: int) -> LowRankGroup | None:
+        """Renumber rows after compaction; ``mapping[old] = new`` index or -1 for a dropped row."""
+        old_rows = torch.arange(len(mapping), device=mapping.device) if self.rows is None else self.rows
+        new_rows = mapping[old_rows]
+        kept = new_rows >= 0
+        if not bool(kept.any()):
+            return None
+        a, b = (self.a[kept], self.b[kept]) if self.a.dim() == 3 else (self.a, self.b)
+        new_rows = new_rows[kept]
+        every = len(new_rows) == batch and bool((new_rows == torch.arange(batch, device=new_rows.device)).all())
+        return LowRankGroup(None if every else new_rows, a, b)
 
 
 @dataclass
 class RowDeltas:
     """Per-row tensors of one module for the batch in flight (``B`` = batch rows)."""
 
-    lora_a: torch.Tensor | None = None  # (B, in, r), zeros for rows without a low-rank pair here
-    lora_b: torch.Tensor | None = None  # (B, r, out)
+    low_rank: list[LowRankGroup] = field(default_factory=list)
     in_scale: torch.Tensor | None = None  # (B, 1, in), ones for rows without input scaling
     out_scale: torch.Tensor | None = None  # (B, 1, out), ones for rows without output scaling
     bias_scale: torch.Tensor | None = None  # (B, 1, out), set only when the layer has a bias
 
-    def select_rows(self, rows: torch.Tensor) -> RowDeltas:
-        return RowDeltas(*(None if t is None else t.index_select(0, rows) for t in vars(self).values()))
+    def select_rows(self, rows: torch.Tensor, mapping: torch.Tensor) -> RowDeltas:
+        groups = [group.select(mapping, len(rows)) for group in self.low_rank]
+        vectors = [
+            None if t is None else t.index_select(0, rows) for t in (self.in_scale, self.out_scale, self.bias_scale)
+        ]
+        return RowDeltas([g for g in groups if g is not None], *vectors)
 
 
 class AdapterLinear(nn.Module):
@@ -51,8 +80,12 @@ class AdapterLinear(nn.Module):
         if rows is None:
             return self.base(x)
         out = F.linear(x if rows.in_scale is None else x * rows.in_scale, self.base.weight)
-        if rows.lora_a is not None:
-            out = out + torch.bmm(torch.bmm(x, rows.lora_a), rows.lora_b)
+        for group in rows.low_rank:
+            inputs = x if group.rows is None else x[group.rows]
+            # bmm for per-row pairs: measurably cheaper than matmul's broadcasting dispatch on small batches.
+            mul = torch.bmm if group.a.dim() == 3 else torch.matmul
+            delta = mul(mul(inputs, group.a), group.b)
+            out = out + delta if group.rows is None else out.index_add(0, group.rows, delta)
         if rows.out_scale is not None:
             out = out * rows.out_scale
         if self.base.bias is not None:
@@ -95,6 +128,7 @@ class BatchDeltas:
 
     def __init__(self, layers: AdapterLayers, row_adapters: Sequence[AdapterWeights | None]) -> None:
         self.layers = layers
+        self.batch = len(row_adapters)
         self.per_module: dict[str, RowDeltas] = {}
         touched = {name for adapter in row_adapters if adapter for name in adapter.modules}
         for name in touched:
@@ -106,7 +140,10 @@ class BatchDeltas:
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows (``rows``: indices to keep), matching a compacted KV cache."""
-        self.per_module = {name: deltas.select_rows(rows) for name, deltas in self.per_module.items()}
+        mapping = torch.full((self.batch,), -1, dtype=torch.long, device=rows.device)
+        mapping[rows] = torch.arange(len(rows), device=rows.device)
+        self.per_module = {name: deltas.select_rows(rows, mapping) for name, deltas in self.per_module.items()}
+        self.batch = len(rows)
         self.install()
 
 
@@ -114,17 +151,7 @@ def _gather(name: str, row_adapters: Sequence[AdapterWeights | None], base: nn.L
     weight = base.weight
     deltas = [adapter.modules.get(name) if adapter else None for adapter in row_adapters]
     batch = len(deltas)
-    result = RowDeltas()
-    ranks = [d.lora_a.shape[1] for d in deltas if d is not None and d.lora_a is not None]
-    if ranks:
-        rank = max(ranks)
-        result.lora_a = weight.new_zeros(batch, base.in_features, rank)
-        result.lora_b = weight.new_zeros(batch, rank, base.out_features)
-        for row, delta in enumerate(deltas):
-            if delta is not None and delta.lora_a is not None:
-                r = delta.lora_a.shape[1]
-                result.lora_a[row, :, :r] = delta.lora_a
-                result.lora_b[row, :r, :] = delta.lora_b
+    result = RowDeltas(low_rank=_low_rank_groups(deltas, weight))
     result.in_scale = _row_vectors(deltas, "in_scale", batch, base.in_features, weight)
     result.out_scale = _row_vectors(deltas, "out_scale", batch, base.out_features, weight)
     if base.bias is not None and any(d is not None and d.scales_bias for d in deltas):
@@ -133,6 +160,30 @@ def _gather(name: str, row_adapters: Sequence[AdapterWeights | None], base: nn.L
             if delta is not None and delta.scales_bias:
                 result.bias_scale[row, 0] = delta.out_scale
     return result
+
+
+def _low_rank_groups(deltas: list[ModuleDelta | None], like: torch.Tensor) -> list[LowRankGroup]:
+    buckets: dict[int, list[int]] = {}
+    for row, delta in enumerate(deltas):
+        if delta is not None and delta.lora_a is not None:
+            rank = delta.lora_a.shape[1]
+            bucket = max(_SMALLEST_RANK_BUCKET, 1 << (rank - 1).bit_length())
+            buckets.setdefault(bucket, []).append(row)
+    groups = []
+    for rows in buckets.values():
+        members = [deltas[row] for row in rows]
+        index = None if len(rows) == len(deltas) else torch.tensor(rows, device=like.device)
+        if all(member is members[0] for member in members):
+            groups.append(LowRankGroup(index, members[0].lora_a, members[0].lora_b))
+            continue
+        rank = max(member.lora_a.shape[1] for member in members)
+        a = like.new_zeros(len(rows), members[0].lora_a.shape[0], rank)
+        b = like.new_zeros(len(rows), rank, members[0].lora_b.shape[1])
+        for slot, member in enumerate(members):
+            a[slot, :, : member.lora_a.shape[1]] = member.lora_a
+            b[slot, : member.lora_b.shape[0], :] = member.lora_b
+        groups.append(LowRankGroup(index, a, b))
+    return groups
 
 
 def _row_vectors(deltas: list, field: str, batch: int, width: int, like: torch.Tensor) -> torch.Tensor | None:

@@ -83,7 +83,7 @@ class BatchGenerator:
             mask, positions = inputs["attention_mask"], inputs["position_ids"][:, -1:]
             logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].float()
             while True:
-                tokens = [self._choose(logits[b], rows[i].sampling, generators[i]) for b, i in enumerate(active)]
+                tokens = self._choose_all(logits, [rows[i].sampling for i in active], [generators[i] for i in active])
                 keep = []
                 for b, (i, token) in enumerate(zip(active, tokens, strict=True)):
                     result = results[i]
@@ -164,10 +164,19 @@ class BatchGenerator:
         generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
         return generator
 
+    @classmethod
+    def _choose_all(
+        cls, logits: torch.Tensor, samplings: list[SamplingParams], generators: list[torch.Generator | None]
+    ) -> list[int]:
+        """Next token of every row: one argmax for the whole batch, then sampling for the sampled rows."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                tokens[row] = cls._sample(logits[row], samplings[row], generator)
+        return tokens
+
     @staticmethod
-    def _choose(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> int:
-        if generator is None:
-            return int(logits.argmax())
+    def _sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
         scores = logits / sampling.temperature
         if 0 < sampling.top_k < scores.shape[0]:
             threshold = torch.topk(scores, sampling.top_k).values[-1]
