@@ -7,7 +7,7 @@ types is one batched computation: the base matmul for all rows, low-rank pairs g
 broadcast multiplies for scaling vectors.
 
 Low-rank rows are grouped by rank bucket (powers of two), so a rank-128 LoKr row does not pad every rank-8
-LoRA row to 128; a group whose rows all use one adapter multiplies by its pair directly, without gathering.
+LoRA row to 128; a group whose rows all use one adapter uses an expanded view of its pair, without copies.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class LowRankGroup:
     """Rows sharing one padded rank: ``x[rows] @ a @ b`` is added to their output."""
 
     rows: torch.Tensor | None  # row indices; None means every row of the batch, in order
-    a: torch.Tensor  # (n, in, r) per row, or (in, r) when every row of the group uses one adapter
-    b: torch.Tensor  # (n, r, out) or (r, out)
+    a: torch.Tensor  # (n, in, r); an expanded view, without copies, when every row uses one adapter
+    b: torch.Tensor  # (n, r, out)
 
     def select(self, mapping: torch.Tensor, batch: int) -> LowRankGroup | None:
         """Renumber rows after compaction; ``mapping[old] = new`` index or -1 for a dropped row."""
@@ -40,8 +40,7 @@ class LowRankGroup:
         kept = new_rows >= 0
         if not bool(kept.any()):
             return None
-        a, b = (self.a[kept], self.b[kept]) if self.a.dim() == 3 else (self.a, self.b)
-        new_rows = new_rows[kept]
+        a, b, new_rows = self.a[kept], self.b[kept], new_rows[kept]
         every = len(new_rows) == batch and bool((new_rows == torch.arange(batch, device=new_rows.device)).all())
         return LowRankGroup(None if every else new_rows, a, b)
 
@@ -82,9 +81,8 @@ class AdapterLinear(nn.Module):
         out = F.linear(x if rows.in_scale is None else x * rows.in_scale, self.base.weight)
         for group in rows.low_rank:
             inputs = x if group.rows is None else x[group.rows]
-            # bmm for per-row pairs: measurably cheaper than matmul's broadcasting dispatch on small batches.
-            mul = torch.bmm if group.a.dim() == 3 else torch.matmul
-            delta = mul(mul(inputs, group.a), group.b)
+            # bmm, also for one shared pair (expanded): measured cheaper than matmul's broadcasting dispatch.
+            delta = torch.bmm(torch.bmm(inputs, group.a), group.b)
             out = out + delta if group.rows is None else out.index_add(0, group.rows, delta)
         if rows.out_scale is not None:
             out = out * rows.out_scale
@@ -174,7 +172,10 @@ def _low_rank_groups(deltas: list[ModuleDelta | None], like: torch.Tensor) -> li
         members = [deltas[row] for row in rows]
         index = None if len(rows) == len(deltas) else torch.tensor(rows, device=like.device)
         if all(member is members[0] for member in members):
-            groups.append(LowRankGroup(index, members[0].lora_a, members[0].lora_b))
+            shared = members[0]
+            groups.append(
+                LowRankGroup(index, shared.lora_a.expand(len(rows), -1, -1), shared.lora_b.expand(len(rows), -1, -1))
+            )
             continue
         rank = max(member.lora_a.shape[1] for member in members)
         a = like.new_zeros(len(rows), members[0].lora_a.shape[0], rank)
