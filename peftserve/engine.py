@@ -25,6 +25,7 @@ from peftserve.batched_layers import AdapterLayers
 from peftserve.config import ServeConfig
 from peftserve.errors import ConfigError, InvalidRequestError, PeftServeError
 from peftserve.generation import BatchGenerator, GenerationRow, SamplingParams
+from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL, EngineMetrics
 
 logger = logging.getLogger("peftserve.engine")
 
@@ -55,8 +56,9 @@ class Completion:
 class Engine:
     """One base model serving many adapters; not thread-safe (Triton calls ``execute`` serially)."""
 
-    def __init__(self, config: ServeConfig, *, device: str = "cpu") -> None:
+    def __init__(self, config: ServeConfig, *, device: str = "cpu", metrics: EngineMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or EngineMetrics()
         self.device = torch.device(device)
         self.tokenizer, self.model = _load_base_model(config, self.device)
         self.base_shape = BaseModelShape.describe(self.model)
@@ -65,16 +67,17 @@ class Engine:
         self.cache: AdapterCache[AdapterVersion, AdapterWeights] = AdapterCache(
             max_entries=config.max_loaded_adapters,
             max_bytes=config.max_adapter_memory_bytes,
-            on_evict=lambda version: logger.info("evicted adapter %s", version.label),
+            on_evict=self._evicted,
         )
         eos = _eos_token_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos)
         self.generator = BatchGenerator(self.model, self.layers, eos_token_ids=eos, pad_token_id=pad)
         for adapter_id in config.preload:
             version = self.repository.latest(adapter_id)
-            self.cache.acquire(version, lambda v=version: self.load_adapter(v))
+            self._acquire(version)
             self.cache.release(version)
             self.cache.pin(version)
+        self.metrics.cache_state(loaded=len(self.cache), nbytes=self.cache.nbytes)
 
     def load_adapter(self, version: AdapterVersion) -> AdapterWeights:
         """Read, check and convert one adapter version, and wrap the layers it targets."""
@@ -82,18 +85,30 @@ class Engine:
         config, tensors = read_adapter_files(version.path)
         weights = convert_adapter(config, tensors, self.base_shape)
         self.layers.wrap(list(weights.modules))
+        seconds = time.perf_counter() - started
+        self.metrics.adapter_loaded(version.adapter_id, seconds=seconds, nbytes=weights.nbytes)
         logger.info(
             "loaded adapter %s (%s, %d bytes) in %.1f ms",
             version.label,
             weights.peft_type,
             weights.nbytes,
-            1000 * (time.perf_counter() - started),
+            1000 * seconds,
         )
         return weights
 
+    def _acquire(self, version: AdapterVersion) -> AdapterWeights:
+        self.metrics.cache_event("hit" if version in self.cache else "miss", version.adapter_id)
+        return self.cache.acquire(version, lambda: self.load_adapter(version))
+
+    def _evicted(self, version: AdapterVersion) -> None:
+        self.metrics.cache_event("eviction", version.adapter_id)
+        logger.info("evicted adapter %s", version.label)
+
     def complete(self, requests: Sequence[CompletionRequest]) -> list[Completion | PeftServeError]:
         """Answer one batch; element ``i`` answers ``requests[i]``."""
+        started = time.perf_counter()
         results: list[Completion | PeftServeError | None] = [None] * len(requests)
+        labels = [BASE_LABEL if not request.adapter_id else UNKNOWN_LABEL for request in requests]
         prepared: list[tuple[int, GenerationRow, str]] = []
         leased: list[AdapterVersion] = []
         try:
@@ -101,7 +116,8 @@ class Engine:
                 try:
                     row, version = self.prepare(request)
                     if version is not None:
-                        row.adapter = self.cache.acquire(version, lambda v=version: self.load_adapter(v))
+                        labels[index] = version.adapter_id
+                        row.adapter = self._acquire(version)
                         leased.append(version)
                     prepared.append((index, row, version.label if version else ""))
                 except PeftServeError as exc:
@@ -119,6 +135,16 @@ class Engine:
         finally:
             for version in leased:
                 self.cache.release(version)
+        seconds = time.perf_counter() - started
+        for label, result in zip(labels, results, strict=True):
+            failed = isinstance(result, PeftServeError)
+            self.metrics.request_done(
+                label,
+                error_code=result.triton_code if failed else None,
+                seconds=seconds,
+                tokens=0 if failed else result.output_tokens,
+            )
+        self.metrics.cache_state(loaded=len(self.cache), nbytes=self.cache.nbytes)
         return results  # type: ignore[return-value]
 
     def prepare(self, request: CompletionRequest) -> tuple[GenerationRow, AdapterVersion | None]:

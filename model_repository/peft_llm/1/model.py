@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from triton_metrics import TritonMetrics
 
 from peftserve.config import from_parameters
 from peftserve.engine import Completion, CompletionRequest, Engine
 from peftserve.errors import InvalidRequestError, PeftServeError
+from peftserve.metrics import UNKNOWN_LABEL
 
 logger = logging.getLogger("peftserve.triton")
 
@@ -38,7 +40,8 @@ class TritonPythonModel:
         config = from_parameters(model_config.get("parameters", {}), model_dir=Path(args["model_repository"]))
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         logger.info("loading %s on %s", config.base_model, device)
-        self.engine = Engine(config, device=device)
+        self.metrics = TritonMetrics(args["model_name"])
+        self.engine = Engine(config, device=device, metrics=self.metrics)
 
     def execute(self, requests: list) -> list:
         parsed: list[list[CompletionRequest] | PeftServeError] = []
@@ -50,6 +53,8 @@ class TritonPythonModel:
             except Exception as exc:
                 logger.exception("cannot parse request")
                 parsed.append(PeftServeError(f"cannot parse request: {type(exc).__name__}: {exc}"))
+            if isinstance(parsed[-1], PeftServeError):
+                self.metrics.request_done(UNKNOWN_LABEL, error_code=parsed[-1].triton_code, seconds=0.0, tokens=0)
         rows = [row for item in parsed if not isinstance(item, PeftServeError) for row in item]
         results = iter(self.engine.complete(rows))
         responses = []

@@ -1,0 +1,71 @@
+"""peftserve's EngineMetrics exported as Triton custom metric families (Triton's metrics port).
+
+Families of the same name from two models merge in Triton, so every series carries a ``model`` label.
+"""
+
+from __future__ import annotations
+
+import triton_python_backend_utils as pb_utils
+
+from peftserve.metrics import EngineMetrics
+
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+LOAD_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]
+
+# name -> (kind, description); README's metrics table lists the same families.
+FAMILIES = {
+    "peftserve_requests_total": ("COUNTER", "Requests answered, by adapter"),
+    "peftserve_request_errors_total": ("COUNTER", "Requests refused, by adapter and Triton error code"),
+    "peftserve_generated_tokens_total": ("COUNTER", "Tokens generated, by adapter"),
+    "peftserve_request_duration_seconds": ("HISTOGRAM", "Time from batch start to answer, by adapter"),
+    "peftserve_adapter_cache_hits_total": ("COUNTER", "Requests whose adapter was already loaded"),
+    "peftserve_adapter_cache_misses_total": ("COUNTER", "Requests that loaded their adapter"),
+    "peftserve_adapter_cache_evictions_total": ("COUNTER", "Adapters evicted from the cache"),
+    "peftserve_adapters_loaded": ("GAUGE", "Adapters held in memory"),
+    "peftserve_adapter_memory_bytes": ("GAUGE", "Bytes held by loaded adapters"),
+    "peftserve_adapter_load_duration_seconds": ("HISTOGRAM", "Time to read, check and convert an adapter"),
+}
+_CACHE_FAMILIES = {
+    "hit": "peftserve_adapter_cache_hits_total",
+    "miss": "peftserve_adapter_cache_misses_total",
+    "eviction": "peftserve_adapter_cache_evictions_total",
+}
+
+
+class TritonMetrics(EngineMetrics):
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.families = {
+            name: pb_utils.MetricFamily(name=name, description=text, kind=getattr(pb_utils.MetricFamily, kind))
+            for name, (kind, text) in FAMILIES.items()
+        }
+        self._series: dict[tuple, object] = {}
+
+    def _metric(self, family: str, buckets: list[float] | None = None, **labels: str):
+        key = (family, *sorted(labels.items()))
+        if key not in self._series:
+            full = {"model": self.model_name, **labels}
+            self._series[key] = (
+                self.families[family].Metric(labels=full, buckets=buckets)
+                if buckets
+                else self.families[family].Metric(labels=full)
+            )
+        return self._series[key]
+
+    def request_done(self, adapter: str, *, error_code: str | None, seconds: float, tokens: int) -> None:
+        if error_code is not None:
+            self._metric("peftserve_request_errors_total", adapter=adapter, code=error_code).increment(1)
+            return
+        self._metric("peftserve_requests_total", adapter=adapter).increment(1)
+        self._metric("peftserve_generated_tokens_total", adapter=adapter).increment(tokens)
+        self._metric("peftserve_request_duration_seconds", LATENCY_BUCKETS, adapter=adapter).observe(seconds)
+
+    def cache_event(self, event: str, adapter: str) -> None:
+        self._metric(_CACHE_FAMILIES[event], adapter=adapter).increment(1)
+
+    def adapter_loaded(self, adapter: str, *, seconds: float, nbytes: int) -> None:
+        self._metric("peftserve_adapter_load_duration_seconds", LOAD_BUCKETS, adapter=adapter).observe(seconds)
+
+    def cache_state(self, *, loaded: int, nbytes: int) -> None:
+        self._metric("peftserve_adapters_loaded").set(loaded)
+        self._metric("peftserve_adapter_memory_bytes").set(nbytes)

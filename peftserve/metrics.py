@@ -1,0 +1,28 @@
+"""What the engine reports for monitoring, independent of where it is exported.
+
+The engine calls an :class:`EngineMetrics`; the Triton model passes one that writes Triton custom metric
+families (``model_repository/peft_llm/1/triton_metrics.py``), tests pass a recording one, and the default
+does nothing. Adapter labels are adapter ids known to the repository, :data:`BASE_LABEL` for the base model
+and :data:`UNKNOWN_LABEL` for ids that never resolved, so clients cannot grow the label set at will.
+"""
+
+from __future__ import annotations
+
+BASE_LABEL = "(base)"
+UNKNOWN_LABEL = "(unknown)"
+
+
+class EngineMetrics:
+    """No-op observer; subclasses export what they need."""
+
+    def request_done(self, adapter: str, *, error_code: str | None, seconds: float, tokens: int) -> None:
+        """One request answered (``error_code`` None) or refused (a Triton error code name)."""
+
+    def cache_event(self, event: str, adapter: str) -> None:
+        """``event`` is ``hit``, ``miss`` or ``eviction``."""
+
+    def adapter_loaded(self, adapter: str, *, seconds: float, nbytes: int) -> None:
+        """An adapter version was read, checked and converted."""
+
+    def cache_state(self, *, loaded: int, nbytes: int) -> None:
+        """Adapters held in memory and their bytes, after each batch."""

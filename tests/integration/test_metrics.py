@@ -1,0 +1,55 @@
+"""peftserve's custom metric families on Triton's metrics port, labelled by adapter."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+from tritonclient.utils import InferenceServerException
+
+from tests.integration.conftest import infer
+from tools.triton_server import TritonServer
+
+
+def scrape(triton: TritonServer) -> dict[str, float]:
+    """``{'name{labels}': value}`` for every peftserve_ sample on the metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics", timeout=10) as response:
+        page = response.read().decode()
+    samples = {}
+    for line in page.splitlines():
+        match = re.fullmatch(r"(peftserve_\w+)(\{[^}]*\})?\s+(\S+)", line)
+        if match:
+            labels = ",".join(sorted(re.findall(r'\w+="[^"]*"', match[2] or "")))
+            samples[f"{match[1]}{{{labels}}}"] = float(match[3])
+    return samples
+
+
+def value(samples: dict[str, float], name: str, **labels: str) -> float:
+    wanted = ",".join(sorted(f'{k}="{v}"' for k, v in {"model": "peft_llm", **labels}.items()))
+    return samples.get(f"{name}{{{wanted}}}", 0.0)
+
+
+def test_metrics_count_requests_tokens_errors_and_cache(triton: TritonServer) -> None:
+    before = scrape(triton)
+    for _ in range(3):
+        infer(triton, "a dog", "gardener", 8)
+    infer(triton, "a dog", max_tokens=8)
+    try:
+        infer(triton, "a dog", "nobody", 8)
+    except InferenceServerException:
+        pass
+    after = scrape(triton)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("peftserve_requests_total", adapter="gardener") == 3
+    assert delta("peftserve_requests_total", adapter="(base)") == 1
+    assert delta("peftserve_request_errors_total", adapter="(unknown)", code="NOT_FOUND") == 1
+    assert 3 <= delta("peftserve_generated_tokens_total", adapter="gardener") <= 24
+    assert delta("peftserve_request_duration_seconds_count", adapter="gardener") == 3
+    assert delta("peftserve_adapter_cache_hits_total", adapter="gardener") >= 2
+    assert value(after, "peftserve_adapter_cache_misses_total", adapter="gardener") >= 1
+    assert value(after, "peftserve_adapter_load_duration_seconds_count", adapter="gardener") >= 1
+    assert value(after, "peftserve_adapters_loaded") >= 1
+    assert value(after, "peftserve_adapter_memory_bytes") > 0
