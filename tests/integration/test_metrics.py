@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import urllib.request
 
+import pytest
 from tritonclient.utils import InferenceServerException
 
 from tests.integration.conftest import infer
@@ -34,10 +35,8 @@ def test_metrics_count_requests_tokens_errors_and_cache(triton: TritonServer) ->
     for _ in range(3):
         infer(triton, "a dog", "gardener", 8)
     infer(triton, "a dog", max_tokens=8)
-    try:
+    with pytest.raises(InferenceServerException, match="unknown adapter 'nobody'"):
         infer(triton, "a dog", "nobody", 8)
-    except InferenceServerException:
-        pass
     after = scrape(triton)
 
     def delta(name: str, **labels: str) -> float:
