@@ -12,7 +12,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
-.PHONY: serve test unit integration demo lint format clean
+.PHONY: serve test unit integration demo lint format clean bench-engine
 
 serve: $(STAMP) $(DEMO)
 	$(PY) -m tools.serve --repository model_repository
@@ -28,6 +28,10 @@ integration: $(STAMP) $(DEMO) system-deps
 	$(PY) -m pytest -q tests/integration
 
 demo: $(DEMO)
+
+# Engine throughput against the base model, PEFT's mixed batch and the naive loop (prints ratios).
+bench-engine: $(STAMP)
+	$(PY) -m tools.bench_engine
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

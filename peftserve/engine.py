@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,11 +55,17 @@ class Completion:
 
 
 class Engine:
-    """One base model serving many adapters; not thread-safe (Triton calls ``execute`` serially)."""
+    """One base model serving many adapters.
+
+    Thread-safe: ``complete`` and every change to the model (wrapping layers, filling the cache) hold one
+    re-entrant lock, while reading and converting adapter files (``read_adapter``) needs none, so a
+    background thread can prepare an adapter while batches for other adapters keep running.
+    """
 
     def __init__(self, config: ServeConfig, *, device: str = "cpu", metrics: EngineMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or EngineMetrics()
+        self._lock = threading.RLock()
         self.device = torch.device(device)
         self.tokenizer, self.model = _load_base_model(config, self.device)
         self.base_shape = BaseModelShape.describe(self.model)
@@ -74,17 +81,16 @@ class Engine:
         self.generator = BatchGenerator(self.model, self.layers, eos_token_ids=eos, pad_token_id=pad)
         for adapter_id in config.preload:
             version = self.repository.latest(adapter_id)
-            self._acquire(version)
+            self.cache.acquire(version, lambda v=version: self.load_adapter(v))
             self.cache.release(version)
             self.cache.pin(version)
         self.metrics.cache_state(loaded=len(self.cache), nbytes=self.cache.nbytes)
 
-    def load_adapter(self, version: AdapterVersion) -> AdapterWeights:
-        """Read, check and convert one adapter version, and wrap the layers it targets."""
+    def read_adapter(self, version: AdapterVersion) -> AdapterWeights:
+        """Read, check and convert one adapter version; touches no shared state, so needs no lock."""
         started = time.perf_counter()
         config, tensors = read_adapter_files(version.path)
         weights = convert_adapter(config, tensors, self.base_shape)
-        self.layers.wrap(list(weights.modules))
         seconds = time.perf_counter() - started
         self.metrics.adapter_loaded(version.adapter_id, seconds=seconds, nbytes=weights.nbytes)
         logger.info(
@@ -96,9 +102,31 @@ class Engine:
         )
         return weights
 
-    def _acquire(self, version: AdapterVersion) -> AdapterWeights:
-        self.metrics.cache_event("hit" if version in self.cache else "miss", version.adapter_id)
-        return self.cache.acquire(version, lambda: self.load_adapter(version))
+    def load_adapter(self, version: AdapterVersion) -> AdapterWeights:
+        """Read and convert one adapter version and wrap the layers it targets."""
+        weights = self.read_adapter(version)
+        with self._lock:
+            self.layers.wrap(list(weights.modules))
+        return weights
+
+    def adapter_loaded(self, adapter_id: str) -> bool | None:
+        """True if the adapter's serving version is in memory, False if it must be loaded, None if the id
+        does not resolve (its requests get their error without waiting for anything)."""
+        try:
+            return self.repository.latest(adapter_id) in self.cache
+        except PeftServeError:
+            return None
+
+    def ensure_loaded(self, adapter_id: str) -> None:
+        """Load an adapter into the cache; the slow part (files, conversion) runs outside the lock."""
+        version = self.repository.latest(adapter_id)
+        if version in self.cache:
+            return
+        weights = self.read_adapter(version)
+        with self._lock:
+            self.layers.wrap(list(weights.modules))
+            self.cache.acquire(version, lambda: weights)
+            self.cache.release(version)
 
     def _evicted(self, version: AdapterVersion) -> None:
         self.metrics.cache_event("eviction", version.adapter_id)
@@ -106,6 +134,10 @@ class Engine:
 
     def complete(self, requests: Sequence[CompletionRequest]) -> list[Completion | PeftServeError]:
         """Answer one batch; element ``i`` answers ``requests[i]``."""
+        with self._lock:
+            return self._complete(requests)
+
+    def _complete(self, requests: Sequence[CompletionRequest]) -> list[Completion | PeftServeError]:
         started = time.perf_counter()
         results: list[Completion | PeftServeError | None] = [None] * len(requests)
         labels = [BASE_LABEL if not request.adapter_id else UNKNOWN_LABEL for request in requests]
@@ -117,7 +149,7 @@ class Engine:
                     row, version = self.prepare(request)
                     if version is not None:
                         labels[index] = version.adapter_id
-                        row.adapter = self._acquire(version)
+                        row.adapter = self.cache.acquire(version, lambda v=version: self.load_adapter(v))
                         leased.append(version)
                     prepared.append((index, row, version.label if version else ""))
                 except PeftServeError as exc:

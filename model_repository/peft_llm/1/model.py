@@ -7,6 +7,7 @@ any of its rows is bad, and a bad request never fails the others in its batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ from peftserve.config import from_parameters
 from peftserve.engine import Completion, CompletionRequest, Engine
 from peftserve.errors import InvalidRequestError, PeftServeError
 from peftserve.metrics import UNKNOWN_LABEL
+from peftserve.scheduler import Scheduler, Submission
 
 logger = logging.getLogger("peftserve.triton")
 
@@ -41,34 +43,36 @@ class TritonPythonModel:
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         logger.info("loading %s on %s", config.base_model, device)
         self.metrics = TritonMetrics(args["model_name"])
-        self.engine = Engine(config, device=device, metrics=self.metrics)
+        self.scheduler = Scheduler(Engine(config, device=device, metrics=self.metrics))
 
-    def execute(self, requests: list) -> list:
-        parsed: list[list[CompletionRequest] | PeftServeError] = []
+    def execute(self, requests: list) -> None:
+        """Every request is answered through its response sender (allowed for non-decoupled models since
+        Triton 24.06): ready requests before this returns, requests waiting on an adapter load later, from
+        the scheduler's loader thread, so a load never holds up the requests behind it."""
+        submissions = []
         for request in requests:
+            sender = request.get_response_sender()
             try:
-                parsed.append(_parse_request(request))
-            except PeftServeError as exc:
-                parsed.append(exc)
-            except Exception as exc:
-                logger.exception("cannot parse request")
-                parsed.append(PeftServeError(f"cannot parse request: {type(exc).__name__}: {exc}"))
-            if isinstance(parsed[-1], PeftServeError):
-                self.metrics.request_done(UNKNOWN_LABEL, error_code=parsed[-1].triton_code, seconds=0.0, tokens=0)
-        rows = [row for item in parsed if not isinstance(item, PeftServeError) for row in item]
-        results = iter(self.engine.complete(rows))
-        responses = []
-        for item in parsed:
-            if isinstance(item, PeftServeError):
-                responses.append(_error_response(item))
+                rows = _parse_request(request)
+            except Exception as exc:  # noqa: BLE001 - one malformed request must not fail the batch
+                error = exc if isinstance(exc, PeftServeError) else PeftServeError(f"cannot parse request: {exc}")
+                self.metrics.request_done(UNKNOWN_LABEL, error_code=error.triton_code, seconds=0.0, tokens=0)
+                _send(sender, _error_response(error))
                 continue
-            answers = [next(results) for _ in item]
-            failure = next((a for a in answers if isinstance(a, PeftServeError)), None)
-            responses.append(_error_response(failure) if failure else _success_response(answers))
-        return responses
+            submissions.append(Submission(rows, functools.partial(_answer, sender)))
+        self.scheduler.submit(submissions)
 
     def finalize(self) -> None:
-        self.engine = None
+        self.scheduler.close()
+
+
+def _answer(sender, answers: list[Completion | PeftServeError]) -> None:
+    failure = next((a for a in answers if isinstance(a, PeftServeError)), None)
+    _send(sender, _error_response(failure) if failure else _success_response(answers))
+
+
+def _send(sender, response) -> None:
+    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def _parse_request(request) -> list[CompletionRequest]:
