@@ -80,10 +80,13 @@ class AdapterLinear(nn.Module):
             return self.base(x)
         out = F.linear(x if rows.in_scale is None else x * rows.in_scale, self.base.weight)
         for group in rows.low_rank:
-            inputs = x if group.rows is None else x[group.rows]
-            # bmm, also for one shared pair (expanded): measured cheaper than matmul's broadcasting dispatch.
-            delta = torch.bmm(torch.bmm(inputs, group.a), group.b)
-            out = out + delta if group.rows is None else out.index_add(0, group.rows, delta)
+            # bmm, also for one shared pair (expanded): measured cheaper than matmul's broadcasting dispatch;
+            # baddbmm adds into the base output in the same call when the group spans the whole batch.
+            if group.rows is None:
+                out = torch.baddbmm(out, torch.bmm(x, group.a), group.b)
+            else:
+                delta = torch.bmm(torch.bmm(x[group.rows], group.a), group.b)
+                out = out.index_add(0, group.rows, delta)
         if rows.out_scale is not None:
             out = out * rows.out_scale
         if self.base.bias is not None:
