@@ -23,19 +23,25 @@ from torch.nn import functional as F
 from peftserve.adapter_weights import AdapterWeights, ModuleDelta
 
 _SMALLEST_RANK_BUCKET = 8
+# Up to this many adapters whose rows are contiguous (the generator sorts rows by adapter) get one slice
+# each, with views of their pairs; beyond it one gathered bmm is cheaper than many small ones.
+_MAX_SLICED_ADAPTERS = 4
 
 
 @dataclass
 class LowRankGroup:
     """Rows sharing one padded rank: ``x[rows] @ a @ b`` is added to their output."""
 
-    rows: torch.Tensor | None  # row indices; None means every row of the batch, in order
+    rows: torch.Tensor | slice | None  # row indices, a contiguous slice, or None for every row in order
     a: torch.Tensor  # (n, in, r); an expanded view, without copies, when every row uses one adapter
     b: torch.Tensor  # (n, r, out)
 
     def select(self, mapping: torch.Tensor, batch: int) -> LowRankGroup | None:
         """Renumber rows after compaction; ``mapping[old] = new`` index or -1 for a dropped row."""
-        old_rows = torch.arange(len(mapping), device=mapping.device) if self.rows is None else self.rows
+        every_row = torch.arange(len(mapping), device=mapping.device)
+        old_rows = (
+            every_row if self.rows is None else every_row[self.rows] if isinstance(self.rows, slice) else self.rows
+        )
         new_rows = mapping[old_rows]
         kept = new_rows >= 0
         if not bool(kept.any()):
@@ -84,6 +90,8 @@ class AdapterLinear(nn.Module):
             # baddbmm adds into the base output in the same call when the group spans the whole batch.
             if group.rows is None:
                 out = torch.baddbmm(out, torch.bmm(x, group.a), group.b)
+            elif isinstance(group.rows, slice):  # in place on a view of this call's fresh output
+                out[group.rows].baddbmm_(torch.bmm(x[group.rows], group.a), group.b)
             else:
                 delta = torch.bmm(torch.bmm(x[group.rows], group.a), group.b)
                 out = out.index_add(0, group.rows, delta)
@@ -173,6 +181,13 @@ def _low_rank_groups(deltas: list[ModuleDelta | None], like: torch.Tensor) -> li
     groups = []
     for rows in buckets.values():
         members = [deltas[row] for row in rows]
+        runs = _contiguous_runs(rows, members)
+        if len(runs) <= _MAX_SLICED_ADAPTERS:
+            for start, stop, member in runs:
+                group_rows = None if stop - start == len(deltas) else slice(start, stop)
+                a, b = member.lora_a.expand(stop - start, -1, -1), member.lora_b.expand(stop - start, -1, -1)
+                groups.append(LowRankGroup(group_rows, a, b))
+            continue
         index = None if len(rows) == len(deltas) else torch.tensor(rows, device=like.device)
         if all(member is members[0] for member in members):
             shared = members[0]
@@ -188,6 +203,17 @@ def _low_rank_groups(deltas: list[ModuleDelta | None], like: torch.Tensor) -> li
             b[slot, : member.lora_b.shape[0], :] = member.lora_b
         groups.append(LowRankGroup(index, a, b))
     return groups
+
+
+def _contiguous_runs(rows: list[int], members: list[ModuleDelta]) -> list[tuple[int, int, ModuleDelta]]:
+    """``(start, stop, delta)`` runs of consecutive rows sharing one delta; many runs if rows interleave."""
+    runs: list[tuple[int, int, ModuleDelta]] = []
+    for row, member in zip(rows, members, strict=True):
+        if runs and runs[-1][1] == row and runs[-1][2] is member:
+            runs[-1] = (runs[-1][0], row + 1, member)
+        else:
+            runs.append((row, row + 1, member))
+    return runs
 
 
 def _row_vectors(deltas: list, field: str, batch: int, width: int, like: torch.Tensor) -> torch.Tensor | None:

@@ -73,7 +73,19 @@ class BatchGenerator:
 
     @torch.inference_mode()
     def generate(self, rows: Sequence[GenerationRow], *, keep_logits: bool = False) -> list[GeneratedSequence]:
-        """Generate for all rows together; row ``i`` of the result answers ``rows[i]``."""
+        """Generate for all rows together; row ``i`` of the result answers ``rows[i]``.
+
+        Rows are run sorted by adapter, so the rows of one adapter are a contiguous slice of the batch and
+        its low-rank pair is applied to that slice without gathering copies of it.
+        """
+        order = sorted(range(len(rows)), key=lambda i: id(rows[i].adapter))
+        outputs = self._generate([rows[i] for i in order], keep_logits=keep_logits)
+        results: list[GeneratedSequence] = [None] * len(rows)  # type: ignore[list-item]
+        for position, index in enumerate(order):
+            results[index] = outputs[position]
+        return results
+
+    def _generate(self, rows: Sequence[GenerationRow], *, keep_logits: bool) -> list[GeneratedSequence]:
         results = [GeneratedSequence(token_ids=[], finish_reason="length") for _ in rows]
         generators = [self._generator(row.sampling) for row in rows]
         active = list(range(len(rows)))  # original index of each row still in the batch
