@@ -28,8 +28,8 @@ Send a first request (adapter chosen per request; omit adapter_id for the base m
   curl -s -X POST localhost:{http_port}/v2/models/peft_llm/generate \\
        -d '{{"text_input": "{DEMO_PROMPT}", "adapter_id": "pirate", "max_tokens": 24}}'
 
-  python -m tools.client --url localhost:{http_port} --adapter robot "{DEMO_PROMPT}"
-  python -m tools.client --url localhost:{grpc_port} --protocol grpc --adapter chef "{DEMO_PROMPT}"
+  .venv/bin/python -m tools.client --url localhost:{http_port} --adapter robot "{DEMO_PROMPT}"
+  .venv/bin/python -m tools.client --url localhost:{grpc_port} --protocol grpc --adapter chef "{DEMO_PROMPT}"
 
 Metrics: curl -s localhost:{metrics_port}/metrics    Stop: Ctrl-C
 """
