@@ -106,8 +106,10 @@ def _low_rank_pair(a: torch.Tensor, b: torch.Tensor, base: BaseModelShape) -> Mo
     return ModuleDelta(lora_a=_cast(a.t(), base), lora_b=_cast(b.t(), base))
 
 
-def _factor_delta(delta: torch.Tensor, base: BaseModelShape) -> ModuleDelta:
-    """An exact low-rank pair for a dense delta weight (out, in), of its numerical rank."""
+def _factor_delta(name: str, delta: torch.Tensor, base: BaseModelShape, module: str) -> ModuleDelta:
+    """An exact low-rank pair for a dense delta weight (out, in) of ``module``, of its numerical rank."""
+    in_features, out_features = base.linear_shapes[module]
+    _expect_shape(name, delta, (out_features, in_features))
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     rank = max(1, int((s > s[0] * _SVD_RELATIVE_TOLERANCE).sum())) if s.numel() and s[0] > 0 else 1
     return _low_rank_pair(vh[:rank], u[:, :rank] * s[:rank], base)
@@ -161,12 +163,10 @@ def _convert_loha(config: dict[str, Any], tensors: dict[str, torch.Tensor], base
     for module, params in _module_tensors(tensors, base).items():
         if set(params) != names:
             raise AdapterLoadError(f"LoHa module {module!r} needs {sorted(names)}, found {sorted(params)}")
-        in_features, out_features = base.linear_shapes[module]
         rank = params["hada_w1_a"].shape[1]
         alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("alpha", rank)))
         delta = (params["hada_w1_a"] @ params["hada_w1_b"]) * (params["hada_w2_a"] @ params["hada_w2_b"])
-        _expect_shape(f"{module} LoHa delta", delta, (out_features, in_features))
-        weights.modules[module] = _factor_delta(delta * (alpha / rank), base)
+        weights.modules[module] = _factor_delta(f"{module} LoHa delta", delta * (alpha / rank), base, module)
     return weights
 
 
@@ -184,12 +184,10 @@ def _convert_lokr(config: dict[str, Any], tensors: dict[str, torch.Tensor], base
                 factors.append(params[f"lokr_{side}_a"] @ params[f"lokr_{side}_b"])
             else:
                 raise AdapterLoadError(f"LoKr module {module!r} lacks its {side} factor, found {sorted(params)}")
-        in_features, out_features = base.linear_shapes[module]
         rank = int(_pattern_value(module, config.get("rank_pattern"), config.get("r", 8)))
         alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("alpha", rank)))
-        delta = torch.kron(factors[0], factors[1])
-        _expect_shape(f"{module} LoKr delta", delta, (out_features, in_features))
-        weights.modules[module] = _factor_delta(delta * (alpha / rank), base)
+        delta = torch.kron(factors[0], factors[1]) * (alpha / rank)
+        weights.modules[module] = _factor_delta(f"{module} LoKr delta", delta, base, module)
     return weights
 
 
