@@ -66,7 +66,12 @@ class Scheduler:
         self._run(group)
 
     def _run(self, group: list[Submission]) -> None:
-        results = iter(self.engine.complete([request for s in group for request in s.requests]))
+        try:
+            results = iter(self.engine.complete([request for s in group for request in s.requests]))
+        except Exception as exc:  # every submission must still get its one answer
+            logger.exception("batch failed outside the engine's per-request handling")
+            error = PeftServeError(f"internal error: {type(exc).__name__}")
+            results = iter([error] * sum(len(s.requests) for s in group))
         for submission in group:
             answers = [next(results) for _ in submission.requests]
             try:

@@ -54,7 +54,9 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 rows = _parse_request(request)
-            except Exception as exc:  # noqa: BLE001 - one malformed request must not fail the batch
+            except Exception as exc:  # one malformed request must not fail the batch
+                if not isinstance(exc, PeftServeError):
+                    logger.exception("cannot parse request")
                 error = exc if isinstance(exc, PeftServeError) else PeftServeError(f"cannot parse request: {exc}")
                 self.metrics.request_done(UNKNOWN_LABEL, error_code=error.triton_code, seconds=0.0, tokens=0)
                 _send(sender, _error_response(error))
