@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
+from loadtests.synthetic import write_random_loras
+from loadtests.traffic import TrafficPattern
 from peftserve.engine import Completion, CompletionRequest, Engine
 from tests.conftest import demo_config
 
@@ -49,26 +47,14 @@ def thousand_adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     """1,000 small, distinct, random LoRA adapters saved by PEFT (rank 2 on q and v of every layer)."""
     root = tmp_path_factory.mktemp("store")
     shutil.copytree(model_dir / "base_model", root / "base_model")
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(root / "base_model"),
-        LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    )
-    generator = torch.Generator().manual_seed(0)
-    for index in range(1000):
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_" in name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.6)
-        model.save_pretrained(root / "adapters" / f"a{index:04d}" / "1")
+    write_random_loras(root / "base_model", root / "adapters", 1000)
     return root
 
 
 def test_thousand_adapters_zipf_traffic_cache_of_16(thousand_adapters: Path) -> None:
     engine = Engine(demo_config(thousand_adapters, max_loaded_adapters="16"))
     assert len(engine.repository.adapter_ids()) == 1000
-    rng = random.Random(7)
-    weights = [1 / (rank + 1) ** 1.1 for rank in range(1000)]  # Zipf, s = 1.1
-    traffic = rng.choices([f"a{i:04d}" for i in range(1000)], weights=weights, k=400)
+    traffic = TrafficPattern("zipf", tuple(f"a{i:04d}" for i in range(1000))).sample(400, seed=7)
     prompts = ["the cat looks at", "a dog", "my friend writes about", "the river"]
     answers: dict[tuple[str, str], list[str]] = {}
     for start in range(0, len(traffic), 8):

@@ -1,0 +1,1 @@
+"""Load tests and benchmarks through Triton: perf_analyzer sweeps, locust users, and the report."""

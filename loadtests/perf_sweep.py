@@ -1,0 +1,141 @@
+"""Sweep perf_analyzer over traffic patterns and concurrency (or request rate); one CSV row per point.
+
+``python -m loadtests.perf_sweep --url 127.0.0.1:8000 --pattern uniform --adapters a,b,c --concurrency 1,4,16``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from tqdm import tqdm
+
+from loadtests.traffic import PATTERNS, TrafficPattern, write_input_data
+from tools.triton_server import perf_analyzer_env, perf_analyzer_path
+
+PROMPTS = ["the cat looks at", "a dog", "my friend writes about", "the river", "our team waits for"]
+
+
+@dataclass
+class SweepPoint:
+    pattern: str
+    load: str  # "concurrency" or "request_rate"
+    level: float
+    throughput: float  # inferences per second
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+
+
+class PerfAnalyzerError(RuntimeError):
+    pass
+
+
+def run_point(url: str, input_data: Path, *, load: str, level: float, measurement_ms: int, protocol: str) -> dict:
+    """One perf_analyzer measurement; returns its CSV row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_csv = Path(tmp) / "result.csv"
+        load_args = (
+            ["--concurrency-range", str(int(level))] if load == "concurrency" else ["--request-rate-range", str(level)]
+        )
+        command = [
+            str(perf_analyzer_path()), "-m", "peft_llm", "-u", url, "-i", protocol, "--input-data", str(input_data),
+            *load_args, "--measurement-interval", str(measurement_ms),
+            # 2 shared cores: looser stability, bounded trials, so a point always finishes.
+            "--stability-percentage", "50", "--max-trials", "4", "-f", str(result_csv),
+        ]  # fmt: skip
+        completed = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=600)
+        if completed.returncode != 0 or not result_csv.exists():
+            raise PerfAnalyzerError(f"perf_analyzer failed ({completed.returncode}): {completed.stdout[-1500:]}")
+        with result_csv.open() as handle:
+            return next(csv.DictReader(handle))
+
+
+def sweep(
+    url: str,
+    patterns: list[TrafficPattern],
+    levels: Iterable[float],
+    workdir: Path,
+    *,
+    load: str = "concurrency",
+    max_tokens: int = 16,
+    measurement_ms: int = 3000,
+    protocol: str = "http",
+) -> list[SweepPoint]:
+    points = []
+    plan = [(pattern, level) for pattern in patterns for level in levels]
+    for pattern, level in tqdm(plan, desc="perf_analyzer", unit="point"):
+        data = write_input_data(workdir / f"{pattern.label}.json", pattern, PROMPTS, max_tokens=max_tokens, count=256)
+        row = run_point(url, data, load=load, level=level, measurement_ms=measurement_ms, protocol=protocol)
+        points.append(
+            SweepPoint(
+                pattern=pattern.label,
+                load=load,
+                level=level,
+                throughput=float(row["Inferences/Second"]),
+                p50_ms=float(row["p50 latency"]) / 1000,
+                p90_ms=float(row["p90 latency"]) / 1000,
+                p99_ms=float(row["p99 latency"]) / 1000,
+            )
+        )
+    return points
+
+
+def write_csv(points: list[SweepPoint], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(SweepPoint)])
+        writer.writeheader()
+        writer.writerows(asdict(point) for point in points)
+
+
+def read_csv(path: Path) -> list[SweepPoint]:
+    with path.open() as handle:
+        return [
+            SweepPoint(
+                row["pattern"], row["load"], float(row["level"]), float(row["throughput"]),
+                float(row["p50_ms"]), float(row["p90_ms"]), float(row["p99_ms"]),
+            )
+            for row in csv.DictReader(handle)
+        ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="127.0.0.1:8000", help="HTTP (or gRPC with --protocol grpc) address")
+    parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    parser.add_argument("--pattern", action="append", choices=PATTERNS, required=True)
+    parser.add_argument("--adapters", default="", help="comma-separated adapter ids the patterns draw from")
+    parser.add_argument("--concurrency", default="", help="comma-separated concurrency levels")
+    parser.add_argument("--request-rate", default="", help="comma-separated request rates (instead of concurrency)")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--measurement-ms", type=int, default=3000)
+    parser.add_argument("--out", type=Path, default=Path("perf_sweep.csv"))
+    args = parser.parse_args(argv)
+    adapters = tuple(a for a in args.adapters.split(",") if a)
+    patterns = [TrafficPattern(kind, () if kind == "base" else adapters) for kind in args.pattern]
+    load, levels = (
+        ("request_rate", args.request_rate) if args.request_rate else ("concurrency", args.concurrency or "1")
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        points = sweep(
+            args.url,
+            patterns,
+            [float(v) for v in levels.split(",")],
+            Path(tmp),
+            load=load,
+            max_tokens=args.max_tokens,
+            measurement_ms=args.measurement_ms,
+            protocol=args.protocol,
+        )
+    write_csv(points, args.out)
+    print(f"{len(points)} points written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

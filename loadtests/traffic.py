@@ -1,0 +1,68 @@
+"""Which adapter each request names: the traffic patterns of the multi-adapter serving literature.
+
+- ``base``: no adapter (the base model alone);
+- ``single``: every request names the same adapter;
+- ``uniform``: adapters drawn uniformly from N;
+- ``zipf``: adapters drawn from N with Zipf-skewed popularity (a few hot, a long tail);
+- ``distinct``: every request names a different adapter, round robin over all N.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+PATTERNS = ("base", "single", "uniform", "zipf", "distinct")
+ZIPF_EXPONENT = 1.1
+
+
+@dataclass(frozen=True)
+class TrafficPattern:
+    kind: str
+    adapters: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in PATTERNS:
+            raise ValueError(f"unknown traffic pattern {self.kind!r}; choose from {', '.join(PATTERNS)}")
+        if self.kind != "base" and not self.adapters:
+            raise ValueError(f"pattern {self.kind!r} needs at least one adapter")
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.kind in ("base", "single") else f"{self.kind}-{len(self.adapters)}"
+
+    def sample(self, count: int, *, seed: int = 0) -> list[str]:
+        """``count`` adapter ids ("" for the base model), reproducibly."""
+        rng = random.Random(seed)
+        if self.kind == "base":
+            return [""] * count
+        if self.kind == "single":
+            return [self.adapters[0]] * count
+        if self.kind == "distinct":
+            return [self.adapters[i % len(self.adapters)] for i in range(count)]
+        weights = None
+        if self.kind == "zipf":
+            weights = [1 / (rank + 1) ** ZIPF_EXPONENT for rank in range(len(self.adapters))]
+        return rng.choices(self.adapters, weights=weights, k=count)
+
+
+def perf_analyzer_input_data(
+    pattern: TrafficPattern, prompts: list[str], *, max_tokens: int, count: int, seed: int = 0
+) -> dict:
+    """perf_analyzer ``--input-data`` JSON: it cycles through these entries in order, so the adapter mix
+    is fixed by the entries. Every entry sends ``adapter_id`` (empty for the base model) so that Triton's
+    dynamic batcher may group all of them."""
+    adapters = pattern.sample(count, seed=seed)
+    return {
+        "data": [
+            {"text_input": [prompts[i % len(prompts)]], "adapter_id": [adapter], "max_tokens": [max_tokens]}
+            for i, adapter in enumerate(adapters)
+        ]
+    }
+
+
+def write_input_data(path: Path, pattern: TrafficPattern, prompts: list[str], *, max_tokens: int, count: int) -> Path:
+    path.write_text(json.dumps(perf_analyzer_input_data(pattern, prompts, max_tokens=max_tokens, count=count)))
+    return path
