@@ -12,7 +12,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
-.PHONY: serve test unit integration demo lint format clean bench-engine
+.PHONY: serve test unit integration demo lint format clean bench-engine bench
 
 serve: $(STAMP) $(DEMO)
 	$(PY) -m tools.serve --repository model_repository
@@ -28,6 +28,11 @@ integration: $(STAMP) $(DEMO) system-deps
 	$(PY) -m pytest -q tests/integration
 
 demo: $(DEMO)
+
+# perf_analyzer + locust through Triton, with a Markdown/PNG report (PROFILE=long for real hardware).
+PROFILE ?= short
+bench: $(STAMP) $(DEMO) system-deps
+	$(PY) -m loadtests.bench --profile $(PROFILE) --out loadtests/reports/latest
 
 # Engine throughput against the base model, PEFT's mixed batch and the naive loop (prints ratios).
 bench-engine: $(STAMP)

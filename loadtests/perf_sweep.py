@@ -7,18 +7,36 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tqdm import tqdm
 
-from loadtests.traffic import PATTERNS, TrafficPattern, write_input_data
+from loadtests.traffic import PATTERNS, TrafficPattern, perf_analyzer_input_data
+from tools.client import build_inputs
 from tools.triton_server import perf_analyzer_env, perf_analyzer_path
 
 PROMPTS = ["the cat looks at", "a dog", "my friend writes about", "the river", "our team waits for"]
+INPUT_ENTRIES = 64
+
+
+def mean_output_tokens(url: str, input_data: dict, protocol: str) -> float:
+    """Send every input-data entry once and average the ``output_tokens`` answers."""
+    module = grpcclient if protocol == "grpc" else httpclient
+    client = module.InferenceServerClient(url)
+    counts = []
+    for entry in input_data["data"]:
+        inputs = build_inputs(
+            module, entry["text_input"][0], entry["adapter_id"][0], entry["max_tokens"][0], always_send_adapter=True
+        )
+        counts.append(int(client.infer("peft_llm", inputs).as_numpy("output_tokens")[0, 0]))
+    return sum(counts) / len(counts)
 
 
 @dataclass
@@ -27,9 +45,14 @@ class SweepPoint:
     load: str  # "concurrency" or "request_rate"
     level: float
     throughput: float  # inferences per second
+    tokens_per_request: float  # mean output_tokens over the input-data entries perf_analyzer cycles through
     p50_ms: float
     p90_ms: float
     p99_ms: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.throughput * self.tokens_per_request
 
 
 class PerfAnalyzerError(RuntimeError):
@@ -68,9 +91,16 @@ def sweep(
     protocol: str = "http",
 ) -> list[SweepPoint]:
     points = []
+    inputs = {
+        p.label: perf_analyzer_input_data(p, PROMPTS, max_tokens=max_tokens, count=INPUT_ENTRIES) for p in patterns
+    }
+    # Greedy answers are fixed, so one pass over the entries gives each pattern's tokens per request:
+    # patterns whose answers stop early at end-of-sequence do less work, and tokens/s compares fairly.
+    tokens = {label: mean_output_tokens(url, data, protocol) for label, data in inputs.items()}
     plan = [(pattern, level) for pattern in patterns for level in levels]
     for pattern, level in tqdm(plan, desc="perf_analyzer", unit="point"):
-        data = write_input_data(workdir / f"{pattern.label}.json", pattern, PROMPTS, max_tokens=max_tokens, count=256)
+        data = workdir / f"{pattern.label}.json"
+        data.write_text(json.dumps(inputs[pattern.label]))
         row = run_point(url, data, load=load, level=level, measurement_ms=measurement_ms, protocol=protocol)
         points.append(
             SweepPoint(
@@ -78,6 +108,7 @@ def sweep(
                 load=load,
                 level=level,
                 throughput=float(row["Inferences/Second"]),
+                tokens_per_request=tokens[pattern.label],
                 p50_ms=float(row["p50 latency"]) / 1000,
                 p90_ms=float(row["p90 latency"]) / 1000,
                 p99_ms=float(row["p99 latency"]) / 1000,
@@ -98,7 +129,7 @@ def read_csv(path: Path) -> list[SweepPoint]:
         return [
             SweepPoint(
                 row["pattern"], row["load"], float(row["level"]), float(row["throughput"]),
-                float(row["p50_ms"]), float(row["p90_ms"]), float(row["p99_ms"]),
+                float(row["tokens_per_request"]), float(row["p50_ms"]), float(row["p90_ms"]), float(row["p99_ms"]),
             )
             for row in csv.DictReader(handle)
         ]  # fmt: skip

@@ -9,10 +9,8 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 PATTERNS = ("base", "single", "uniform", "zipf", "distinct")
 ZIPF_EXPONENT = 1.1
@@ -61,8 +59,3 @@ def perf_analyzer_input_data(
             for i, adapter in enumerate(adapters)
         ]
     }
-
-
-def write_input_data(path: Path, pattern: TrafficPattern, prompts: list[str], *, max_tokens: int, count: int) -> Path:
-    path.write_text(json.dumps(perf_analyzer_input_data(pattern, prompts, max_tokens=max_tokens, count=count)))
-    return path

@@ -1,0 +1,160 @@
+"""Build the benchmark report: Markdown with tables, and PNG plots, from the sweep and locust CSVs."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+from loadtests.perf_sweep import SweepPoint
+
+
+@dataclass
+class BenchmarkFacts:
+    """What the report says about the run besides the measurements."""
+
+    settings: dict[str, str] = field(default_factory=dict)  # machine, versions, model, settings
+    headline_pattern: str = "uniform-8"
+    headline_level: float = 16
+    naive_tokens_per_second: float | None = None
+    memory: dict[str, str] = field(default_factory=dict)
+
+
+def read_locust_stats(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return [row for row in csv.DictReader(handle) if row["Name"] != "Aggregated"]
+
+
+def _by_pattern(points: list[SweepPoint]) -> dict[str, list[SweepPoint]]:
+    grouped: dict[str, list[SweepPoint]] = defaultdict(list)
+    for point in points:
+        grouped[point.pattern].append(point)
+    return {pattern: sorted(values, key=lambda p: p.level) for pattern, values in grouped.items()}
+
+
+def headline_ratio(points: list[SweepPoint], pattern: str, level: float) -> float | None:
+    """Token throughput of ``pattern`` over the base model's, at the same load level."""
+    lookup = {(p.pattern, p.level): p.tokens_per_second for p in points}
+    base, mixed = lookup.get(("base", level)), lookup.get((pattern, level))
+    return mixed / base if base and mixed is not None else None
+
+
+def plot_throughput(points: list[SweepPoint], path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for pattern, values in _by_pattern(points).items():
+        axis.plot([p.level for p in values], [p.tokens_per_second for p in values], marker="o", label=pattern)
+    axis.set_xlabel(points[0].load.replace("_", " "))
+    axis.set_ylabel("generated tokens / s")
+    axis.set_title("Throughput by traffic pattern")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_latency(points: list[SweepPoint], path: Path) -> None:
+    top = max(p.level for p in points)
+    at_top = [p for p in points if p.level == top]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    width = 0.25
+    for offset, (name, attribute) in enumerate([("p50", "p50_ms"), ("p90", "p90_ms"), ("p99", "p99_ms")]):
+        xs = [i + (offset - 1) * width for i in range(len(at_top))]
+        axis.bar(xs, [getattr(p, attribute) for p in at_top], width, label=name)
+    axis.set_xticks(range(len(at_top)), [p.pattern for p in at_top])
+    axis.set_ylabel("latency (ms)")
+    axis.set_title(f"Latency percentiles at {points[0].load.replace('_', ' ')} {top:g}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_overhead(points: list[SweepPoint], path: Path) -> None:
+    base = {p.level: p.tokens_per_second for p in points if p.pattern == "base"}
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for pattern, values in _by_pattern(points).items():
+        if pattern != "base":
+            kept = [p for p in values if base.get(p.level)]
+            ratios = [p.tokens_per_second / base[p.level] for p in kept]
+            axis.plot([p.level for p in kept], ratios, marker="o", label=pattern)
+    axis.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    axis.set_xlabel(points[0].load.replace("_", " "))
+    axis.set_ylabel("tokens/s relative to the base model")
+    axis.set_title("Cost of adapters relative to the base model")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def build_report(points: list[SweepPoint], locust_rows: list[dict[str, str]], facts: BenchmarkFacts, out: Path) -> Path:
+    """Write ``report.md`` and its plots into ``out``; returns the Markdown path."""
+    out.mkdir(parents=True, exist_ok=True)
+    plot_throughput(points, out / "throughput.png")
+    plot_latency(points, out / "latency.png")
+    plot_overhead(points, out / "overhead.png")
+    ratio = headline_ratio(points, facts.headline_pattern, facts.headline_level)
+    lines = ["# peftserve benchmark", ""]
+    if ratio is not None:
+        lines.append(
+            f"**Headline: {facts.headline_pattern} at {points[0].load.replace('_', ' ')} {facts.headline_level:g} "
+            f"reaches {ratio:.2f}x the base model's token throughput** (same run, same server)."
+        )
+    headline = next(
+        (p for p in points if p.pattern == facts.headline_pattern and p.level == facts.headline_level), None
+    )
+    if facts.naive_tokens_per_second and headline:
+        speedup = headline.tokens_per_second / facts.naive_tokens_per_second
+        lines.append(
+            f"Naive baseline (one request at a time, PEFT `set_adapter` then `generate`, in process, same "
+            f"adapters and prompts): {facts.naive_tokens_per_second:.0f} tokens/s; peftserve through Triton is "
+            f"{speedup:.1f}x faster."
+        )
+    lines += ["", "## Run", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in facts.settings.items()]
+    lines += [
+        "",
+        "## perf_analyzer",
+        "",
+        "![throughput](throughput.png)",
+        "",
+        "![overhead](overhead.png)",
+        "",
+        "![latency](latency.png)",
+        "",
+        "| pattern | load | inferences/s | tokens/request | tokens/s | p50 ms | p90 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {p.pattern} | {p.level:g} | {p.throughput:.1f} | {p.tokens_per_request:.1f} | {p.tokens_per_second:.0f} "
+        f"| {p.p50_ms:.0f} | {p.p90_ms:.0f} | {p.p99_ms:.0f} |"
+        for p in points
+    ]
+    if locust_rows:
+        lines += [
+            "",
+            "## locust",
+            "",
+            "| protocol | pattern | requests | failures | req/s | p50 ms | p95 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['Type']} | {r['Name']} | {r['Request Count']} | {r['Failure Count']} | {float(r['Requests/s']):.1f} "
+            f"| {r['50%']} | {r['95%']} | {r['99%']} |"
+            for r in locust_rows
+        ]
+    if facts.memory:
+        lines += ["", "## Memory", "", "| what | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in facts.memory.items()]
+    lines += ["", "Time to first token arrives with token streaming; this report measures whole requests.", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
