@@ -45,18 +45,44 @@ def headline_ratio(points: list[SweepPoint], pattern: str, level: float) -> floa
     return mixed / base if base and mixed is not None else None
 
 
-def plot_throughput(points: list[SweepPoint], path: Path) -> None:
+def _line_plot(
+    series: dict[str, tuple[list[float], list[float]]],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    reference: float | None = None,
+) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for pattern, values in _by_pattern(points).items():
-        axis.plot([p.level for p in values], [p.tokens_per_second for p in values], marker="o", label=pattern)
-    axis.set_xlabel(points[0].load.replace("_", " "))
-    axis.set_ylabel("generated tokens / s")
-    axis.set_title("Throughput by traffic pattern")
+    for label, (xs, ys) in series.items():
+        axis.plot(xs, ys, marker="o", label=label)
+    if reference is not None:
+        axis.axhline(reference, color="grey", linestyle="--", linewidth=1)
+    axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
     axis.grid(alpha=0.3)
     axis.legend()
+    _save(figure, path)
+
+
+def _save(figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_throughput(points: list[SweepPoint], path: Path) -> None:
+    series = {
+        pattern: ([p.level for p in values], [p.tokens_per_second for p in values])
+        for pattern, values in _by_pattern(points).items()
+    }
+    _line_plot(
+        series,
+        path,
+        xlabel=points[0].load.replace("_", " "),
+        ylabel="generated tokens / s",
+        title="Throughput by traffic pattern",
+    )
 
 
 def plot_latency(points: list[SweepPoint], path: Path) -> None:
@@ -68,31 +94,26 @@ def plot_latency(points: list[SweepPoint], path: Path) -> None:
         xs = [i + (offset - 1) * width for i in range(len(at_top))]
         axis.bar(xs, [getattr(p, attribute) for p in at_top], width, label=name)
     axis.set_xticks(range(len(at_top)), [p.pattern for p in at_top])
-    axis.set_ylabel("latency (ms)")
-    axis.set_title(f"Latency percentiles at {points[0].load.replace('_', ' ')} {top:g}")
+    axis.set(ylabel="latency (ms)", title=f"Latency percentiles at {points[0].load.replace('_', ' ')} {top:g}")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_overhead(points: list[SweepPoint], path: Path) -> None:
     base = {p.level: p.tokens_per_second for p in points if p.pattern == "base"}
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    series = {}
     for pattern, values in _by_pattern(points).items():
-        if pattern != "base":
-            kept = [p for p in values if base.get(p.level)]
-            ratios = [p.tokens_per_second / base[p.level] for p in kept]
-            axis.plot([p.level for p in kept], ratios, marker="o", label=pattern)
-    axis.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-    axis.set_xlabel(points[0].load.replace("_", " "))
-    axis.set_ylabel("tokens/s relative to the base model")
-    axis.set_title("Cost of adapters relative to the base model")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        kept = [p for p in values if base.get(p.level)]
+        if pattern != "base" and kept:
+            series[pattern] = ([p.level for p in kept], [p.tokens_per_second / base[p.level] for p in kept])
+    _line_plot(
+        series,
+        path,
+        xlabel=points[0].load.replace("_", " "),
+        ylabel="tokens/s relative to the base model",
+        title="Cost of adapters relative to the base model",
+        reference=1.0,
+    )
 
 
 def build_report(points: list[SweepPoint], locust_rows: list[dict[str, str]], facts: BenchmarkFacts, out: Path) -> Path:
