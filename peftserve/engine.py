@@ -122,9 +122,8 @@ class Engine:
         version = self.repository.latest(adapter_id)
         if version in self.cache:
             return
-        weights = self.read_adapter(version)
+        weights = self.load_adapter(version)
         with self._lock:
-            self.layers.wrap(list(weights.modules))
             self.cache.acquire(version, lambda: weights)
             self.cache.release(version)
 
