@@ -59,10 +59,13 @@ def naive_tokens_per_second(base_model: Path, adapters_dir: Path, adapter_ids: l
             model.set_adapter(adapter_ids[index % len(adapter_ids)])
             inputs = tokenizer(PROMPTS[index % len(PROMPTS)], return_tensors="pt")
             output = model.generate(
-                **inputs, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **inputs,
+                max_new_tokens=MAX_TOKENS,
+                min_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
             )
-            new_tokens = output[0, inputs.input_ids.shape[1] :].tolist()
-            generated += len(new_tokens) - new_tokens.count(tokenizer.eos_token_id)
+            generated += output.shape[1] - inputs.input_ids.shape[1]
     return generated / (time.perf_counter() - started)
 
 
@@ -73,6 +76,7 @@ def run_locust(server: TritonServer, adapters: list[str], seconds: int, out: Pat
         PEFTSERVE_PATTERN="uniform",
         PEFTSERVE_ADAPTERS=",".join(adapters),
         PEFTSERVE_MAX_TOKENS=str(MAX_TOKENS),
+        PEFTSERVE_IGNORE_EOS="true",
         PEFTSERVE_USERS="8",
         PEFTSERVE_SECONDS=str(seconds),
     )
@@ -114,7 +118,7 @@ def settings(profile: str, adapter_count: int) -> dict[str, str]:
         f"transformers {transformers.__version__}, peft {peft.__version__}",
         "model": "demo Llama-style model (0.7M parameters), float32 on CPU",
         "adapters registered": f"{adapter_count} synthetic rank-2 LoRA + 10 demo adapters",
-        "requests": f"{len(PROMPTS)} prompts, max_tokens {MAX_TOKENS}, greedy",
+        "requests": f"{len(PROMPTS)} prompts, greedy, exactly {MAX_TOKENS} new tokens each (ignore_eos)",
         "profile": f"{profile}: {PROFILES[profile]}",
     }
 
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 profile["levels"],
                 root,
                 max_tokens=MAX_TOKENS,
+                ignore_eos=True,
                 measurement_ms=profile["measurement_ms"],
             )
             write_csv(points, args.out / "perf_sweep.csv")

@@ -38,6 +38,12 @@ def _options(parser) -> None:
     parser.add_argument("--peft-pattern", choices=PATTERNS, default="uniform", env_var="PEFTSERVE_PATTERN")
     parser.add_argument("--peft-adapters", default="pirate,robot,chef,poet", env_var="PEFTSERVE_ADAPTERS")
     parser.add_argument("--peft-max-tokens", type=int, default=16, env_var="PEFTSERVE_MAX_TOKENS")
+    parser.add_argument(
+        "--peft-ignore-eos",
+        action="store_true",
+        env_var="PEFTSERVE_IGNORE_EOS",
+        help="every request generates exactly max tokens",
+    )
 
 
 class PeftUser(User):
@@ -53,6 +59,7 @@ class PeftUser(User):
         self.prompts = itertools.cycle(PROMPTS)
         self.protocol = options.peft_protocol
         self.max_tokens = options.peft_max_tokens
+        self.ignore_eos = options.peft_ignore_eos
         self.name = pattern.label
         address = urlparse(self.host).netloc or self.host
         self.client = httpclient.InferenceServerClient(address, network_timeout=120)
@@ -78,6 +85,8 @@ class PeftUser(User):
     def _send(self, prompt: str, adapter_id: str) -> tuple[str, str]:
         if self.protocol == "generate":
             body = {"text_input": prompt, "adapter_id": adapter_id, "max_tokens": self.max_tokens}
+            if self.ignore_eos:
+                body["ignore_eos"] = True
             response = self.client._post(  # tritonclient's own HTTP session, pooled per user
                 request_uri="v2/models/peft_llm/generate", request_body=json.dumps(body), headers={}, query_params=None
             )
@@ -85,6 +94,8 @@ class PeftUser(User):
             if response.status_code != 200:
                 raise RuntimeError(answer.get("error", f"HTTP {response.status_code}"))
             return answer["text_output"], answer["adapter_version"]
-        inputs = build_inputs(httpclient, prompt, adapter_id, self.max_tokens, always_send_adapter=True)
+        inputs = build_inputs(
+            httpclient, prompt, adapter_id, self.max_tokens, always_send_adapter=True, ignore_eos=self.ignore_eos
+        )
         result = self.client.infer("peft_llm", inputs)
         return result.as_numpy("text_output")[0, 0].decode(), result.as_numpy("adapter_version")[0, 0].decode()

@@ -33,7 +33,12 @@ def mean_output_tokens(url: str, input_data: dict, protocol: str) -> float:
     counts = []
     for entry in input_data["data"]:
         inputs = build_inputs(
-            module, entry["text_input"][0], entry["adapter_id"][0], entry["max_tokens"][0], always_send_adapter=True
+            module,
+            entry["text_input"][0],
+            entry["adapter_id"][0],
+            entry["max_tokens"][0],
+            always_send_adapter=True,
+            ignore_eos=bool(entry.get("ignore_eos", [False])[0]),
         )
         counts.append(int(client.infer("peft_llm", inputs).as_numpy("output_tokens")[0, 0]))
     return sum(counts) / len(counts)
@@ -87,12 +92,14 @@ def sweep(
     *,
     load: str = "concurrency",
     max_tokens: int = 16,
+    ignore_eos: bool = False,
     measurement_ms: int = 3000,
     protocol: str = "http",
 ) -> list[SweepPoint]:
     points = []
     inputs = {
-        p.label: perf_analyzer_input_data(p, PROMPTS, max_tokens=max_tokens, count=INPUT_ENTRIES) for p in patterns
+        p.label: perf_analyzer_input_data(p, PROMPTS, max_tokens=max_tokens, count=INPUT_ENTRIES, ignore_eos=ignore_eos)
+        for p in patterns
     }
     # Greedy answers are fixed, so one pass over the entries gives each pattern's tokens per request:
     # patterns whose answers stop early at end-of-sequence do less work, and tokens/s compares fairly.
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="", help="comma-separated concurrency levels")
     parser.add_argument("--request-rate", default="", help="comma-separated request rates (instead of concurrency)")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--ignore-eos", action="store_true", help="every request generates exactly max_tokens")
     parser.add_argument("--measurement-ms", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=Path("perf_sweep.csv"))
     args = parser.parse_args(argv)
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(tmp),
             load=load,
             max_tokens=args.max_tokens,
+            ignore_eos=args.ignore_eos,
             measurement_ms=args.measurement_ms,
             protocol=args.protocol,
         )

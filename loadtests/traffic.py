@@ -47,15 +47,17 @@ class TrafficPattern:
 
 
 def perf_analyzer_input_data(
-    pattern: TrafficPattern, prompts: list[str], *, max_tokens: int, count: int, seed: int = 0
+    pattern: TrafficPattern, prompts: list[str], *, max_tokens: int, count: int, seed: int = 0, ignore_eos: bool = False
 ) -> dict:
     """perf_analyzer ``--input-data`` JSON: it cycles through these entries in order, so the adapter mix
     is fixed by the entries. Every entry sends ``adapter_id`` (empty for the base model) so that Triton's
-    dynamic batcher may group all of them."""
+    dynamic batcher may group all of them. ``ignore_eos`` makes every request generate exactly
+    ``max_tokens``, so patterns compare equal work."""
     adapters = pattern.sample(count, seed=seed)
-    return {
-        "data": [
-            {"text_input": [prompts[i % len(prompts)]], "adapter_id": [adapter], "max_tokens": [max_tokens]}
-            for i, adapter in enumerate(adapters)
-        ]
-    }
+    entries = []
+    for i, adapter in enumerate(adapters):
+        entry = {"text_input": [prompts[i % len(prompts)]], "adapter_id": [adapter], "max_tokens": [max_tokens]}
+        if ignore_eos:
+            entry["ignore_eos"] = [True]
+        entries.append(entry)
+    return {"data": entries}

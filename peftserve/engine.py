@@ -44,6 +44,7 @@ class CompletionRequest:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    ignore_eos: bool | None = None  # generate exactly max_tokens (benchmarks compare equal work)
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ class Engine:
             )
         sampling = _sampling_params(request)
         version = self.repository.latest(request.adapter_id) if request.adapter_id else None
-        return GenerationRow(prompt_ids, None, max_tokens, sampling), version
+        row = GenerationRow(prompt_ids, None, max_tokens, sampling, ignore_eos=bool(request.ignore_eos))
+        return row, version
 
     def _encode_prompt(self, text: str | bytes) -> list[int]:
         if isinstance(text, bytes):

@@ -41,6 +41,7 @@ class GenerationRow:
     adapter: AdapterWeights | None
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -101,7 +102,7 @@ class BatchGenerator:
                     result = results[i]
                     if keep_logits:
                         result.step_logits.append(logits[b].clone())
-                    if token in self.eos_token_ids:
+                    if token in self.eos_token_ids and not rows[i].ignore_eos:
                         result.finish_reason = "stop"
                         continue
                     result.token_ids.append(token)

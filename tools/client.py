@@ -23,6 +23,7 @@ def build_inputs(
     max_tokens: int | None = None,
     *,
     always_send_adapter: bool = False,
+    ignore_eos: bool = False,
 ) -> list:
     """InferInput list (``module``: tritonclient.http or .grpc) for one prompt; optional inputs are sent when set.
 
@@ -35,6 +36,8 @@ def build_inputs(
         values.append(("adapter_id", np.array([[adapter_id.encode()]], dtype=np.object_), "BYTES"))
     if max_tokens is not None:
         values.append(("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"))
+    if ignore_eos:
+        values.append(("ignore_eos", np.array([[True]], dtype=bool), "BOOL"))
     inputs = []
     for name, array, datatype in values:
         tensor = module.InferInput(name, list(array.shape), datatype)

@@ -28,6 +28,7 @@ CONTRACT_INPUTS = {
     "top_p": "FP32",
     "top_k": "INT32",
     "seed": "INT64",
+    "ignore_eos": "BOOL",
 }
 CONTRACT_OUTPUTS = {"text_output": "BYTES", "adapter_version": "BYTES", "output_tokens": "INT32"}
 

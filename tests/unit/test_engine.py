@@ -100,6 +100,18 @@ def test_max_tokens_bounds_the_output(engine: Engine) -> None:
     assert result.text == " arr matey,"
 
 
+def test_ignore_eos_generates_exactly_max_tokens(engine: Engine) -> None:
+    stops, runs_on = engine.complete(
+        [
+            CompletionRequest("a dog", "robot", max_tokens=20),
+            CompletionRequest("a dog", "robot", max_tokens=20, ignore_eos=True),
+        ]
+    )
+    assert stops.finish_reason == "stop" and stops.output_tokens < 20
+    assert runs_on.finish_reason == "length" and runs_on.output_tokens == 20
+    assert runs_on.text.startswith(stops.text)
+
+
 def test_empty_prompt_generates(engine: Engine) -> None:
     (result,) = engine.complete([CompletionRequest(b"", "robot", max_tokens=24)])
     assert isinstance(result, Completion) and result.output_tokens > 0

@@ -36,6 +36,15 @@ def test_bad_patterns_are_refused() -> None:
 def test_input_data_sends_every_input_in_every_entry() -> None:
     data = perf_analyzer_input_data(TrafficPattern("base"), ["a", "b"], max_tokens=8, count=4)
     assert data["data"][1] == {"text_input": ["b"], "adapter_id": [""], "max_tokens": [8]}
+    equal_work = perf_analyzer_input_data(
+        TrafficPattern("single", ADAPTERS), ["a"], max_tokens=8, count=2, ignore_eos=True
+    )
+    assert equal_work["data"][0] == {
+        "text_input": ["a"],
+        "adapter_id": ["s0000"],
+        "max_tokens": [8],
+        "ignore_eos": [True],
+    }
     labels = {p.label for p in [TrafficPattern("zipf", ADAPTERS), TrafficPattern("single", ADAPTERS)]}
     assert labels == {"zipf-64", "single"}
 

@@ -32,6 +32,7 @@ _OPTIONAL_INPUTS = {
     "top_p": float,
     "top_k": int,
     "seed": int,
+    "ignore_eos": bool,
 }
 
 
