@@ -33,7 +33,7 @@ class LowRankGroup:
     """Rows sharing one padded rank: ``x[rows] @ a @ b`` is added to their output."""
 
     rows: torch.Tensor | slice | None  # row indices, a contiguous slice, or None for every row in order
-    a: torch.Tensor  # (n, in, r); an expanded view, without copies, when every row uses one adapter
+    a: torch.Tensor  # (n, in, r); an expanded view, without copies, when its rows share one adapter
     b: torch.Tensor  # (n, r, out)
 
     def select(self, mapping: torch.Tensor, batch: int) -> LowRankGroup | None:
@@ -189,12 +189,6 @@ def _low_rank_groups(deltas: list[ModuleDelta | None], like: torch.Tensor) -> li
                 groups.append(LowRankGroup(group_rows, a, b))
             continue
         index = None if len(rows) == len(deltas) else torch.tensor(rows, device=like.device)
-        if all(member is members[0] for member in members):
-            shared = members[0]
-            groups.append(
-                LowRankGroup(index, shared.lora_a.expand(len(rows), -1, -1), shared.lora_b.expand(len(rows), -1, -1))
-            )
-            continue
         rank = max(member.lora_a.shape[1] for member in members)
         a = like.new_zeros(len(rows), members[0].lora_a.shape[0], rank)
         b = like.new_zeros(len(rows), rank, members[0].lora_b.shape[1])
