@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.http as httpclient
 
+from peftserve.adapter_repository import AdapterRepository
 from tools.triton_server import TritonServer, TritonStartError
 
 DEMO_PROMPT = "the cat looks at"
@@ -74,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         server.start()
-        adapters_dir = args.repository / "peft_llm" / "adapters"
-        show_adapters(server, sorted(p.name for p in adapters_dir.iterdir() if p.is_dir()))
+        show_adapters(server, AdapterRepository(args.repository / "peft_llm" / "adapters").adapter_ids())
         print(first_request_help(**ports))
         while not stop_requested and server.process.poll() is None:
             time.sleep(0.5)
