@@ -1,6 +1,7 @@
 """A least-recently-used cache of loaded adapters, bounded by count and by bytes.
 
-Pinned adapters are never evicted; an adapter leased by a batch in flight is never evicted under it. The
+Pinned adapters are never evicted; an adapter leased by a batch in flight is never evicted under it. A
+retired adapter (a version replaced by a newer one) leaves as soon as its last lease is released. The
 cache is an explicit object owned by the engine (one per model instance), never module state.
 """
 
@@ -42,6 +43,7 @@ class AdapterCache(Generic[K, V]):
         self._entries: OrderedDict[K, V] = OrderedDict()
         self._pinned: set[K] = set()
         self._leases: dict[K, int] = {}
+        self._retired: set[K] = set()
         self._lock = threading.RLock()
 
     def __contains__(self, key: K) -> bool:
@@ -56,6 +58,15 @@ class AdapterCache(Generic[K, V]):
 
     def pin(self, key: K) -> None:
         self._pinned.add(key)
+
+    def retire(self, key: K) -> None:
+        """Drop ``key`` now, or when the batches holding it release it (they finish on what they started)."""
+        with self._lock:
+            self._pinned.discard(key)
+            if key in self._leases:
+                self._retired.add(key)
+            else:
+                self._entries.pop(key, None)
 
     def acquire(self, key: K, load: Callable[[], V]) -> V:
         """Return the cached value (loading it on a miss) and lease it until :meth:`release`."""
@@ -77,8 +88,11 @@ class AdapterCache(Generic[K, V]):
             remaining = self._leases[key] - 1
             if remaining:
                 self._leases[key] = remaining
-            else:
-                del self._leases[key]
+                return
+            del self._leases[key]
+            if key in self._retired:
+                self._retired.discard(key)
+                self._entries.pop(key, None)
 
     def _make_room(self, incoming_bytes: int, incoming_key: K) -> None:
         if incoming_bytes > self.max_bytes:

@@ -4,10 +4,15 @@ Layout (the Triton way of versioning models): ``<root>/<adapter_id>/<version>/``
 the highest version that holds an ``adapter_config.json`` serves. Clients name adapters, never paths: an
 id must match :data:`ADAPTER_ID_PATTERN` and must resolve, symlinks followed, to a directory inside the
 root.
+
+A version's identity is its content: :func:`content_digest` hashes its files, and the engine keys loaded
+adapters by that digest, so a version is never served under another's name. Directories whose names are
+not integers (``.staging-*``, ``.retired``) are invisible to serving; tools stage and retire there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,7 @@ class AdapterVersion:
     adapter_id: str
     version: int
     path: Path
+    digest: str = ""  # SHA-256 of the files (content_digest), set once the engine has read them
 
     @property
     def label(self) -> str:
@@ -61,15 +67,21 @@ class AdapterRepository:
         )
 
     def latest(self, adapter_id: str) -> AdapterVersion:
-        """The version that serves ``adapter_id`` now, or :class:`AdapterNotFoundError` naming it."""
-        validate_adapter_id(adapter_id)
-        directory = self._inside_root(self.root / adapter_id, adapter_id)
-        versions = self._versions(directory) if directory.is_dir() else []
+        """The highest version of ``adapter_id`` on disk, or :class:`AdapterNotFoundError` naming it."""
+        versions = self.versions(adapter_id)
         if not versions:
             raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; {self._available_text()}")
-        version = versions[-1]
-        path = self._inside_root(directory / str(version), adapter_id)
-        return AdapterVersion(adapter_id=adapter_id, version=version, path=path)
+        return versions[-1]
+
+    def versions(self, adapter_id: str) -> list[AdapterVersion]:
+        """Every servable version of ``adapter_id``, oldest first (empty if the id is unknown)."""
+        validate_adapter_id(adapter_id)
+        directory = self._inside_root(self.root / adapter_id, adapter_id)
+        numbers = self._versions(directory) if directory.is_dir() else []
+        return [
+            AdapterVersion(adapter_id, number, self._inside_root(directory / str(number), adapter_id))
+            for number in numbers
+        ]
 
     def _versions(self, directory: Path) -> list[int]:
         return sorted(
@@ -94,3 +106,25 @@ class AdapterRepository:
         listed = ", ".join(ids[:_LISTED_IDS])
         more = f" and {len(ids) - _LISTED_IDS} more" if len(ids) > _LISTED_IDS else ""
         return f"available adapters: {listed}{more}"
+
+
+def content_digest(directory: Path) -> str:
+    """SHA-256 over the names and bytes of every regular file in a version directory (sorted, recursive)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def stat_signature(directory: Path) -> tuple:
+    """Names, sizes and modification times of a version's files: a cheap test for "changed since"."""
+    try:
+        return tuple(
+            sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).iterdir() if p.is_file())
+        )
+    except OSError:
+        return ()

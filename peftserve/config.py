@@ -32,6 +32,9 @@ class ServeConfig(BaseModel):
     max_loaded_adapters: int = Field(16, ge=1)
     max_adapter_memory_mb: float = Field(1024.0, gt=0)
     preload: tuple[str, ...] = ()
+    adapter_poll_seconds: float = Field(
+        1.0, ge=0, description="how often to look for new adapter versions (hot-swap); 0 turns watching off"
+    )
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     @field_validator("preload", mode="before")

@@ -12,21 +12,22 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from peftserve.adapter_cache import AdapterCache
-from peftserve.adapter_repository import AdapterRepository, AdapterVersion
+from peftserve.adapter_repository import AdapterRepository, AdapterVersion, content_digest
 from peftserve.adapter_types import convert_adapter
 from peftserve.adapter_weights import AdapterWeights, BaseModelShape, read_adapter_files
 from peftserve.batched_layers import AdapterLayers
 from peftserve.config import ServeConfig
-from peftserve.errors import ConfigError, InvalidRequestError, PeftServeError
+from peftserve.errors import AdapterLoadError, ConfigError, InvalidRequestError, PeftServeError
 from peftserve.generation import BatchGenerator, GenerationRow, SamplingParams
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL, EngineMetrics
+from peftserve.smoke_check import smoke_check
 
 logger = logging.getLogger("peftserve.engine")
 
@@ -80,53 +81,129 @@ class Engine:
         eos = _eos_token_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos)
         self.generator = BatchGenerator(self.model, self.layers, eos_token_ids=eos, pad_token_id=pad)
+        self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
         for adapter_id in config.preload:
-            version = self.repository.latest(adapter_id)
-            self.cache.acquire(version, lambda v=version: self.load_adapter(v))
-            self.cache.release(version)
-            self.cache.pin(version)
+            self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
         self.metrics.cache_state(loaded=len(self.cache), nbytes=self.cache.nbytes)
 
-    def read_adapter(self, version: AdapterVersion) -> AdapterWeights:
-        """Read, check and convert one adapter version; touches no shared state, so needs no lock."""
+    def read_adapter(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
+        """Hash, read, check and convert one version; touches no shared state, so needs no lock.
+
+        Returns the version with its content digest. A version that already has one (it was accepted
+        before, then evicted) must still hash to it: files changed in place are refused, never served
+        under the name of what was checked.
+        """
         started = time.perf_counter()
+        digest = content_digest(version.path)
+        if version.digest and digest != version.digest:
+            self.metrics.adapter_event("files_changed", version.adapter_id, version.version)
+            raise AdapterLoadError(
+                f"the files of adapter {version.label} changed on disk after it was accepted (sha256 "
+                f"{version.digest[:12]}... now {digest[:12]}...); versions are immutable: publish the change as "
+                "a new version"
+            )
         config, tensors = read_adapter_files(version.path)
         weights = convert_adapter(config, tensors, self.base_shape)
         seconds = time.perf_counter() - started
         self.metrics.adapter_loaded(version.adapter_id, seconds=seconds, nbytes=weights.nbytes)
         logger.info(
-            "loaded adapter %s (%s, %d bytes) in %.1f ms",
+            "loaded adapter %s (%s, %d bytes, sha256 %s) in %.1f ms",
             version.label,
             weights.peft_type,
             weights.nbytes,
+            digest[:12],
             1000 * seconds,
         )
-        return weights
+        return replace(version, digest=digest), weights
 
-    def load_adapter(self, version: AdapterVersion) -> AdapterWeights:
-        """Read and convert one adapter version and wrap the layers it targets."""
-        weights = self.read_adapter(version)
+    def prepare_version(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
+        """Read a version and pass it through the smoke check: ready to serve, not serving yet."""
+        version, weights = self.read_adapter(version)
         with self._lock:
             self.layers.wrap(list(weights.modules))
-        return weights
+            self._smoke_check(version, weights)
+        return version, weights
+
+    def start_serving(self, version: AdapterVersion, weights: AdapterWeights) -> AdapterVersion | None:
+        """Make ``version`` the one that new requests for its id get, atomically; returns the version it
+        replaces, which batches in flight finish on and which is freed once they have drained."""
+        with self._lock:
+            self.cache.acquire(version, lambda: weights)
+            self.cache.release(version)
+            if version.adapter_id in self.config.preload:
+                self.cache.pin(version)
+            previous = self._serving.get(version.adapter_id)
+            self._serving[version.adapter_id] = version
+            if previous is not None and previous != version:
+                self.cache.retire(previous)
+        self.metrics.serving_version(version.adapter_id, version.version)
+        return previous
+
+    def stop_serving(self, adapter_id: str) -> AdapterVersion | None:
+        """Forget an adapter whose versions were all removed; its requests then get NOT_FOUND."""
+        with self._lock:
+            previous = self._serving.pop(adapter_id, None)
+            if previous is not None:
+                self.cache.retire(previous)
+        self.metrics.serving_version(adapter_id, 0)
+        return previous
+
+    def serving(self) -> dict[str, AdapterVersion]:
+        """The serving version of every adapter used so far (a snapshot)."""
+        return dict(self._serving)
+
+    def resolve(self, adapter_id: str) -> AdapterVersion:
+        """The version that serves ``adapter_id``; the first request for an id accepts its latest version."""
+        version = self._serving.get(adapter_id)
+        if version is None:
+            version, weights = self.prepare_version(self.repository.latest(adapter_id))
+            self.start_serving(version, weights)
+        return version
 
     def adapter_loaded(self, adapter_id: str) -> bool | None:
         """True if the adapter's serving version is in memory, False if it must be loaded, None if the id
         does not resolve (its requests get their error without waiting for anything)."""
+        version = self._serving.get(adapter_id)
+        if version is not None:
+            return version in self.cache
         try:
-            return self.repository.latest(adapter_id) in self.cache
+            self.repository.latest(adapter_id)
         except PeftServeError:
             return None
+        return False
 
     def ensure_loaded(self, adapter_id: str) -> None:
         """Load an adapter into the cache; the slow part (files, conversion) runs outside the lock."""
-        version = self.repository.latest(adapter_id)
-        if version in self.cache:
-            return
-        weights = self.load_adapter(version)
+        version = self._serving.get(adapter_id)
+        if version is None:
+            self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
+        elif version not in self.cache:
+            _, weights = self._reload(version)
+            with self._lock:
+                self.cache.acquire(version, lambda: weights)
+                self.cache.release(version)
+
+    def _reload(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
+        """Read an accepted version again after eviction (its digest must still match)."""
+        version, weights = self.read_adapter(version)
         with self._lock:
-            self.cache.acquire(version, lambda: weights)
-            self.cache.release(version)
+            self.layers.wrap(list(weights.modules))
+        return version, weights
+
+    def _smoke_check(self, version: AdapterVersion, weights: AdapterWeights) -> None:
+        def prompt_logits(text: str) -> torch.Tensor:
+            return self.generator.prompt_logits([GenerationRow(self._encode_prompt(text), weights, 1)])[0]
+
+        def greedy_answer(text: str, max_tokens: int) -> str:
+            row = GenerationRow(self._encode_prompt(text), weights, max_tokens)
+            return self.tokenizer.decode(self.generator.generate([row])[0].token_ids, skip_special_tokens=True)
+
+        try:
+            smoke_check(version.label, version.path, prompt_logits, greedy_answer)
+        except AdapterLoadError:
+            raise
+        except PeftServeError as exc:  # e.g. a golden prompt longer than max_prompt_tokens
+            raise AdapterLoadError(f"smoke check of {version.label} failed: {exc}") from exc
 
     def _evicted(self, version: AdapterVersion) -> None:
         self.metrics.cache_event("eviction", version.adapter_id)
@@ -149,7 +226,7 @@ class Engine:
                     row, version = self.prepare(request)
                     if version is not None:
                         labels[index] = version.adapter_id
-                        row.adapter = self.cache.acquire(version, lambda v=version: self.load_adapter(v))
+                        row.adapter = self.cache.acquire(version, lambda v=version: self._reload(v)[1])
                         leased.append(version)
                     prepared.append((index, row, version.label if version else ""))
                 except PeftServeError as exc:
@@ -188,7 +265,7 @@ class Engine:
                 f"max_tokens must be between 1 and {self.config.max_tokens_limit} (max_tokens_limit), got {max_tokens}"
             )
         sampling = _sampling_params(request)
-        version = self.repository.latest(request.adapter_id) if request.adapter_id else None
+        version = self.resolve(request.adapter_id) if request.adapter_id else None
         row = GenerationRow(prompt_ids, None, max_tokens, sampling, ignore_eos=bool(request.ignore_eos))
         return row, version
 

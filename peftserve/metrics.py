@@ -26,3 +26,10 @@ class EngineMetrics:
 
     def cache_state(self, *, loaded: int, nbytes: int) -> None:
         """Adapters held in memory and their bytes, after each batch."""
+
+    def adapter_event(self, event: str, adapter: str, version: int | None) -> None:
+        """A version event of the hot-swap watcher: ``switched``, ``rejected``, ``removed`` or
+        ``files_changed`` (a version's files changed in place)."""
+
+    def serving_version(self, adapter: str, version: int) -> None:
+        """The version new requests for ``adapter`` get now (0 once it is no longer served)."""

@@ -22,7 +22,7 @@ def rows_for(engine: Engine, adapter_id: str, prompts: list[str], max_tokens: in
     rows = []
     for prompt in prompts:
         row, version = engine.prepare(CompletionRequest(prompt, adapter_id, max_tokens=max_tokens))
-        row.adapter = engine.load_adapter(version) if version else None
+        row.adapter = engine.prepare_version(version)[1] if version else None
         rows.append(row)
     return rows
 

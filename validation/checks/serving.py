@@ -10,7 +10,7 @@ from peftserve.adapter_repository import AdapterVersion
 from peftserve.adapter_types import check_servable, convert_adapter
 from peftserve.config import ServeConfig
 from peftserve.engine import Engine
-from peftserve.errors import PeftServeError
+from peftserve.errors import AdapterLoadError, PeftServeError
 from peftserve.generation import GenerationRow
 from validation.context import ValidationContext
 from validation.report import Severity
@@ -69,7 +69,11 @@ def check_smoke_load(ctx: ValidationContext) -> None:
         return
     engine = Engine(ServeConfig(base_model=ctx.base_model_name, adapter_repository=str(ctx.adapter_dir.parent)))
     started = time.perf_counter()
-    weights = engine.load_adapter(AdapterVersion(ctx.adapter_dir.name, 0, ctx.adapter_dir))
+    try:  # the check a server runs before a version serves: finite logits and the shipped golden prompts
+        _, weights = engine.prepare_version(AdapterVersion(ctx.adapter_dir.name, 0, ctx.adapter_dir))
+    except AdapterLoadError as exc:
+        ctx.add(Severity.ERROR, CATEGORY, str(exc), "fix the weights or the golden.json that ships with them")
+        return
     ctx.report.facts["load_ms"] = round(1000 * (time.perf_counter() - started), 1)
     ctx.report.facts["loaded_bytes"] = weights.nbytes
     prompt_ids = engine.tokenizer(ctx.options.prompt).input_ids

@@ -19,6 +19,7 @@ from triton_metrics import TritonMetrics
 from peftserve.config import from_parameters
 from peftserve.engine import Completion, CompletionRequest, Engine
 from peftserve.errors import InvalidRequestError, PeftServeError
+from peftserve.hot_swap import AdapterWatcher
 from peftserve.metrics import UNKNOWN_LABEL
 from peftserve.scheduler import Scheduler, Submission
 
@@ -44,7 +45,10 @@ class TritonPythonModel:
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         logger.info("loading %s on %s", config.base_model, device)
         self.metrics = TritonMetrics(args["model_name"])
-        self.scheduler = Scheduler(Engine(config, device=device, metrics=self.metrics))
+        engine = Engine(config, device=device, metrics=self.metrics)
+        self.scheduler = Scheduler(engine)
+        self.watcher = AdapterWatcher(engine, interval=config.adapter_poll_seconds)
+        self.watcher.start()
 
     def execute(self, requests: list) -> None:
         """Every request is answered through its response sender (allowed for non-decoupled models since
@@ -66,6 +70,7 @@ class TritonPythonModel:
         self.scheduler.submit(submissions)
 
     def finalize(self) -> None:
+        self.watcher.stop()
         self.scheduler.close()
 
 

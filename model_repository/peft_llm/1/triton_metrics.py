@@ -24,6 +24,12 @@ FAMILIES = {
     "peftserve_adapters_loaded": ("GAUGE", "Adapters held in memory"),
     "peftserve_adapter_memory_bytes": ("GAUGE", "Bytes held by loaded adapters"),
     "peftserve_adapter_load_duration_seconds": ("HISTOGRAM", "Time to read, check and convert an adapter"),
+    "peftserve_adapter_version_events_total": (
+        "COUNTER",
+        "Hot-swap events by adapter: switched, rejected, removed, files_changed",
+    ),
+    "peftserve_adapter_serving_version": ("GAUGE", "Version of each adapter that new requests get (0: none)"),
+    "peftserve_adapter_rejected_version": ("GAUGE", "Last version of each adapter that failed its checks"),
 }
 _CACHE_FAMILIES = {
     "hit": "peftserve_adapter_cache_hits_total",
@@ -69,3 +75,11 @@ class TritonMetrics(EngineMetrics):
     def cache_state(self, *, loaded: int, nbytes: int) -> None:
         self._metric("peftserve_adapters_loaded").set(loaded)
         self._metric("peftserve_adapter_memory_bytes").set(nbytes)
+
+    def adapter_event(self, event: str, adapter: str, version: int | None) -> None:
+        self._metric("peftserve_adapter_version_events_total", adapter=adapter, event=event).increment(1)
+        if event == "rejected":
+            self._metric("peftserve_adapter_rejected_version", adapter=adapter).set(version or 0)
+
+    def serving_version(self, adapter: str, version: int) -> None:
+        self._metric("peftserve_adapter_serving_version", adapter=adapter).set(version)
