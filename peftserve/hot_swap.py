@@ -72,7 +72,7 @@ class AdapterWatcher:
     def _switch(self, serving: AdapterVersion, target: AdapterVersion) -> None:
         try:
             version, weights = self.engine.prepare_version(target)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever breaks a candidate rejects it
             self._rejected[(target.adapter_id, target.version)] = stat_signature(target.path)
             logger.error("adapter %s rejected, %s keeps serving: %s", target.label, serving.label, exc)
             self._event("rejected", target, "failed", f"{exc}; {serving.label} keeps serving", _digest(target))
