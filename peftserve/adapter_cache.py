@@ -56,6 +56,11 @@ class AdapterCache(Generic[K, V]):
     def nbytes(self) -> int:
         return sum(value.nbytes for value in self._entries.values())
 
+    def sizes(self) -> dict[K, int]:
+        """Bytes held per cached key."""
+        with self._lock:
+            return {key: value.nbytes for key, value in self._entries.items()}
+
     def pin(self, key: K) -> None:
         self._pinned.add(key)
 

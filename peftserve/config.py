@@ -90,3 +90,18 @@ def _resolve_local(name_or_path: str, model_dir: Path) -> str:
     if not candidate.is_absolute():
         candidate = model_dir / candidate
     return str(candidate.resolve()) if candidate.exists() else name_or_path
+
+
+def read_model_config(model_dir: Path) -> ServeConfig:
+    """The engine settings of a model directory, read from its ``config.pbtxt`` as Triton parses it."""
+    from google.protobuf import text_format
+    from google.protobuf.message import DecodeError
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(model_dir) / "config.pbtxt"
+    try:
+        parsed = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except (OSError, text_format.ParseError, DecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    parameters = {key: value.string_value for key, value in parsed.parameters.items()}
+    return from_parameters(parameters, model_dir=Path(model_dir))

@@ -84,7 +84,7 @@ class Engine:
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
         for adapter_id in config.preload:
             self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
-        self.metrics.cache_state(loaded=len(self.cache), nbytes=self.cache.nbytes)
+        self._report_cache()
 
     def read_adapter(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
         """Hash, read, check and convert one version; touches no shared state, so needs no lock.
@@ -205,6 +205,12 @@ class Engine:
         except PeftServeError as exc:  # e.g. a golden prompt longer than max_prompt_tokens
             raise AdapterLoadError(f"smoke check of {version.label} failed: {exc}") from exc
 
+    def _report_cache(self) -> None:
+        by_adapter: dict[str, int] = {}
+        for version, nbytes in self.cache.sizes().items():
+            by_adapter[version.adapter_id] = by_adapter.get(version.adapter_id, 0) + nbytes
+        self.metrics.cache_state(loaded=len(by_adapter), nbytes=sum(by_adapter.values()), by_adapter=by_adapter)
+
     def _evicted(self, version: AdapterVersion) -> None:
         self.metrics.cache_event("eviction", version.adapter_id)
         logger.info("evicted adapter %s", version.label)
@@ -253,7 +259,7 @@ class Engine:
                 seconds=seconds,
                 tokens=0 if failed else result.output_tokens,
             )
-        self.metrics.cache_state(loaded=len(self.cache), nbytes=self.cache.nbytes)
+        self._report_cache()
         return results  # type: ignore[return-value]
 
     def prepare(self, request: CompletionRequest) -> tuple[GenerationRow, AdapterVersion | None]:

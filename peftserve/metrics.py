@@ -24,8 +24,8 @@ class EngineMetrics:
     def adapter_loaded(self, adapter: str, *, seconds: float, nbytes: int) -> None:
         """An adapter version was read, checked and converted."""
 
-    def cache_state(self, *, loaded: int, nbytes: int) -> None:
-        """Adapters held in memory and their bytes, after each batch."""
+    def cache_state(self, *, loaded: int, nbytes: int, by_adapter: dict[str, int]) -> None:
+        """Adapters held in memory and their bytes (in all, and per adapter id), after each batch."""
 
     def adapter_event(self, event: str, adapter: str, version: int | None) -> None:
         """A version event of the hot-swap watcher: ``switched``, ``rejected``, ``removed`` or

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, default in [("http_port", 8000), ("grpc_port", 8001), ("metrics_port", 8002)]
     }
     log_path = Path(tempfile.gettempdir()) / f"peftserve-triton-{ports['http_port']}.log"
-    server = TritonServer(args.repository, log_path=log_path, **ports)
+    # Explicit model control: `python -m tools model-swap` loads new model versions while the old one serves.
+    explicit = ("--model-control-mode=explicit", "--load-model=*")
+    server = TritonServer(args.repository, log_path=log_path, extra_args=explicit, **ports)
     print(
         f"starting tritonserver on {args.repository} (HTTP {ports['http_port']}, gRPC {ports['grpc_port']}, "
         f"metrics {ports['metrics_port']}); log: {log_path}"

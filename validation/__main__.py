@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import warnings
 from enum import IntEnum
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from peftserve.config import read_model_config
 from validation import ValidationOptions, validate_adapter
 from validation.report import Level, ValidationReport
 from validation.rules import RuleLoadError, load_rule
@@ -44,10 +44,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def serving_limits(config_pbtxt: Path) -> dict[str, float]:
-    """Read max_adapter_memory_mb from a peft_llm config.pbtxt (the serving model's cache limit)."""
-    text = config_pbtxt.read_text()
-    match = re.search(r'key:\s*"max_adapter_memory_mb"\s*,\s*value:\s*\{\s*string_value:\s*"([^"]+)"', text)
-    return {"max_adapter_memory_mb": float(match[1])} if match else {}
+    """The limits of a peft_llm config.pbtxt that an adapter must fit (the adapter cache size)."""
+    return {"max_adapter_memory_mb": read_model_config(config_pbtxt.parent).max_adapter_memory_mb}
 
 
 def run(argv: list[str]) -> ValidationReport:

@@ -311,7 +311,10 @@ def test_serving_config_limits_are_read_from_config_pbtxt(
     model_dir: Path, base_model: str, tmp_path: Path, capsys
 ) -> None:
     config = tmp_path / "config.pbtxt"
-    config.write_text('parameters: { key: "max_adapter_memory_mb", value: { string_value: "0.01" } }\n')
+    config.write_text(
+        'parameters: { key: "base_model", value: { string_value: "base_model" } }\n'
+        'parameters: { key: "max_adapter_memory_mb", value: { string_value: "0.01" } }\n'
+    )
     status = main(
         [str(model_dir / "adapters" / "pirate" / "1"), "--base-model", base_model, "--serving-config", str(config)]
     )

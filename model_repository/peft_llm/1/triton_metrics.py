@@ -23,6 +23,7 @@ FAMILIES = {
     "peftserve_adapter_cache_evictions_total": ("COUNTER", "Adapters evicted from the cache"),
     "peftserve_adapters_loaded": ("GAUGE", "Adapters held in memory"),
     "peftserve_adapter_memory_bytes": ("GAUGE", "Bytes held by loaded adapters"),
+    "peftserve_adapter_loaded_bytes": ("GAUGE", "Bytes held in memory per adapter (0: not loaded)"),
     "peftserve_adapter_load_duration_seconds": ("HISTOGRAM", "Time to read, check and convert an adapter"),
     "peftserve_adapter_version_events_total": (
         "COUNTER",
@@ -46,6 +47,7 @@ class TritonMetrics(EngineMetrics):
             for name, (kind, text) in FAMILIES.items()
         }
         self._series: dict[tuple, object] = {}
+        self._loaded: set[str] = set()  # adapters with a nonzero loaded-bytes gauge
 
     def _metric(self, family: str, buckets: list[float] | None = None, **labels: str):
         key = (family, *sorted(labels.items()))
@@ -72,9 +74,14 @@ class TritonMetrics(EngineMetrics):
     def adapter_loaded(self, adapter: str, *, seconds: float, nbytes: int) -> None:
         self._metric("peftserve_adapter_load_duration_seconds", LOAD_BUCKETS, adapter=adapter).observe(seconds)
 
-    def cache_state(self, *, loaded: int, nbytes: int) -> None:
+    def cache_state(self, *, loaded: int, nbytes: int, by_adapter: dict[str, int]) -> None:
         self._metric("peftserve_adapters_loaded").set(loaded)
         self._metric("peftserve_adapter_memory_bytes").set(nbytes)
+        for adapter in self._loaded - by_adapter.keys():
+            self._metric("peftserve_adapter_loaded_bytes", adapter=adapter).set(0)
+        for adapter, adapter_bytes in by_adapter.items():
+            self._metric("peftserve_adapter_loaded_bytes", adapter=adapter).set(adapter_bytes)
+        self._loaded = set(by_adapter)
 
     def adapter_event(self, event: str, adapter: str, version: int | None) -> None:
         self._metric("peftserve_adapter_version_events_total", adapter=adapter, event=event).increment(1)

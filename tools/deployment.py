@@ -1,0 +1,125 @@
+"""The deployment config (``serving_config.yaml``) that every ``python -m tools`` subcommand reads.
+
+It says where the servers are, which model repository they serve, which keys to send, and the limits the
+tools enforce. Keys are never written into the file: it names environment variables that hold them, so
+the file can be committed. Errors name the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from peftserve.config import ServeConfig, read_model_config
+
+DEFAULT_PATH = Path("serving_config.yaml")
+
+
+class DeploymentError(ValueError):
+    """The deployment config is missing or invalid."""
+
+
+class ReleaseError(RuntimeError):
+    """A publish, rollback or model swap was refused or failed; the message says why and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Server(_Strict):
+    """One Triton replica; addresses are host:port."""
+
+    name: str = "local"
+    http: str = "127.0.0.1:8000"
+    grpc: str = "127.0.0.1:8001"
+    metrics: str = "127.0.0.1:8002"
+
+    @field_validator("http", "grpc", "metrics")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+
+class ApiKey(_Strict):
+    """A header Triton requires on a restricted API, and the environment variable holding its value."""
+
+    header: str = Field(pattern=r"^[A-Za-z0-9-]{1,64}$")
+    value_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    def headers(self) -> dict[str, str]:
+        value = os.environ.get(self.value_env)
+        if not value:
+            raise DeploymentError(f"environment variable {self.value_env} (the {self.header} key) is not set")
+        return {self.header: value}
+
+
+class Credentials(_Strict):
+    management: ApiKey | None = None  # model-repository / model-control APIs (publish, model swaps)
+    inference: ApiKey | None = None  # inference, when clients must authenticate
+
+
+class Limits(_Strict):
+    memory_budget_mb: float = Field(
+        16384, gt=0, description="host or GPU memory a model instance may use during a model version swap"
+    )
+    swap_timeout_seconds: float = Field(120, gt=0)
+
+
+class Deployment(_Strict):
+    path: Path = Field(DEFAULT_PATH, exclude=True)
+    model_repository: Path = Path("model_repository")
+    model: str = "peft_llm"
+    servers: list[Server] = Field(default_factory=lambda: [Server()], min_length=1)
+    credentials: Credentials = Credentials()
+    limits: Limits = Limits()
+
+    @property
+    def model_dir(self) -> Path:
+        return self.model_repository / self.model
+
+    @cached_property
+    def serve_config(self) -> ServeConfig:
+        """The model's own settings (base model, adapter repository) from its config.pbtxt."""
+        return read_model_config(self.model_dir)
+
+    @property
+    def adapter_repository(self) -> Path:
+        return Path(self.serve_config.adapter_repository)
+
+    def management_headers(self) -> dict[str, str]:
+        return self.credentials.management.headers() if self.credentials.management else {}
+
+    def inference_headers(self) -> dict[str, str]:
+        return self.credentials.inference.headers() if self.credentials.inference else {}
+
+
+def load_deployment(path: Path = DEFAULT_PATH) -> Deployment:
+    """Read and validate the deployment file; relative paths resolve against the file's directory."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise DeploymentError(f"cannot read deployment config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise DeploymentError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise DeploymentError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
+    try:
+        deployment = Deployment(**raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise DeploymentError(f"invalid deployment config {path}: {problems}") from exc
+    repository = deployment.model_repository
+    if not repository.is_absolute():
+        repository = (path.parent / repository).resolve()
+    return deployment.model_copy(update={"path": path, "model_repository": repository})

@@ -1,0 +1,140 @@
+"""Model version swaps the Triton way: stage ``<model>/<N+1>/``, load it while N serves, probe, keep or roll back.
+
+For a new base model or new model code. The server runs with ``--model-control-mode=explicit``; a load
+of a model whose newest version changed brings the new version up beside the old one and unloads the old
+one once the new one is ready, so clients see no gap, but for that while the host holds two copies of the
+base model: the swap is refused up front when the deployment's memory budget cannot hold both. The load
+call goes over gRPC: over HTTP, Triton 24.10 held some in-flight HTTP responses until a load finished.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tritonclient.grpc as grpcclient
+from huggingface_hub import snapshot_download
+from tritonclient.utils import InferenceServerException
+
+from peftserve.swap_history import HistoryEvent, SwapHistory
+from tools.adapter_release import RETIRED_DIR
+from tools.client import build_inputs
+from tools.deployment import Deployment, ReleaseError
+
+MODEL_EVENT_ADAPTER = "(model)"  # the history's adapter field for model version events
+_MIB = 1024 * 1024
+
+
+@dataclass
+class ModelSwapResult:
+    model: str
+    version: int
+    outcome: str  # loaded, rolled_back
+    needed_mb: float
+    seconds: float = 0.0
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_versions(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def swap_memory_mb(deployment: Deployment) -> float:
+    """Memory a swap holds at its peak: two model instances, each with the base weights and a full
+    adapter cache (weights counted at their size on disk)."""
+    config = deployment.serve_config
+    base = Path(config.base_model)
+    if not base.is_dir():
+        base = Path(snapshot_download(config.base_model, local_files_only=True))
+    weights = sum(p.stat().st_size for p in base.rglob("*") if p.suffix in {".safetensors", ".bin"})
+    return round(2 * (weights + config.max_adapter_memory_bytes) / _MIB, 1)
+
+
+def swap_model(deployment: Deployment, *, source: Path | None = None, timeout: float | None = None) -> ModelSwapResult:
+    """Publish ``source`` (default: a copy of the newest version) as version N+1 and load it."""
+    needed = swap_memory_mb(deployment)
+    budget = deployment.limits.memory_budget_mb
+    if needed > budget:
+        raise ReleaseError(
+            f"a model version swap needs about {needed:.0f} MiB (two copies of the base model and adapter cache "
+            f"while both versions are loaded); the deployment's memory_budget_mb is {budget:.0f}. Raise the budget, "
+            "or stop traffic and restart the server with the new version instead"
+        )
+    started = time.monotonic()
+    model_dir = deployment.model_dir
+    current = model_versions(model_dir)[-1]
+    version = current + 1
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        shutil.copytree(source or model_dir / str(current), staging, dirs_exist_ok=True, ignore=_ignore_caches)
+        os.rename(staging, model_dir / str(version))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    history = SwapHistory(deployment.adapter_repository)
+    result = ModelSwapResult(deployment.model, version, "loaded", needed)
+    try:
+        _load_and_probe(deployment, version, timeout)
+    except ReleaseError as exc:
+        _retire_model_version(model_dir, version)
+        _load_and_probe(deployment, current, timeout)
+        result.outcome, result.detail = "rolled_back", f"version {version} failed ({exc}); version {current} serves"
+    history.record(
+        HistoryEvent(
+            "model_loaded" if result.outcome == "loaded" else "model_rolled_back",
+            MODEL_EVENT_ADAPTER,
+            version,
+            "ok" if result.outcome == "loaded" else "failed",
+            detail=result.detail or f"{deployment.model} {current} -> {version}",
+            source="tools",
+        )
+    )
+    result.seconds = round(time.monotonic() - started, 2)
+    return result
+
+
+def rollback_model(deployment: Deployment, *, timeout: float | None = None) -> ModelSwapResult:
+    """Retire the newest model version and load the one before it."""
+    versions = model_versions(deployment.model_dir)
+    if len(versions) < 2:
+        raise ReleaseError(f"{deployment.model_dir} has versions {versions}: nothing to roll back to")
+    started = time.monotonic()
+    _retire_model_version(deployment.model_dir, versions[-1])
+    _load_and_probe(deployment, versions[-2], timeout)
+    SwapHistory(deployment.adapter_repository).record(
+        HistoryEvent("model_rolled_back", MODEL_EVENT_ADAPTER, versions[-2], "ok", detail="on demand", source="tools")
+    )
+    return ModelSwapResult(deployment.model, versions[-2], "rolled_back", 0.0, round(time.monotonic() - started, 2))
+
+
+def _load_and_probe(deployment: Deployment, version: int, timeout: float | None) -> None:
+    """Ask every server to load the model, then check a base-model request is answered by ``version``."""
+    management, inference = deployment.management_headers(), deployment.inference_headers()
+    for server in deployment.servers:
+        client = grpcclient.InferenceServerClient(server.grpc)
+        try:
+            client.load_model(deployment.model, headers=management, client_timeout=timeout or None)
+            result = client.infer(deployment.model, build_inputs(grpcclient, "probe", "", 1), headers=inference)
+        except InferenceServerException as exc:
+            raise ReleaseError(f"{server.name}: {exc.message() or exc}") from exc
+        finally:
+            client.close()
+        served_by = result.get_response().model_version
+        if served_by != str(version):
+            raise ReleaseError(f"{server.name}: the probe was answered by version {served_by}, expected {version}")
+
+
+def _retire_model_version(model_dir: Path, version: int) -> None:
+    retired = model_dir / RETIRED_DIR
+    retired.mkdir(exist_ok=True)
+    os.rename(model_dir / str(version), retired / f"{version}-{int(time.time())}")
+
+
+def _ignore_caches(directory: str, names: list[str]) -> list[str]:
+    return [name for name in names if name == "__pycache__"]
