@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -34,6 +35,9 @@ class CommandFailed(Exception):
 def cmd_serve(deployment: Deployment, args: argparse.Namespace) -> object:
     from tools import serve
 
+    first = deployment.servers[0]  # ports from the config unless the environment sets them (make serve)
+    for variable, address in [("HTTP_PORT", first.http), ("GRPC_PORT", first.grpc), ("METRICS_PORT", first.metrics)]:
+        os.environ.setdefault(variable, address.rpartition(":")[2])
     status = serve.main(["--repository", str(deployment.model_repository)])
     if status:
         raise CommandFailed({"serve": "exited", "status": status})

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 from huggingface_hub import snapshot_download
+from tqdm import tqdm
 from tritonclient.utils import InferenceServerException
 
 from peftserve.swap_history import HistoryEvent, SwapHistory
@@ -116,7 +117,7 @@ def rollback_model(deployment: Deployment, *, timeout: float | None = None) -> M
 def _load_and_probe(deployment: Deployment, version: int, timeout: float | None) -> None:
     """Ask every server to load the model, then check a base-model request is answered by ``version``."""
     management, inference = deployment.management_headers(), deployment.inference_headers()
-    for server in deployment.servers:
+    for server in tqdm(deployment.servers, desc=f"loading {deployment.model} version {version}", unit="server"):
         client = grpcclient.InferenceServerClient(server.grpc)
         try:
             client.load_model(deployment.model, headers=management, client_timeout=timeout or None)
