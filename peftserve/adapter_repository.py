@@ -111,7 +111,11 @@ class AdapterRepository:
 def content_digest(directory: Path) -> str:
     """SHA-256 over the names and bytes of every regular file in a version directory (sorted, recursive)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_symlink():
+            raise AdapterLoadError(f"{path} is a symlink; adapter files must be regular files inside the repository")
+        if not path.is_file():
+            continue
         digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

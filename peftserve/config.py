@@ -6,15 +6,27 @@ all keys are reported together, naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from peftserve.errors import ConfigError
 
 # Triton's own parameters that live beside ours in config.pbtxt and are not engine settings.
 TRITON_RESERVED_PARAMETERS = frozenset({"EXECUTION_ENV_PATH", "FORCE_CPU_ONLY_INPUT_TENSORS"})
+
+
+class AdapterLimits(BaseModel):
+    """How much of the server one adapter may take; 0 means unlimited."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_inflight: int = Field(0, ge=0, description="requests inside the model at once (running or waiting)")
+    rate_per_second: float = Field(0.0, ge=0, description="sustained requests per second (token bucket)")
+    burst: int = Field(0, ge=0, description="requests allowed at once above the rate; 0: one second's worth")
 
 
 class ServeConfig(BaseModel):
@@ -36,6 +48,38 @@ class ServeConfig(BaseModel):
         1.0, ge=0, description="how often to look for new adapter versions (hot-swap); 0 turns watching off"
     )
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    adapter_limits: AdapterLimits = Field(
+        default_factory=AdapterLimits, description="limits applied to every adapter id (and the base model)"
+    )
+    adapter_limit_overrides: dict[str, AdapterLimits] = Field(
+        default_factory=dict, description='per adapter id, e.g. {"pirate": {"rate_per_second": 5}}; "(base)" too'
+    )
+    max_stop_strings: int = Field(4, ge=0, le=64)
+    max_stop_string_bytes: int = Field(256, ge=1)
+    blocked_patterns: tuple[str, ...] = Field((), description="regular expressions refused in prompts and answers")
+
+    @field_validator("adapter_limits", "adapter_limit_overrides", "blocked_patterns", mode="before")
+    @classmethod
+    def _parse_json(cls, value: Any, info: ValidationInfo) -> Any:
+        """Triton parameters are strings: structured settings arrive as JSON text (empty: the default)."""
+        if isinstance(value, str):
+            if not value.strip():
+                return [] if info.field_name == "blocked_patterns" else {}
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"expected JSON: {exc}") from exc
+        return value
+
+    @field_validator("blocked_patterns")
+    @classmethod
+    def _compile_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"blocked pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+        return value
 
     @field_validator("preload", mode="before")
     @classmethod

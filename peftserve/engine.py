@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -24,7 +25,13 @@ from peftserve.adapter_types import convert_adapter
 from peftserve.adapter_weights import AdapterWeights, BaseModelShape, read_adapter_files
 from peftserve.batched_layers import AdapterLayers
 from peftserve.config import ServeConfig
-from peftserve.errors import AdapterLoadError, ConfigError, InvalidRequestError, PeftServeError
+from peftserve.errors import (
+    AdapterLoadError,
+    BlockedContentError,
+    ConfigError,
+    InvalidRequestError,
+    PeftServeError,
+)
 from peftserve.generation import BatchGenerator, GenerationRow, SamplingParams
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL, EngineMetrics
 from peftserve.smoke_check import smoke_check
@@ -46,6 +53,7 @@ class CompletionRequest:
     top_k: int | None = None
     seed: int | None = None
     ignore_eos: bool | None = None  # generate exactly max_tokens (benchmarks compare equal work)
+    stop: tuple[str, ...] = ()  # generation ends at the first of these; the match is not returned
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class Engine:
         eos = _eos_token_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos)
         self.generator = BatchGenerator(self.model, self.layers, eos_token_ids=eos, pad_token_id=pad)
+        self._blocked = [re.compile(pattern) for pattern in config.blocked_patterns]
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
         for adapter_id in config.preload:
             self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
@@ -245,8 +254,7 @@ class Engine:
                 if isinstance(output, PeftServeError):
                     results[index] = output
                 else:
-                    text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
-                    results[index] = Completion(text, label, len(output.token_ids), output.finish_reason)
+                    results[index] = self._completion(requests[index], output, label)
         finally:
             for version in leased:
                 self.cache.release(version)
@@ -262,9 +270,41 @@ class Engine:
         self._report_cache()
         return results  # type: ignore[return-value]
 
+    def _completion(self, request: CompletionRequest, output, label: str) -> Completion | PeftServeError:
+        text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
+        matches = [text.find(stop) for stop in request.stop if stop in text]
+        if matches:
+            text = text[: min(matches)]
+        try:
+            self._refuse_blocked(text, "the answer was withheld")
+        except BlockedContentError as exc:
+            return exc
+        return Completion(text, label, len(output.token_ids), "stop" if matches else output.finish_reason)
+
+    def _refuse_blocked(self, text: str, what: str) -> None:
+        """Operators' blocked-content patterns; the message gives the pattern's index, not the pattern."""
+        for index, pattern in enumerate(self._blocked):
+            if pattern.search(text):
+                raise BlockedContentError(f"{what}: it matches blocked-content pattern #{index} (blocked_patterns)")
+
+    def _stop_condition(self, stops: tuple[str, ...]):
+        limit = self.config.max_stop_strings
+        if len(stops) > limit:
+            raise InvalidRequestError(f"stop has {len(stops)} strings, at most {limit} allowed (max_stop_strings)")
+        for stop in stops:
+            if not stop or len(stop.encode()) > self.config.max_stop_string_bytes:
+                raise InvalidRequestError(
+                    f"each stop string must have 1 to {self.config.max_stop_string_bytes} bytes "
+                    f"(max_stop_string_bytes), got {len(stop.encode())}"
+                )
+        if not stops:
+            return None
+        return lambda ids: any(stop in self.tokenizer.decode(ids, skip_special_tokens=True) for stop in stops)
+
     def prepare(self, request: CompletionRequest) -> tuple[GenerationRow, AdapterVersion | None]:
         """Check one request and turn it into a generation row (adapter not yet attached)."""
         prompt_ids = self._encode_prompt(request.text)
+        should_stop = self._stop_condition(tuple(request.stop))
         max_tokens = self.config.default_max_tokens if request.max_tokens is None else request.max_tokens
         if not 1 <= max_tokens <= self.config.max_tokens_limit:
             raise InvalidRequestError(
@@ -272,7 +312,9 @@ class Engine:
             )
         sampling = _sampling_params(request)
         version = self.resolve(request.adapter_id) if request.adapter_id else None
-        row = GenerationRow(prompt_ids, None, max_tokens, sampling, ignore_eos=bool(request.ignore_eos))
+        row = GenerationRow(
+            prompt_ids, None, max_tokens, sampling, ignore_eos=bool(request.ignore_eos), should_stop=should_stop
+        )
         return row, version
 
     def _encode_prompt(self, text: str | bytes) -> list[int]:
@@ -286,6 +328,7 @@ class Engine:
             raise InvalidRequestError(
                 f"text_input has {size} bytes, more than max_prompt_bytes ({self.config.max_prompt_bytes})"
             )
+        self._refuse_blocked(text, "text_input refused")
         ids = self.tokenizer(text).input_ids
         if not ids:  # an empty prompt still needs one position to start from
             ids = [

@@ -41,3 +41,13 @@ class UnsupportedAdapterError(AdapterLoadError):
     """The adapter's PEFT type or one of its options is not supported by the engine."""
 
     triton_code = "UNSUPPORTED"
+
+
+class OverLimitError(PeftServeError, RuntimeError):
+    """An adapter's request rate or requests in flight exceed its configured limit; refused at once."""
+
+    triton_code = "UNAVAILABLE"
+
+
+class BlockedContentError(InvalidRequestError):
+    """The prompt or the generated answer matched one of the configured blocked-content patterns."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,7 @@ class GenerationRow:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     ignore_eos: bool = False
+    should_stop: Callable[[list[int]], bool] | None = None  # e.g. a stop string appeared in the text so far
 
 
 @dataclass
@@ -106,7 +107,9 @@ class BatchGenerator:
                         result.finish_reason = "stop"
                         continue
                     result.token_ids.append(token)
-                    if len(result.token_ids) < rows[i].max_new_tokens:
+                    if rows[i].should_stop is not None and rows[i].should_stop(result.token_ids):
+                        result.finish_reason = "stop"
+                    elif len(result.token_ids) < rows[i].max_new_tokens:
                         keep.append(b)
                 if not keep:
                     break

@@ -33,3 +33,9 @@ class EngineMetrics:
 
     def serving_version(self, adapter: str, version: int) -> None:
         """The version new requests for ``adapter`` get now (0 once it is no longer served)."""
+
+    def over_limit(self, adapter: str) -> None:
+        """A request was refused because ``adapter`` is over its rate or in-flight limit."""
+
+    def inflight(self, by_adapter: dict[str, int]) -> None:
+        """Requests inside the model now, for the adapters whose count just changed."""

@@ -1,6 +1,7 @@
 """Send one completion request to peft_llm over HTTP or gRPC with ``tritonclient``.
 
-``python -m tools.client [--url HOST:PORT] [--protocol http|grpc] [--adapter ID] [--max-tokens N] PROMPT``
+``python -m tools.client [--url HOST:PORT] [--protocol http|grpc] [--adapter ID] [--max-tokens N]
+[--stop S] [--header NAME=VALUE] PROMPT``
 prints the generated text and which adapter version served it; ``--json`` prints all outputs as JSON.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -24,6 +26,7 @@ def build_inputs(
     *,
     always_send_adapter: bool = False,
     ignore_eos: bool = False,
+    stop: Sequence[str] = (),
 ) -> list:
     """InferInput list (``module``: tritonclient.http or .grpc) for one prompt; optional inputs are sent when set.
 
@@ -38,6 +41,8 @@ def build_inputs(
         values.append(("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"))
     if ignore_eos:
         values.append(("ignore_eos", np.array([[True]], dtype=bool), "BOOL"))
+    if stop:
+        values.append(("stop", np.array([[s.encode() for s in stop]], dtype=np.object_), "BYTES"))
     inputs = []
     for name, array, datatype in values:
         tensor = module.InferInput(name, list(array.shape), datatype)
@@ -54,11 +59,15 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--adapter", default="", help="adapter id; empty for the base model")
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--model", default="peft_llm")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", help="e.g. an API key")
     parser.add_argument("--json", action="store_true", help="print all outputs as JSON")
     args = parser.parse_args(argv)
+    headers = dict(header.split("=", 1) for header in args.header)
     module = grpcclient if args.protocol == "grpc" else httpclient
     client = module.InferenceServerClient(args.url)
-    result = client.infer(args.model, build_inputs(module, args.prompt, args.adapter, args.max_tokens))
+    inputs = build_inputs(module, args.prompt, args.adapter, args.max_tokens, stop=args.stop)
+    result = client.infer(args.model, inputs, headers=headers)
     answer = {
         "text_output": result.as_numpy("text_output")[0, 0].decode(),
         "adapter_version": result.as_numpy("adapter_version")[0, 0].decode(),

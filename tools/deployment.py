@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peftserve.config import ServeConfig, read_model_config
 
@@ -48,11 +49,27 @@ class Server(_Strict):
         return value
 
 
+# Triton's restricted-API categories (--http-restricted-api / --grpc-restricted-protocol).
+TRITON_API_CATEGORIES = (
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
+ApiCategory = Literal[TRITON_API_CATEGORIES]  # type: ignore[valid-type]
+
+
 class ApiKey(_Strict):
-    """A header Triton requires on a restricted API, and the environment variable holding its value."""
+    """A header Triton requires on some API categories, and the environment variable holding its value."""
 
     header: str = Field(pattern=r"^[A-Za-z0-9-]{1,64}$")
     value_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    apis: tuple[ApiCategory, ...] = Field(min_length=1)
 
     def headers(self) -> dict[str, str]:
         value = os.environ.get(self.value_env)
@@ -61,9 +78,41 @@ class ApiKey(_Strict):
         return {self.header: value}
 
 
+class ManagementKey(ApiKey):
+    """Guards what changes or inspects the server: loading models, shared memory, statistics, tracing, logs."""
+
+    apis: tuple[ApiCategory, ...] = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+
+
+class InferenceKey(ApiKey):
+    """Clients must send it to run inference (Triton's restricted ``inference`` category)."""
+
+    apis: tuple[ApiCategory, ...] = ("inference",)
+
+
 class Credentials(_Strict):
-    management: ApiKey | None = None  # model-repository / model-control APIs (publish, model swaps)
-    inference: ApiKey | None = None  # inference, when clients must authenticate
+    management: ManagementKey | None = None
+    inference: InferenceKey | None = None
+
+    @model_validator(mode="after")
+    def _each_category_once(self) -> Credentials:
+        keys = [key for key in (self.management, self.inference) if key is not None]
+        categories = [api for key in keys for api in key.apis]
+        repeated = sorted({api for api in categories if categories.count(api) > 1})
+        if repeated:
+            raise ValueError(f"API categories {repeated} are given to more than one key; Triton takes one per category")
+        return self
+
+    def triton_args(self) -> list[str]:
+        """Triton's restricted-API options for HTTP and gRPC; keys read from the environment now."""
+        args = []
+        for key in (self.management, self.inference):
+            if key is None:
+                continue
+            ((header, value),) = key.headers().items()
+            spec = f"{','.join(key.apis)}:{header}={value}"
+            args += [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
+        return args
 
 
 class Limits(_Strict):

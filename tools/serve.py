@@ -17,6 +17,7 @@ import numpy as np
 import tritonclient.http as httpclient
 
 from peftserve.adapter_repository import AdapterRepository
+from tools.deployment import DEFAULT_PATH, Deployment, DeploymentError, load_deployment
 from tools.triton_server import TritonServer, TritonStartError
 
 DEMO_PROMPT = "the cat looks at"
@@ -36,7 +37,7 @@ Metrics: curl -s localhost:{metrics_port}/metrics    Stop: Ctrl-C
 """
 
 
-def show_adapters(server: TritonServer, adapter_ids: list[str]) -> None:
+def show_adapters(server: TritonServer, adapter_ids: list[str], headers: dict[str, str]) -> None:
     """Send the same prompt once per adapter and print what each answered."""
     client = httpclient.InferenceServerClient(server.http_url)
     print(f"\nprompt: {DEMO_PROMPT!r}")
@@ -45,7 +46,7 @@ def show_adapters(server: TritonServer, adapter_ids: list[str]) -> None:
         text.set_data_from_numpy(np.array([[DEMO_PROMPT.encode()]], dtype=np.object_))
         adapter = httpclient.InferInput("adapter_id", [1, 1], "BYTES")
         adapter.set_data_from_numpy(np.array([[adapter_id.encode()]], dtype=np.object_))
-        result = client.infer("peft_llm", [text, adapter])
+        result = client.infer("peft_llm", [text, adapter], headers=headers)
         answer = result.as_numpy("text_output")[0, 0].decode()
         served_by = result.as_numpy("adapter_version")[0, 0].decode() or "base model"
         print(f"  {served_by:<12} -> {answer!r}")
@@ -54,7 +55,14 @@ def show_adapters(server: TritonServer, adapter_ids: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help="deployment config: API keys to require")
     args = parser.parse_args(argv)
+    try:
+        deployment = load_deployment(args.config) if args.config.exists() else Deployment()
+        restricted = deployment.credentials.triton_args()
+    except DeploymentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     ports = {
         name: int(os.environ.get(name.upper(), default))
         for name, default in [("http_port", 8000), ("grpc_port", 8001), ("metrics_port", 8002)]
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(tempfile.gettempdir()) / f"peftserve-triton-{ports['http_port']}.log"
     # Explicit model control: `python -m tools model-swap` loads new model versions while the old one serves.
     explicit = ("--model-control-mode=explicit", "--load-model=*")
-    server = TritonServer(args.repository, log_path=log_path, extra_args=explicit, **ports)
+    server = TritonServer(args.repository, log_path=log_path, extra_args=(*explicit, *restricted), **ports)
     print(
         f"starting tritonserver on {args.repository} (HTTP {ports['http_port']}, gRPC {ports['grpc_port']}, "
         f"metrics {ports['metrics_port']}); log: {log_path}"
@@ -77,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         server.start()
-        show_adapters(server, AdapterRepository(args.repository / "peft_llm" / "adapters").adapter_ids())
+        adapter_ids = AdapterRepository(args.repository / "peft_llm" / "adapters").adapter_ids()
+        show_adapters(server, adapter_ids, deployment.inference_headers())
         print(first_request_help(**ports))
         while not stop_requested and server.process.poll() is None:
             time.sleep(0.5)

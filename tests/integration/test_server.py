@@ -29,6 +29,7 @@ CONTRACT_INPUTS = {
     "top_k": "INT32",
     "seed": "INT64",
     "ignore_eos": "BOOL",
+    "stop": "BYTES",
 }
 CONTRACT_OUTPUTS = {"text_output": "BYTES", "adapter_version": "BYTES", "output_tokens": "INT32"}
 

@@ -97,10 +97,20 @@ def _parse_request(request) -> list[CompletionRequest]:
         if len(values) != len(texts):
             raise InvalidRequestError(f"input {name} has {len(values)} elements, text_input has {len(texts)}")
         options[name] = [_convert(name, value, convert) for value in values]
+    stops = _stop_strings(request, len(texts))
     return [
-        CompletionRequest(text=bytes(text), **{name: values[i] for name, values in options.items()})
+        CompletionRequest(text=bytes(text), stop=stops[i], **{name: values[i] for name, values in options.items()})
         for i, text in enumerate(texts)
     ]
+
+
+def _stop_strings(request, rows: int) -> list[tuple[str, ...]]:
+    """The optional ``stop`` input: shape (rows, n), empty strings ignored."""
+    tensor = pb_utils.get_input_tensor_by_name(request, "stop")
+    if tensor is None:
+        return [()] * rows
+    values = tensor.as_numpy().reshape(rows, -1) if tensor.as_numpy().size else [[]] * rows
+    return [tuple(s for s in (_convert("stop", v, str) for v in row) if s) for row in values]
 
 
 def _convert(name: str, value, convert):

@@ -31,6 +31,8 @@ FAMILIES = {
     ),
     "peftserve_adapter_serving_version": ("GAUGE", "Version of each adapter that new requests get (0: none)"),
     "peftserve_adapter_rejected_version": ("GAUGE", "Last version of each adapter that failed its checks"),
+    "peftserve_over_limit_total": ("COUNTER", "Requests refused at once: adapter over its rate or in-flight limit"),
+    "peftserve_requests_in_flight": ("GAUGE", "Requests inside the model (running or waiting for a load)"),
 }
 _CACHE_FAMILIES = {
     "hit": "peftserve_adapter_cache_hits_total",
@@ -90,3 +92,10 @@ class TritonMetrics(EngineMetrics):
 
     def serving_version(self, adapter: str, version: int) -> None:
         self._metric("peftserve_adapter_serving_version", adapter=adapter).set(version)
+
+    def over_limit(self, adapter: str) -> None:
+        self._metric("peftserve_over_limit_total", adapter=adapter).increment(1)
+
+    def inflight(self, by_adapter: dict[str, int]) -> None:
+        for adapter, count in by_adapter.items():
+            self._metric("peftserve_requests_in_flight", adapter=adapter).set(count)
