@@ -61,6 +61,7 @@ TRITON_API_CATEGORIES = (
     "trace",
     "logging",
 )
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 ApiCategory = Literal[TRITON_API_CATEGORIES]  # type: ignore[valid-type]
 
 
@@ -71,11 +72,12 @@ class ApiKey(_Strict):
     value_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     apis: tuple[ApiCategory, ...] = Field(min_length=1)
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, protocol: str = "http") -> dict[str, str]:
+        """The header to send; over gRPC Triton expects the name prefixed with ``triton-grpc-protocol-``."""
         value = os.environ.get(self.value_env)
         if not value:
             raise DeploymentError(f"environment variable {self.value_env} (the {self.header} key) is not set")
-        return {self.header: value}
+        return {(GRPC_HEADER_PREFIX if protocol == "grpc" else "") + self.header: value}
 
 
 class ManagementKey(ApiKey):
@@ -143,11 +145,11 @@ class Deployment(_Strict):
     def adapter_repository(self) -> Path:
         return Path(self.serve_config.adapter_repository)
 
-    def management_headers(self) -> dict[str, str]:
-        return self.credentials.management.headers() if self.credentials.management else {}
+    def management_headers(self, protocol: str = "http") -> dict[str, str]:
+        return self.credentials.management.headers(protocol) if self.credentials.management else {}
 
-    def inference_headers(self) -> dict[str, str]:
-        return self.credentials.inference.headers() if self.credentials.inference else {}
+    def inference_headers(self, protocol: str = "http") -> dict[str, str]:
+        return self.credentials.inference.headers(protocol) if self.credentials.inference else {}
 
 
 def load_deployment(path: Path = DEFAULT_PATH) -> Deployment:

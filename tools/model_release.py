@@ -116,7 +116,7 @@ def rollback_model(deployment: Deployment, *, timeout: float | None = None) -> M
 
 def _load_and_probe(deployment: Deployment, version: int, timeout: float | None) -> None:
     """Ask every server to load the model, then check a base-model request is answered by ``version``."""
-    management, inference = deployment.management_headers(), deployment.inference_headers()
+    management, inference = deployment.management_headers("grpc"), deployment.inference_headers("grpc")
     for server in tqdm(deployment.servers, desc=f"loading {deployment.model} version {version}", unit="server"):
         client = grpcclient.InferenceServerClient(server.grpc)
         try:
