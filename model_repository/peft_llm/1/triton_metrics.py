@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from peftserve.metrics import EngineMetrics
+from peftserve.metrics import BASE_LABEL, EngineMetrics
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 LOAD_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]
@@ -34,6 +34,20 @@ FAMILIES = {
     "peftserve_over_limit_total": ("COUNTER", "Requests refused at once: adapter over its rate or in-flight limit"),
     "peftserve_requests_in_flight": ("GAUGE", "Requests inside the model (running or waiting for a load)"),
 }
+_BUCKETS = {
+    "peftserve_request_duration_seconds": LATENCY_BUCKETS,
+    "peftserve_adapter_load_duration_seconds": LOAD_BUCKETS,
+}
+ZERO_INITIALIZED = [
+    "peftserve_requests_total",
+    "peftserve_generated_tokens_total",
+    "peftserve_request_duration_seconds",
+    "peftserve_adapter_cache_hits_total",
+    "peftserve_adapter_cache_misses_total",
+    "peftserve_adapter_cache_evictions_total",
+    "peftserve_adapter_load_duration_seconds",
+    "peftserve_over_limit_total",
+]
 _CACHE_FAMILIES = {
     "hit": "peftserve_adapter_cache_hits_total",
     "miss": "peftserve_adapter_cache_misses_total",
@@ -50,6 +64,9 @@ class TritonMetrics(EngineMetrics):
         }
         self._series: dict[tuple, object] = {}
         self._loaded: set[str] = set()  # adapters with a nonzero loaded-bytes gauge
+        # Counters and histograms start at zero, so dashboards' rate() works from the first scrape.
+        for family in ZERO_INITIALIZED:
+            self._metric(family, _BUCKETS.get(family), adapter=BASE_LABEL)
 
     def _metric(self, family: str, buckets: list[float] | None = None, **labels: str):
         key = (family, *sorted(labels.items()))
