@@ -12,7 +12,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
-.PHONY: serve test unit integration demo lint format clean bench-engine bench
+.PHONY: serve test unit integration demo lint format clean bench-engine bench scale-out
 
 serve: $(STAMP) $(DEMO)
 	$(PY) -m tools.serve --repository model_repository
@@ -55,10 +55,16 @@ $(STAMP): requirements.txt pyproject.toml
 $(DEMO): tools/demo_assets.py | $(STAMP)
 	$(PY) -m tools.demo_assets --repository model_repository
 
-# perf_analyzer (from the tritonclient wheel) links Debian's libb64.
+# perf_analyzer (from the tritonclient wheel) links Debian's libb64; the local scale-out router is nginx.
 .PHONY: system-deps
 system-deps:
-	@ldconfig -p | grep -q libb64.so.0d || (apt-get update -qq && apt-get install -y -qq libb64-0d)
+	@(ldconfig -p | grep -q libb64.so.0d && test -x /usr/sbin/nginx) || \
+		(apt-get update -qq && apt-get install -y -qq libb64-0d nginx-light)
+
+# Triton replicas on loopback behind the adapter-affinity router (the compose scale-out profile, no Docker).
+REPLICAS ?= 2
+scale-out: $(STAMP) $(DEMO) system-deps
+	$(PY) -m tools.scale_out --replicas $(REPLICAS)
 
 clean:
 	rm -rf $(VENV) model_repository/peft_llm/base_model model_repository/peft_llm/adapters

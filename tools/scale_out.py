@@ -145,8 +145,7 @@ class LocalCluster:
             for i, r in enumerate(self.replicas)
         )
         path.write_text(
-            f"model_repository: {self.deployment.model_repository}\nmodel: {self.deployment.model}\n"
-            f"servers:\n{servers}"
+            f"model_repository: {self.deployment.model_repository}\nmodel: {self.deployment.model}\nservers:\n{servers}"
         )
         return path
 

@@ -46,10 +46,13 @@ class Metrics:
 def scrape_metrics(server: Server, *, timeout: float = 5.0) -> Metrics:
     with urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=timeout) as response:
         text = response.read().decode()
+    # The parser appends "_total" to counters that lack it (Triton's nv_* counters); keep the names served.
+    served = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     metrics = Metrics()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            metrics.samples[sample.name].append((dict(sample.labels), sample.value))
+            name = sample.name if sample.name in served else family.name
+            metrics.samples[name].append((dict(sample.labels), sample.value))
     return metrics
 
 
