@@ -35,6 +35,7 @@ from peftserve.errors import (
 from peftserve.generation import BatchGenerator, GenerationRow, SamplingParams
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL, EngineMetrics
 from peftserve.smoke_check import smoke_check
+from peftserve.text_stream import TextStream
 
 logger = logging.getLogger("peftserve.engine")
 
@@ -187,17 +188,22 @@ class Engine:
         if version is None:
             self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
         elif version not in self.cache:
-            _, weights = self._reload(version)
+            weights = self.reload(version)
             with self._lock:
                 self.cache.acquire(version, lambda: weights)
                 self.cache.release(version)
 
-    def _reload(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by whoever runs the model: a batch, a decoding step, a smoke check, a switch."""
+        return self._lock
+
+    def reload(self, version: AdapterVersion) -> AdapterWeights:
         """Read an accepted version again after eviction (its digest must still match)."""
-        version, weights = self.read_adapter(version)
+        _, weights = self.read_adapter(version)
         with self._lock:
             self.layers.wrap(list(weights.modules))
-        return version, weights
+        return weights
 
     def _smoke_check(self, version: AdapterVersion, weights: AdapterWeights) -> None:
         def prompt_logits(text: str) -> torch.Tensor:
@@ -241,7 +247,7 @@ class Engine:
                     row, version = self.prepare(request)
                     if version is not None:
                         labels[index] = version.adapter_id
-                        row.adapter = self.cache.acquire(version, lambda v=version: self._reload(v)[1])
+                        row.adapter = self.cache.acquire(version, lambda v=version: self.reload(v))
                         leased.append(version)
                     prepared.append((index, row, version.label if version else ""))
                 except PeftServeError as exc:
@@ -271,17 +277,15 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def _completion(self, request: CompletionRequest, output, label: str) -> Completion | PeftServeError:
-        text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
-        matches = [text.find(stop) for stop in request.stop if stop in text]
-        if matches:
-            text = text[: min(matches)]
+        stream = TextStream(self.tokenizer, request.stop, self.refuse_blocked)
         try:
-            self._refuse_blocked(text, "the answer was withheld")
+            _, text = stream.finish(output.token_ids)
         except BlockedContentError as exc:
             return exc
-        return Completion(text, label, len(output.token_ids), "stop" if matches else output.finish_reason)
+        reason = "stop" if stream.stopped else output.finish_reason
+        return Completion(text, label, len(output.token_ids), reason)
 
-    def _refuse_blocked(self, text: str, what: str) -> None:
+    def refuse_blocked(self, text: str, what: str) -> None:
         """Operators' blocked-content patterns; the message gives the pattern's index, not the pattern."""
         for index, pattern in enumerate(self._blocked):
             if pattern.search(text):
@@ -328,7 +332,7 @@ class Engine:
             raise InvalidRequestError(
                 f"text_input has {size} bytes, more than max_prompt_bytes ({self.config.max_prompt_bytes})"
             )
-        self._refuse_blocked(text, "text_input refused")
+        self.refuse_blocked(text, "text_input refused")
         ids = self.tokenizer(text).input_ids
         if not ids:  # an empty prompt still needs one position to start from
             ids = [

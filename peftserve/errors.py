@@ -51,3 +51,9 @@ class OverLimitError(PeftServeError, RuntimeError):
 
 class BlockedContentError(InvalidRequestError):
     """The prompt or the generated answer matched one of the configured blocked-content patterns."""
+
+
+class CancelledError(PeftServeError):
+    """The client cancelled the request or went away; its generation stopped within one step."""
+
+    triton_code = "CANCELLED"

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from peftserve.adapter_weights import AdapterWeights
-from peftserve.batched_layers import AdapterLayers
+from peftserve.batched_layers import AdapterLayers, BatchDeltas
 
 
 @dataclass(frozen=True)
@@ -75,61 +75,16 @@ class BatchGenerator:
 
     @torch.inference_mode()
     def generate(self, rows: Sequence[GenerationRow], *, keep_logits: bool = False) -> list[GeneratedSequence]:
-        """Generate for all rows together; row ``i`` of the result answers ``rows[i]``.
-
-        Rows are run sorted by adapter, so the rows of one adapter are a contiguous slice of the batch and
-        its low-rank pair is applied to that slice without gathering copies of it.
-        """
-        order = sorted(range(len(rows)), key=lambda i: id(rows[i].adapter))
-        outputs = self._generate([rows[i] for i in order], keep_logits=keep_logits)
-        results: list[GeneratedSequence] = [None] * len(rows)  # type: ignore[list-item]
-        for position, index in enumerate(order):
-            results[index] = outputs[position]
-        return results
-
-    def _generate(self, rows: Sequence[GenerationRow], *, keep_logits: bool) -> list[GeneratedSequence]:
-        results = [GeneratedSequence(token_ids=[], finish_reason="length") for _ in rows]
-        generators = [self._generator(row.sampling) for row in rows]
-        active = list(range(len(rows)))  # original index of each row still in the batch
-        with self.layers.activated([row.adapter for row in rows]) as deltas:
-            inputs = self._prefill_inputs(rows)
-            cache: DynamicCache = inputs[self.cache_argument]
-            mask, positions = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-            logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-            while True:
-                tokens = self._choose_all(logits, [rows[i].sampling for i in active], [generators[i] for i in active])
-                keep = []
-                for b, (i, token) in enumerate(zip(active, tokens, strict=True)):
-                    result = results[i]
-                    if keep_logits:
-                        result.step_logits.append(logits[b].clone())
-                    if token in self.eos_token_ids and not rows[i].ignore_eos:
-                        result.finish_reason = "stop"
-                        continue
-                    result.token_ids.append(token)
-                    if rows[i].should_stop is not None and rows[i].should_stop(result.token_ids):
-                        result.finish_reason = "stop"
-                    elif len(result.token_ids) < rows[i].max_new_tokens:
-                        keep.append(b)
-                if not keep:
-                    break
-                next_ids = torch.tensor(tokens, device=self.device)[:, None]
-                if len(keep) < len(active):
-                    index = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(index)
-                    deltas.keep_rows(index)
-                    mask, positions, next_ids = mask[index], positions[index], next_ids[index]
-                    active = [active[b] for b in keep]
-                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-                positions = positions + 1
-                step = {
-                    "input_ids": next_ids,
-                    "attention_mask": mask,
-                    "position_ids": positions,
-                    self.cache_argument: cache,
-                }
-                logits = self.model(**step, use_cache=True).logits[:, -1].float()
-        return results
+        """Generate for all rows together; row ``i`` of the result answers ``rows[i]``."""
+        batch = RunningBatch(self, keep_logits=keep_logits)
+        active = [ActiveRow(row) for row in rows]
+        try:
+            batch.join(active)
+            while len(batch):
+                batch.step()
+        finally:
+            batch.close()
+        return [entry.result for entry in active]
 
     def _prefill_inputs(self, rows: Sequence[GenerationRow]) -> dict[str, torch.Tensor | DynamicCache]:
         embed = self.model.get_input_embeddings()
@@ -205,3 +160,180 @@ class BatchGenerator:
             scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         probabilities = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+@dataclass(eq=False)
+class ActiveRow:
+    """One row in a :class:`RunningBatch`: its request, what it generated so far, and the caller's handle."""
+
+    row: GenerationRow
+    handle: object = None
+    result: GeneratedSequence = field(default_factory=lambda: GeneratedSequence(token_ids=[], finish_reason="length"))
+    generator: torch.Generator | None = None
+    done: bool = False
+
+
+class RunningBatch:
+    """Rows that decode together, one forward pass per step; rows join between steps and leave when done.
+
+    A joining group is prefilled on its own (its prompts, virtual tokens and prefixes) and then merged into
+    the running batch: key/value caches are left-padded to a common length and masked, positions stay
+    per row, so each row's logits stay those of its solo run. Rows are kept sorted by adapter, so the rows
+    of one adapter are a contiguous slice and its low-rank pair applies to that slice without copies.
+    Finished or cancelled rows leave at once; their cache rows (and leading all-padding columns) are dropped.
+    """
+
+    def __init__(self, generator: BatchGenerator, *, keep_logits: bool = False) -> None:
+        self.generator = generator
+        self.keep_logits = keep_logits
+        self.rows: list[ActiveRow] = []
+        self.cache: DynamicCache | None = None
+        self.mask = self.positions = self.next_ids = None
+        self.deltas: BatchDeltas | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def join(self, rows: Sequence[ActiveRow]) -> list[ActiveRow]:
+        """Prefill ``rows``, choose their first tokens, merge those that go on; returns the ones already done."""
+        if not rows:
+            return []
+        gen = self.generator
+        rows = sorted(rows, key=lambda entry: id(entry.row.adapter))
+        for entry in rows:
+            entry.generator = gen._generator(entry.row.sampling)
+        deltas = BatchDeltas(gen.layers, [entry.row.adapter for entry in rows])
+        deltas.install()
+        inputs = gen._prefill_inputs([entry.row for entry in rows])
+        logits = gen.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        keep = self._advance(rows, logits)
+        done = [entry for b, entry in enumerate(rows) if b not in keep]
+        if keep:
+            index = torch.tensor(keep, device=gen.device)
+            cache: DynamicCache = inputs[gen.cache_argument]
+            if len(keep) < len(rows):
+                cache.batch_select_indices(index)
+            tokens = torch.tensor([rows[b].result.token_ids[-1] for b in keep], device=gen.device)[:, None]
+            self._merge(
+                [rows[b] for b in keep],
+                cache,
+                inputs["attention_mask"][index],
+                inputs["position_ids"][index, -1:],
+                tokens,
+            )
+        elif self.deltas is not None:
+            self.deltas.install()
+        return done
+
+    @torch.inference_mode()
+    def step(self) -> list[ActiveRow]:
+        """One decoding step for every running row; returns the rows that finished with it."""
+        gen = self.generator
+        self.deltas.install()  # another user of the layers (a smoke check) may have replaced them meanwhile
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self.positions = self.positions + 1
+        step = {
+            "input_ids": self.next_ids,
+            "attention_mask": self.mask,
+            "position_ids": self.positions,
+            gen.cache_argument: self.cache,
+        }
+        logits = gen.model(**step, use_cache=True).logits[:, -1].float()
+        keep = self._advance(self.rows, logits)
+        done = [entry for b, entry in enumerate(self.rows) if b not in keep]
+        self.next_ids = torch.tensor([entry.result.token_ids[-1] for entry in self.rows], device=gen.device)[:, None]
+        self._keep(keep)
+        return done
+
+    def remove(self, leaving: Sequence[ActiveRow]) -> None:
+        """Take rows out between steps (a cancelled request); the others go on."""
+        leaving_ids = {id(entry) for entry in leaving}
+        self._keep([b for b, entry in enumerate(self.rows) if id(entry) not in leaving_ids])
+
+    def close(self) -> None:
+        for layer in self.generator.layers.wrapped.values():
+            layer.rows = None
+
+    def _advance(self, rows: Sequence[ActiveRow], logits: torch.Tensor) -> list[int]:
+        """Choose each row's next token and record it; returns the batch positions of rows that go on."""
+        tokens = self.generator._choose_all(
+            logits, [entry.row.sampling for entry in rows], [entry.generator for entry in rows]
+        )
+        keep = []
+        for b, (entry, token) in enumerate(zip(rows, tokens, strict=True)):
+            result, row = entry.result, entry.row
+            if self.keep_logits:
+                result.step_logits.append(logits[b].clone())
+            if token in self.generator.eos_token_ids and not row.ignore_eos:
+                result.finish_reason = "stop"
+            else:
+                result.token_ids.append(token)
+                if row.should_stop is not None and row.should_stop(result.token_ids):
+                    result.finish_reason = "stop"
+                elif len(result.token_ids) < row.max_new_tokens:
+                    keep.append(b)
+                    continue
+            entry.done = True
+        return keep
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[b] for b in keep]
+        if not keep:
+            self.cache = self.mask = self.positions = self.next_ids = self.deltas = None
+            self.close()
+            return
+        index = torch.tensor(keep, device=self.generator.device)
+        self.cache.batch_select_indices(index)
+        self.deltas.keep_rows(index)
+        self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
+        self._trim_padding()
+
+    def _trim_padding(self) -> None:
+        """Drop leading cache columns that every remaining row masks out (left by rows that left)."""
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start == 0:
+            return
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def _merge(
+        self,
+        rows: list[ActiveRow],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        next_ids: torch.Tensor,
+    ) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions, self.next_ids = rows, cache, mask, positions, next_ids
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+            self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
+            self.positions = torch.cat([self.positions, positions])
+            self.next_ids = torch.cat([self.next_ids, next_ids])
+            self.rows = self.rows + rows
+        order = sorted(range(len(self.rows)), key=lambda b: id(self.rows[b].row.adapter))
+        if order != list(range(len(self.rows))):
+            index = torch.tensor(order, device=self.generator.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
+            self.rows = [self.rows[b] for b in order]
+        self.deltas = BatchDeltas(self.generator.layers, [entry.row.adapter for entry in self.rows])
+        self.deltas.install()
+
+
+def _left_pad(tensor: torch.Tensor, width: int, *, dim: int = 2) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -39,3 +39,9 @@ class EngineMetrics:
 
     def inflight(self, by_adapter: dict[str, int]) -> None:
         """Requests inside the model now, for the adapters whose count just changed."""
+
+    def first_token(self, adapter: str, *, seconds: float) -> None:
+        """Time from a request's arrival to its first generated token (continuous batching)."""
+
+    def time_per_output_token(self, adapter: str, *, seconds: float) -> None:
+        """Mean time between a request's tokens after the first."""

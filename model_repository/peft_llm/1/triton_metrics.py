@@ -33,9 +33,14 @@ FAMILIES = {
     "peftserve_adapter_rejected_version": ("GAUGE", "Last version of each adapter that failed its checks"),
     "peftserve_over_limit_total": ("COUNTER", "Requests refused at once: adapter over its rate or in-flight limit"),
     "peftserve_requests_in_flight": ("GAUGE", "Requests inside the model (running or waiting for a load)"),
+    "peftserve_time_to_first_token_seconds": ("HISTOGRAM", "Arrival to first generated token, by adapter"),
+    "peftserve_time_per_output_token_seconds": ("HISTOGRAM", "Mean time between tokens after the first"),
 }
+TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 _BUCKETS = {
     "peftserve_request_duration_seconds": LATENCY_BUCKETS,
+    "peftserve_time_to_first_token_seconds": LATENCY_BUCKETS,
+    "peftserve_time_per_output_token_seconds": TOKEN_BUCKETS,
     "peftserve_adapter_load_duration_seconds": LOAD_BUCKETS,
 }
 ZERO_INITIALIZED = [
@@ -47,6 +52,8 @@ ZERO_INITIALIZED = [
     "peftserve_adapter_cache_evictions_total",
     "peftserve_adapter_load_duration_seconds",
     "peftserve_over_limit_total",
+    "peftserve_time_to_first_token_seconds",
+    "peftserve_time_per_output_token_seconds",
 ]
 _CACHE_FAMILIES = {
     "hit": "peftserve_adapter_cache_hits_total",
@@ -116,3 +123,11 @@ class TritonMetrics(EngineMetrics):
     def inflight(self, by_adapter: dict[str, int]) -> None:
         for adapter, count in by_adapter.items():
             self._metric("peftserve_requests_in_flight", adapter=adapter).set(count)
+
+    def first_token(self, adapter: str, *, seconds: float) -> None:
+        family = "peftserve_time_to_first_token_seconds"
+        self._metric(family, _BUCKETS[family], adapter=adapter).observe(seconds)
+
+    def time_per_output_token(self, adapter: str, *, seconds: float) -> None:
+        family = "peftserve_time_per_output_token_seconds"
+        self._metric(family, _BUCKETS[family], adapter=adapter).observe(seconds)

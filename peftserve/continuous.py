@@ -1,0 +1,199 @@
+"""Continuous batching: requests join the running batch between decoding steps and leave when done.
+
+One loop thread owns the decoding. Each iteration it admits waiting requests (prefilled together, then
+merged into the running batch), runs one decoding step for every running row whatever its adapter,
+streams each row's new text, and retires rows that finished, were cancelled or hit a stop string — so a
+short request never waits for the longest one it arrived with, and a freed slot is reused at the next
+step. Requests whose adapter is not in memory wait on a loader thread, never in the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from peftserve.adapter_repository import AdapterVersion
+from peftserve.admission import Admission
+from peftserve.engine import Completion, CompletionRequest, Engine
+from peftserve.errors import CancelledError, OverLimitError, PeftServeError
+from peftserve.generation import ActiveRow, RunningBatch
+from peftserve.metrics import BASE_LABEL
+from peftserve.text_stream import TextStream
+
+logger = logging.getLogger("peftserve.continuous")
+
+TextCallback = Callable[[str], None]
+DoneCallback = Callable[[Completion | PeftServeError], None]
+
+
+@dataclass(eq=False)
+class Work:
+    """One request in the batcher: the callbacks that answer it and what it has produced so far."""
+
+    request: CompletionRequest
+    on_done: DoneCallback
+    on_text: TextCallback | None = None  # streaming: called with each new piece of text
+    is_cancelled: Callable[[], bool] = lambda: False
+    submitted: float = field(default_factory=time.perf_counter)
+    label: str = BASE_LABEL
+    version: AdapterVersion | None = None
+    text: TextStream | None = None
+    first_token_at: float | None = None
+    admitted: bool = False
+
+
+class ContinuousBatcher:
+    def __init__(self, engine: Engine, *, max_rows: int = 32, loader_threads: int = 2) -> None:
+        self.engine = engine
+        self.max_rows = max_rows
+        self.admission = Admission(engine.config.adapter_limits, engine.config.adapter_limit_overrides)
+        self._waiting: deque[Work] = deque()
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._loaders = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-loader")
+        self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: Work) -> None:
+        """Queue a request (thread-safe). Over-limit requests are refused at once; requests whose adapter
+        must be loaded first join after the load, which runs beside the decoding loop."""
+        adapter_id = work.request.adapter_id
+        loaded = self.engine.adapter_loaded(adapter_id) if adapter_id else True
+        if loaded is not None:
+            work.label = adapter_id or BASE_LABEL
+            try:
+                self.admission.admit(work.label)
+            except OverLimitError as exc:
+                self.engine.metrics.over_limit(work.label)
+                self._finish(work, exc)
+                return
+            work.admitted = True
+            self.engine.metrics.inflight({work.label: self.admission.inflight(work.label)})
+            if adapter_id:
+                self.engine.metrics.cache_event("hit" if loaded else "miss", adapter_id)
+        if loaded is False:
+            self._loaders.submit(self._load_then_queue, work)
+        else:
+            self._queue(work)
+
+    def close(self) -> None:
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        self._thread.join(timeout=60)
+        self._loaders.shutdown(wait=True)
+
+    def _load_then_queue(self, work: Work) -> None:
+        try:
+            self.engine.ensure_loaded(work.request.adapter_id)
+        except Exception:  # the request gets the error when it is prepared
+            logger.exception("background load of adapter %r failed", work.request.adapter_id)
+        self._queue(work)
+
+    def _queue(self, work: Work) -> None:
+        with self._wakeup:
+            self._waiting.append(work)
+            self._wakeup.notify()
+
+    def _loop(self) -> None:
+        batch = RunningBatch(self.engine.generator)
+        while True:
+            with self._wakeup:
+                while not self._waiting and not len(batch) and not self._closed:
+                    self._wakeup.wait()
+                if self._closed and not self._waiting and not len(batch):
+                    return
+                room = self.max_rows - len(batch)
+                joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            try:
+                with self.engine.lock:
+                    self._drop_cancelled(batch)
+                    self._emit(batch.join(self._prepare(joining)), finished=True)
+                    self._emit(batch.rows, finished=False)
+                    if len(batch):
+                        self._emit(batch.step(), finished=True)
+                        self._emit(batch.rows, finished=False)
+            except Exception as exc:  # every request in the batch must still be answered
+                logger.exception("decoding step failed; failing the %d running requests", len(batch))
+                error = PeftServeError(f"generation failed: {type(exc).__name__}: {exc}")
+                for entry in batch.rows:
+                    self._finish(entry.handle, error)
+                batch.close()
+                batch = RunningBatch(self.engine.generator)
+
+    def _prepare(self, joining: list[Work]) -> list[ActiveRow]:
+        rows = []
+        for work in joining:
+            if work.is_cancelled():
+                self._finish(work, CancelledError("request cancelled by the client"))
+                continue
+            try:
+                row, version = self.engine.prepare(work.request)
+                if version is not None:
+                    work.label = version.adapter_id
+                    row.adapter = self.engine.cache.acquire(version, lambda v=version: self.engine.reload(v))
+                    work.version = version
+            except PeftServeError as exc:
+                self._finish(work, exc)
+                continue
+            work.text = TextStream(self.engine.tokenizer, work.request.stop, self.engine.refuse_blocked)
+            rows.append(ActiveRow(row, handle=work))
+        return rows
+
+    def _drop_cancelled(self, batch: RunningBatch) -> None:
+        cancelled = [entry for entry in batch.rows if entry.handle.is_cancelled()]
+        if cancelled:
+            batch.remove(cancelled)
+            for entry in cancelled:
+                self._finish(entry.handle, CancelledError("request cancelled by the client"))
+
+    def _emit(self, entries: list[ActiveRow], *, finished: bool) -> None:
+        """Stream new text of running rows; answer finished ones."""
+        now = time.perf_counter()
+        for entry in entries:
+            work: Work = entry.handle
+            tokens = entry.result.token_ids
+            if tokens and work.first_token_at is None:
+                work.first_token_at = now
+                self.engine.metrics.first_token(work.label, seconds=now - work.submitted)
+            try:
+                if finished:
+                    piece, text = work.text.finish(tokens)
+                else:
+                    piece, text = work.text.update(tokens), None
+            except PeftServeError as exc:  # a blocked pattern in the answer so far
+                self._finish(work, exc)
+                continue
+            if piece and work.on_text is not None:
+                work.on_text(piece)
+            if finished:
+                reason = "stop" if work.text.stopped else entry.result.finish_reason
+                label = work.version.label if work.version else ""
+                self._finish(work, Completion(text, label, len(tokens), reason))
+
+    def _finish(self, work: Work, answer: Completion | PeftServeError) -> None:
+        if work.version is not None:
+            self.engine.cache.release(work.version)
+            work.version = None
+        if work.admitted:
+            self.admission.release(work.label)
+            work.admitted = False
+            self.engine.metrics.inflight({work.label: self.admission.inflight(work.label)})
+        failed = isinstance(answer, PeftServeError)
+        seconds = time.perf_counter() - work.submitted
+        tokens = 0 if failed else answer.output_tokens
+        self.engine.metrics.request_done(
+            work.label, error_code=answer.triton_code if failed else None, seconds=seconds, tokens=tokens
+        )
+        if not failed and tokens > 1 and work.first_token_at is not None:
+            per_token = (time.perf_counter() - work.first_token_at) / (tokens - 1)
+            self.engine.metrics.time_per_output_token(work.label, seconds=per_token)
+        try:
+            work.on_done(answer)
+        except Exception:
+            logger.exception("sending a response failed")
