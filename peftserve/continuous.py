@@ -22,7 +22,7 @@ from peftserve.admission import Admission
 from peftserve.engine import Completion, CompletionRequest, Engine
 from peftserve.errors import CancelledError, OverLimitError, PeftServeError
 from peftserve.generation import ActiveRow, RunningBatch
-from peftserve.metrics import BASE_LABEL
+from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL
 from peftserve.text_stream import TextStream
 
 logger = logging.getLogger("peftserve.continuous")
@@ -64,8 +64,8 @@ class ContinuousBatcher:
         must be loaded first join after the load, which runs beside the decoding loop."""
         adapter_id = work.request.adapter_id
         loaded = self.engine.adapter_loaded(adapter_id) if adapter_id else True
+        work.label = UNKNOWN_LABEL if loaded is None else adapter_id or BASE_LABEL
         if loaded is not None:
-            work.label = adapter_id or BASE_LABEL
             try:
                 self.admission.admit(work.label)
             except OverLimitError as exc:
@@ -118,6 +118,7 @@ class ContinuousBatcher:
                     if len(batch):
                         self._emit(batch.step(), finished=True)
                         self._emit(batch.rows, finished=False)
+                self.engine.report_cache()
             except Exception as exc:  # every request in the batch must still be answered
                 logger.exception("decoding step failed; failing the %d running requests", len(batch))
                 error = PeftServeError(f"generation failed: {type(exc).__name__}: {exc}")

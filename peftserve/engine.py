@@ -94,7 +94,7 @@ class Engine:
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
         for adapter_id in config.preload:
             self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
-        self._report_cache()
+        self.report_cache()
 
     def read_adapter(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
         """Hash, read, check and convert one version; touches no shared state, so needs no lock.
@@ -220,7 +220,8 @@ class Engine:
         except PeftServeError as exc:  # e.g. a golden prompt longer than max_prompt_tokens
             raise AdapterLoadError(f"smoke check of {version.label} failed: {exc}") from exc
 
-    def _report_cache(self) -> None:
+    def report_cache(self) -> None:
+        """Publish what the adapter cache holds (metrics)."""
         by_adapter: dict[str, int] = {}
         for version, nbytes in self.cache.sizes().items():
             by_adapter[version.adapter_id] = by_adapter.get(version.adapter_id, 0) + nbytes
@@ -273,7 +274,7 @@ class Engine:
                 seconds=seconds,
                 tokens=0 if failed else result.output_tokens,
             )
-        self._report_cache()
+        self.report_cache()
         return results  # type: ignore[return-value]
 
     def _completion(self, request: CompletionRequest, output, label: str) -> Completion | PeftServeError:

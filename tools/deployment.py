@@ -128,6 +128,7 @@ class Deployment(_Strict):
     path: Path = Field(DEFAULT_PATH, exclude=True)
     model_repository: Path = Path("model_repository")
     model: str = "peft_llm"
+    engine_model: str = Field("peft_llm_stream", description="the model that holds the engine (model swaps)")
     servers: list[Server] = Field(default_factory=lambda: [Server()], min_length=1)
     credentials: Credentials = Credentials()
     limits: Limits = Limits()

@@ -88,7 +88,7 @@ class LocalCluster:
                 metrics_port=free_port(),
                 log_path=self.workdir / f"replica-{index}.log",
                 address="127.0.0.1",
-                extra_args=("--model-control-mode=explicit", f"--load-model={deployment.model}", *restricted),
+                extra_args=("--model-control-mode=explicit", "--load-model=*", *restricted),
             )
             for index in range(replicas)
         ]

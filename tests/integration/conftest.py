@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +61,24 @@ def outputs(result) -> tuple[str, str, int]:
         result.as_numpy("adapter_version")[0, 0].decode(),
         int(result.as_numpy("output_tokens")[0, 0]),
     )
+
+
+def private_repository(model_dir: Path, root: Path, adapter_ids: list[str], **parameters: str) -> Path:
+    """A model repository of our own under ``root`` (both models; base model linked, adapters copied), with
+    peft_llm ``parameters`` replaced, e.g. ``adapter_poll_seconds="0.1"``. Returns peft_llm's directory."""
+    model = root / "peft_llm"
+    model.mkdir(parents=True)
+    config = (model_dir / "config.pbtxt").read_text()
+    for key, value in parameters.items():
+        config, count = re.subn(
+            rf'(key: "{key}", value: {{ string_value: )"(?:[^"\\]|\\.)*"', lambda m, v=value: f'{m[1]}"{v}"', config
+        )
+        assert count == 1, f"config.pbtxt has no parameter {key}"
+    (model / "config.pbtxt").write_text(config)
+    shutil.copytree(model_dir / "1", model / "1", ignore=shutil.ignore_patterns("__pycache__"))
+    (model / "base_model").symlink_to(model_dir / "base_model")
+    for adapter_id in adapter_ids:
+        shutil.copytree(model_dir / "adapters" / adapter_id / "1", model / "adapters" / adapter_id / "1")
+    stream = model_dir.parent / "peft_llm_stream"
+    shutil.copytree(stream, root / "peft_llm_stream", ignore=shutil.ignore_patterns("__pycache__"))
+    return model

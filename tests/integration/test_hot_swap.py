@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 from peftserve.smoke_check import GOLDEN_FILE
 from peftserve.swap_history import SwapHistory
 from tests.conftest import DEMO_PHRASES, REPO_ROOT
+from tests.integration.conftest import private_repository
 from tools.adapter_release import publish, rollback
 from tools.client import build_inputs
 from tools.deployment import Deployment, ReleaseError, load_deployment
@@ -35,28 +36,11 @@ SWAPPED = "pirate"  # the adapter whose versions change; robot and chef keep ser
 CONTENTS = {"pirate": DEMO_PHRASES["pirate"], "robot": DEMO_PHRASES["robot"]}  # source of each version
 
 
-def make_repository(model_dir: Path, root: Path) -> Path:
-    model = root / "peft_llm"
-    model.mkdir(parents=True)
-    config = (model_dir / "config.pbtxt").read_text()
-    (model / "config.pbtxt").write_text(
-        config.replace(
-            '"adapter_poll_seconds", value: { string_value: "1.0" }',
-            '"adapter_poll_seconds", value: { string_value: "0.1" }',
-        )
-    )
-    assert 'string_value: "0.1"' in (model / "config.pbtxt").read_text()
-    shutil.copytree(model_dir / "1", model / "1", ignore=shutil.ignore_patterns("__pycache__"))
-    (model / "base_model").symlink_to(model_dir / "base_model")
-    for adapter_id in ["pirate", "robot", "chef"]:
-        shutil.copytree(model_dir / "adapters" / adapter_id / "1", model / "adapters" / adapter_id / "1")
-    return root
-
-
 @pytest.fixture(scope="module")
 def swap_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonServer, Deployment]]:
     workdir = tmp_path_factory.mktemp("hot_swap")
-    repository = make_repository(model_dir, workdir / "model_repository")
+    repository = workdir / "model_repository"
+    private_repository(model_dir, repository, ["pirate", "robot", "chef"], adapter_poll_seconds="0.1")
     server = TritonServer(
         repository,
         http_port=free_port(),
@@ -64,7 +48,7 @@ def swap_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         metrics_port=free_port(),
         log_path=workdir / "server.log",
         address="127.0.0.1",
-        extra_args=("--model-control-mode=explicit", "--load-model=peft_llm"),
+        extra_args=("--model-control-mode=explicit", "--load-model=*"),
     )
     config = workdir / "serving_config.yaml"
     config.write_text(

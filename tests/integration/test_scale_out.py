@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 import time
 import urllib.error
@@ -21,6 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.conftest import DEMO_PHRASES, REPO_ROOT
+from tests.integration.conftest import private_repository
 from tools.adapter_release import publish
 from tools.client import build_inputs
 from tools.deployment import Deployment, load_deployment
@@ -34,14 +34,7 @@ ADAPTERS = ["pirate", "robot", "chef", "knight", "wizard", "gardener"]
 @pytest.fixture(scope="module")
 def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, Deployment]]:
     workdir = tmp_path_factory.mktemp("scale_out")
-    model = workdir / "model_repository" / "peft_llm"
-    model.mkdir(parents=True)
-    config = (model_dir / "config.pbtxt").read_text()
-    (model / "config.pbtxt").write_text(config.replace('string_value: "1.0"', 'string_value: "0.2"'))
-    shutil.copytree(model_dir / "1", model / "1", ignore=shutil.ignore_patterns("__pycache__"))
-    (model / "base_model").symlink_to(model_dir / "base_model")
-    for adapter_id in ADAPTERS:
-        shutil.copytree(model_dir / "adapters" / adapter_id / "1", model / "adapters" / adapter_id / "1")
+    private_repository(model_dir, workdir / "model_repository", ADAPTERS, adapter_poll_seconds="0.2")
     (workdir / "serving_config.yaml").write_text("model_repository: model_repository\n")
     local = LocalCluster(load_deployment(workdir / "serving_config.yaml"), replicas=2, workdir=workdir)
     try:

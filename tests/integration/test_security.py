@@ -25,6 +25,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import DEMO_PHRASES
+from tests.integration.conftest import private_repository
 from tools.client import build_inputs
 from tools.deployment import Deployment, load_deployment
 from tools.server_probe import scrape_metrics
@@ -45,25 +46,15 @@ class CodeRunningPickle:
 
 
 def make_repository(model_dir: Path, root: Path, outside: Path, marker: Path) -> None:
-    model = root / "peft_llm"
-    model.mkdir(parents=True)
-    config = (model_dir / "config.pbtxt").read_text()
     overrides = json.dumps({"pirate": {"rate_per_second": PIRATE_RATE, "burst": PIRATE_RATE}}).replace('"', '\\"')
-    config = config.replace(
-        '"adapter_limit_overrides", value: { string_value: "{}" }',
-        f'"adapter_limit_overrides", value: {{ string_value: "{overrides}" }}',
+    model = private_repository(
+        model_dir,
+        root,
+        ["pirate", "robot", "knight"],
+        adapter_limit_overrides=overrides,
+        adapter_poll_seconds="0.2",
     )
-    config = config.replace(
-        '"adapter_poll_seconds", value: { string_value: "1.0" }',
-        '"adapter_poll_seconds", value: { string_value: "0.2" }',
-    )
-    assert "rate_per_second" in config and 'string_value: "0.2"' in config
-    (model / "config.pbtxt").write_text(config)
-    shutil.copytree(model_dir / "1", model / "1", ignore=shutil.ignore_patterns("__pycache__"))
-    (model / "base_model").symlink_to(model_dir / "base_model")
     adapters = model / "adapters"
-    for adapter_id in ["pirate", "robot", "knight"]:
-        shutil.copytree(model_dir / "adapters" / adapter_id / "1", adapters / adapter_id / "1")
     shutil.copytree(model_dir / "adapters" / "chef" / "1", outside / "chef" / "1")
     (adapters / "escape").symlink_to(outside / "chef")  # a whole adapter linked from outside
     pickled = adapters / "pickled" / "1"
@@ -106,7 +97,7 @@ credentials:
         metrics_port=ports["metrics"],
         log_path=workdir / "server.log",
         address="127.0.0.1",
-        extra_args=("--model-control-mode=explicit", "--load-model=peft_llm", *deployment.credentials.triton_args()),
+        extra_args=("--model-control-mode=explicit", "--load-model=*", *deployment.credentials.triton_args()),
     )
     try:
         server.start(timeout=240)
@@ -145,7 +136,7 @@ def test_management_api_requires_the_key(guarded) -> None:
     with pytest.raises(InferenceServerException, match="restricted"):
         grpc.unload_model("peft_llm")
     index = grpc.get_model_repository_index(headers=deployment.management_headers("grpc"), as_json=True)
-    assert [model["name"] for model in index["models"]] == ["peft_llm"]
+    assert {model["name"] for model in index["models"]} == {"peft_llm", "peft_llm_stream"}
     assert grpc.is_model_ready("peft_llm")
 
 

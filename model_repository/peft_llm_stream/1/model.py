@@ -1,0 +1,121 @@
+"""Triton glue for peft_llm_stream: the engine, its continuous batcher and the adapter watcher live here.
+
+Each request becomes one :class:`Work` in the batcher; with ``stream`` true its text arrives as a
+response per piece and a final response, otherwise as one final response. A client that cancels (or
+disconnects) is noticed at the next decoding step and its row leaves the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from peftserve.config import read_model_config
+from peftserve.continuous import ContinuousBatcher, Work
+from peftserve.engine import Completion, Engine
+from peftserve.errors import InvalidRequestError, PeftServeError
+from peftserve.hot_swap import AdapterWatcher
+from peftserve.metrics import UNKNOWN_LABEL
+from peftserve.triton.io import (
+    error_response,
+    is_forwarded,
+    parse_request,
+    piece_response,
+    success_response,
+    wants_stream,
+)
+from peftserve.triton.metrics import TritonMetrics
+
+logger = logging.getLogger("peftserve.triton")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# The model whose metrics and settings this engine serves under (peft_llm forwards here).
+SERVED_MODEL = "peft_llm"
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        model_dir = Path(args["model_repository"])
+        config = read_model_config((model_dir / parameters["engine_config"]["string_value"]).resolve())
+        device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
+        logger.info("loading %s on %s", config.base_model, device)
+        self.metrics = TritonMetrics(SERVED_MODEL)
+        engine = Engine(config, device=device, metrics=self.metrics)
+        self.batcher = ContinuousBatcher(engine, max_rows=int(parameters["max_running_rows"]["string_value"]))
+        self.watcher = AdapterWatcher(engine, interval=config.adapter_poll_seconds)
+        self.watcher.start()
+
+    def execute(self, requests: list) -> None:
+        """Hand every row to the batcher and return at once; responses go out from its loop thread."""
+        for request in requests:
+            sender = request.get_response_sender()
+            tag = is_forwarded(request)
+            try:
+                rows, stream = parse_request(request), wants_stream(request)
+                if stream and len(rows) != 1:
+                    raise InvalidRequestError(f"stream=true needs exactly one row per request, got {len(rows)}")
+            except Exception as exc:  # one malformed request must not fail the others
+                if not isinstance(exc, PeftServeError):
+                    logger.exception("cannot parse request")
+                error = exc if isinstance(exc, PeftServeError) else PeftServeError(f"cannot parse request: {exc}")
+                self.metrics.request_done(UNKNOWN_LABEL, error_code=error.triton_code, seconds=0.0, tokens=0)
+                sender.send(error_response(error, tag_code=tag), flags=FINAL)
+                continue
+            gather = _Gather(sender, len(rows), stream=stream, tag_errors=tag)
+            for index, row in enumerate(rows):
+                work = Work(row, on_done=gather.callback(index), is_cancelled=sender.is_cancelled)
+                if stream:
+                    work.on_text = _streamer(sender, work)
+                self.batcher.submit(work)
+
+    def finalize(self) -> None:
+        self.watcher.stop()
+        self.batcher.close()
+
+
+def _streamer(sender, work: Work):
+    def send_piece(piece: str) -> None:
+        sender.send(piece_response(piece, work.version.label if work.version else ""))
+
+    return send_piece
+
+
+class _Gather:
+    """Collects the answers of one request's rows and sends the final response once all are in.
+
+    A streamed request has one row, whose final response carries the last piece (possibly empty) and
+    the token count; its earlier pieces went out as they came.
+    """
+
+    def __init__(self, sender, rows: int, *, stream: bool, tag_errors: bool) -> None:
+        self.sender = sender
+        self.stream = stream
+        self.tag_errors = tag_errors
+        self.answers: list[Completion | PeftServeError | None] = [None] * rows
+        self.missing = rows
+        self._lock = threading.Lock()  # answers come from the batcher's loop and from submit (refusals)
+
+    def callback(self, index: int):
+        def done(answer: Completion | PeftServeError) -> None:
+            with self._lock:
+                self.answers[index] = answer
+                self.missing -= 1
+                if self.missing:
+                    return
+            self._send()
+
+        return done
+
+    def _send(self) -> None:
+        failure = next((a for a in self.answers if isinstance(a, PeftServeError)), None)
+        if failure is not None:
+            self.sender.send(error_response(failure, tag_code=self.tag_errors), flags=FINAL)
+            return
+        answers = [replace(a, text="") for a in self.answers] if self.stream else self.answers  # text already sent
+        self.sender.send(success_response(answers), flags=FINAL)
