@@ -12,7 +12,8 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
-.PHONY: serve test unit integration demo lint format clean bench-engine bench scale-out
+.PHONY: serve test unit integration demo lint format clean bench-engine bench scale-out bench-continuous \
+	bench-forwarding
 
 serve: $(STAMP) $(DEMO)
 	$(PY) -m tools.serve --repository model_repository
@@ -37,6 +38,14 @@ bench: $(STAMP) $(DEMO) system-deps
 # Engine throughput against the base model, PEFT's mixed batch and the naive loop (prints ratios).
 bench-engine: $(STAMP)
 	$(PY) -m tools.bench_engine
+
+# Continuous vs whole-request batching on staggered mixed-length traffic (prints ratios, writes a plot).
+bench-continuous: $(STAMP)
+	$(PY) -m tools.bench_continuous
+
+# What peft_llm's BLS hop to peft_llm_stream costs per request.
+bench-forwarding: $(STAMP) $(DEMO)
+	$(PY) -m tools.bench_forwarding
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -162,6 +162,8 @@ class ContinuousBatcher:
             if tokens and work.first_token_at is None:
                 work.first_token_at = now
                 self.engine.metrics.first_token(work.label, seconds=now - work.submitted)
+            if not finished and work.on_text is None:
+                continue  # nothing to stream: the text is decoded (and checked) once, at the end
             try:
                 if finished:
                     piece, text = work.text.finish(tokens)

@@ -1,14 +1,16 @@
 """Send one completion request to peft_llm over HTTP or gRPC with ``tritonclient``.
 
 ``python -m tools.client [--url HOST:PORT] [--protocol http|grpc] [--adapter ID] [--max-tokens N]
-[--stop S] [--header NAME=VALUE] PROMPT``
-prints the generated text and which adapter version served it; ``--json`` prints all outputs as JSON.
+[--stop S] [--header NAME=VALUE] [--stream] PROMPT`` prints the generated text and which adapter version
+served it; ``--json`` prints all outputs as JSON; ``--stream`` prints tokens as they arrive (gRPC, from
+peft_llm_stream).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import queue
 import sys
 from collections.abc import Sequence
 
@@ -61,9 +63,12 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--model", default="peft_llm")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", help="e.g. an API key")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they come (gRPC, peft_llm_stream)")
     parser.add_argument("--json", action="store_true", help="print all outputs as JSON")
     args = parser.parse_args(argv)
     headers = dict(header.split("=", 1) for header in args.header)
+    if args.stream:
+        return stream(args.url, args.prompt, args.adapter, args.max_tokens, args.stop, headers)
     module = grpcclient if args.protocol == "grpc" else httpclient
     client = module.InferenceServerClient(args.url)
     inputs = build_inputs(module, args.prompt, args.adapter, args.max_tokens, stop=args.stop)
@@ -75,6 +80,32 @@ def run(argv: list[str]) -> dict:
     }
     print(json.dumps(answer) if args.json else f"[{answer['adapter_version'] or 'base model'}] {answer['text_output']}")
     return answer
+
+
+def stream(url: str, prompt: str, adapter_id: str, max_tokens: int | None, stop: list[str], headers: dict) -> dict:
+    """Stream one answer from peft_llm_stream over gRPC, printing each piece as it arrives."""
+    client = grpcclient.InferenceServerClient(url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=headers)
+    flag = grpcclient.InferInput("stream", [1, 1], "BOOL")
+    flag.set_data_from_numpy(np.array([[True]]))
+    client.async_stream_infer(
+        "peft_llm_stream", [*build_inputs(grpcclient, prompt, adapter_id, max_tokens, stop=stop), flag]
+    )
+    pieces = []
+    try:
+        while True:
+            result, error = responses.get(timeout=300)
+            if error is not None:
+                raise error
+            pieces.append(result.as_numpy("text_output")[0, 0].decode())
+            print(pieces[-1], end="", flush=True)
+            if result.as_numpy("output_tokens") is not None:  # the final response carries the count
+                version = result.as_numpy("adapter_version")[0, 0].decode() or "base model"
+                print(f"\n[{version}, {int(result.as_numpy('output_tokens')[0, 0])} tokens]")
+                return {"text_output": "".join(pieces), "adapter_version": version}
+    finally:
+        client.stop_stream()
 
 
 def main(argv: list[str] | None = None) -> int:

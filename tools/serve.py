@@ -33,6 +33,11 @@ Send a first request (adapter chosen per request; omit adapter_id for the base m
   .venv/bin/python -m tools.client --url localhost:{http_port} --adapter robot "{DEMO_PROMPT}"
   .venv/bin/python -m tools.client --url localhost:{grpc_port} --protocol grpc --adapter chef "{DEMO_PROMPT}"
 
+Stream tokens as they are generated (server-sent events; gRPC streaming works too, see the README):
+
+  curl -sN -X POST localhost:{http_port}/v2/models/peft_llm_stream/generate_stream \\
+       -d '{{"text_input": "{DEMO_PROMPT}", "adapter_id": "knight", "max_tokens": 24, "stream": true}}'
+
 Metrics: curl -s localhost:{metrics_port}/metrics    Stop: Ctrl-C
 """
 
