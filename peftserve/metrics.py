@@ -1,7 +1,7 @@
 """What the engine reports for monitoring, independent of where it is exported.
 
 The engine calls an :class:`EngineMetrics`; the Triton model passes one that writes Triton custom metric
-families (``model_repository/peft_llm/1/triton_metrics.py``), tests pass a recording one, and the default
+families (``peftserve/triton/metrics.py``), tests pass a recording one, and the default
 does nothing. Adapter labels are adapter ids known to the repository, :data:`BASE_LABEL` for the base model
 and :data:`UNKNOWN_LABEL` for ids that never resolved, so clients cannot grow the label set at will.
 """

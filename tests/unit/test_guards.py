@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from peftserve.admission import Admission
 from peftserve.config import AdapterLimits
+from peftserve.continuous import ContinuousBatcher, Work
 from peftserve.engine import CompletionRequest, Engine
 from peftserve.errors import BlockedContentError, InvalidRequestError, OverLimitError
-from peftserve.scheduler import Scheduler, Submission
 from tests.conftest import DEMO_PHRASES, demo_config
 
 
@@ -62,23 +63,28 @@ def guarded(model_dir: Path) -> Engine:
 
 
 def test_over_limit_requests_are_refused_at_once_and_others_still_served(guarded: Engine) -> None:
-    scheduler = Scheduler(guarded)
-    answers: dict[str, list] = {}
-    submissions = [
-        Submission(
-            [CompletionRequest("a dog", adapter, max_tokens=24)],
-            lambda a, name=f"{adapter}{i}": answers.update({name: a}),
-        )
-        for i in range(4)
-        for adapter in ("pirate", "knight")
-    ]
-    scheduler.submit(submissions)
-    scheduler.close()
-    pirate = [answers[f"pirate{i}"][0] for i in range(4)]
-    knight = [answers[f"knight{i}"][0] for i in range(4)]
+    batcher = ContinuousBatcher(guarded)
+    answers: dict[str, object] = {}
+    finished = threading.Event()
+
+    def work(name: str, adapter: str) -> Work:
+        def done(answer) -> None:
+            answers[name] = answer
+            if len(answers) == 8:
+                finished.set()
+
+        return Work(CompletionRequest("a dog", adapter, max_tokens=24), on_done=done)
+
+    for i in range(4):
+        for adapter in ("pirate", "knight"):
+            batcher.submit(work(f"{adapter}{i}", adapter))
+    assert finished.wait(30)
+    batcher.close()
+    pirate = [answers[f"pirate{i}"] for i in range(4)]
+    knight = [answers[f"knight{i}"] for i in range(4)]
     assert sum(isinstance(a, OverLimitError) for a in pirate) == 2
     assert all(DEMO_PHRASES["knight"] in a.text for a in knight)
-    assert scheduler.admission.inflight("pirate") == 0 and scheduler.admission.inflight("knight") == 0
+    assert batcher.admission.inflight("pirate") == 0 and batcher.admission.inflight("knight") == 0
 
 
 def test_stop_strings_end_generation_and_are_not_returned(guarded: Engine) -> None:
