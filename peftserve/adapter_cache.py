@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from peftserve.errors import AdapterLoadError
+from peftserve.errors import AdapterLoadError, CacheFullError
 
 
 class Sized(Protocol):
@@ -108,7 +108,7 @@ class AdapterCache(Generic[K, V]):
         while len(self._entries) + 1 > self.max_entries or self.nbytes + incoming_bytes > self.max_bytes:
             victim = next((k for k in self._entries if k not in self._pinned and k not in self._leases), None)
             if victim is None:
-                raise AdapterLoadError(
+                raise CacheFullError(
                     f"adapter cache full ({len(self._entries)} adapters, {self.nbytes} bytes), every entry pinned or "
                     "in use; raise max_loaded_adapters or max_adapter_memory_mb"
                 )

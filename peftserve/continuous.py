@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from peftserve.adapter_repository import AdapterVersion
 from peftserve.admission import Admission
 from peftserve.engine import Completion, CompletionRequest, Engine
-from peftserve.errors import CancelledError, OverLimitError, PeftServeError
+from peftserve.errors import CacheFullError, CancelledError, OverLimitError, PeftServeError
 from peftserve.generation import ActiveRow, RunningBatch
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL
 from peftserve.text_stream import TextStream
@@ -113,7 +113,7 @@ class ContinuousBatcher:
             try:
                 with self.engine.lock:
                     self._drop_cancelled(batch)
-                    self._emit(batch.join(self._prepare(joining)), finished=True)
+                    self._emit(batch.join(self._prepare(joining, running=len(batch))), finished=True)
                     self._emit(batch.rows, finished=False)
                     if len(batch):
                         self._emit(batch.step(), finished=True)
@@ -127,8 +127,8 @@ class ContinuousBatcher:
                 batch.close()
                 batch = RunningBatch(self.engine.generator)
 
-    def _prepare(self, joining: list[Work]) -> list[ActiveRow]:
-        rows = []
+    def _prepare(self, joining: list[Work], *, running: int) -> list[ActiveRow]:
+        rows, deferred = [], []
         for work in joining:
             if work.is_cancelled():
                 self._finish(work, CancelledError("request cancelled by the client"))
@@ -139,11 +139,20 @@ class ContinuousBatcher:
                     work.label = version.adapter_id
                     row.adapter = self.engine.cache.acquire(version, lambda v=version: self.engine.reload(v))
                     work.version = version
+            except CacheFullError as exc:
+                if running or rows:  # a running request will leave and release its adapter: wait for it
+                    deferred.append(work)
+                else:
+                    self._finish(work, exc)
+                continue
             except PeftServeError as exc:
                 self._finish(work, exc)
                 continue
             work.text = TextStream(self.engine.tokenizer, work.request.stop, self.engine.refuse_blocked)
             rows.append(ActiveRow(row, handle=work))
+        if deferred:
+            with self._wakeup:
+                self._waiting.extendleft(reversed(deferred))
         return rows
 
     def _drop_cancelled(self, batch: RunningBatch) -> None:

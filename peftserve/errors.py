@@ -57,3 +57,7 @@ class CancelledError(PeftServeError):
     """The client cancelled the request or went away; its generation stopped within one step."""
 
     triton_code = "CANCELLED"
+
+
+class CacheFullError(AdapterLoadError):
+    """Every cached adapter is pinned or in use by running requests; a request can wait for one to leave."""

@@ -112,3 +112,19 @@ def test_cancelled_request_stops_and_its_slot_serves_the_next_at_once(engine: En
         assert batcher.admission.inflight("pirate") == 0
     finally:
         batcher.close()
+
+
+def test_requests_wait_for_a_cache_slot_instead_of_failing(model_dir: Path) -> None:
+    small = Engine(demo_config(model_dir, max_loaded_adapters="2"))
+    batcher = ContinuousBatcher(small, max_rows=8)  # more running rows than the cache holds adapters
+    try:
+        adapters = ["pirate", "robot", "knight", "chef", "gardener", "wizard"]
+        sinks = {adapter: Collected() for adapter in adapters}
+        for adapter, sink in sinks.items():
+            batcher.submit(sink.work(CompletionRequest("a dog", adapter, max_tokens=24)))
+        for adapter, sink in sinks.items():
+            assert sink.done.wait(30)
+            assert isinstance(sink.answer, Completion) and DEMO_PHRASES[adapter] in sink.answer.text
+        assert len(small.cache) <= 2
+    finally:
+        batcher.close()
