@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tools.deployment import DEFAULT_PATH, Deployment, load_deployment
-from tools.triton_server import TritonServer, free_port
+from tools.triton_server import TritonServer, free_port, stop_on_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTER_TEMPLATE = ROOT / "deploy" / "nginx" / "router.conf.template"
@@ -179,14 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, default=9001)
     args = parser.parse_args(argv)
     deployment = load_deployment(args.config)
-    stop = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = stop_on_signals()
     print(f"starting {args.replicas} replicas and the router ...")
     cluster = LocalCluster(deployment, replicas=args.replicas, http_port=args.http_port, grpc_port=args.grpc_port)
     with cluster:
@@ -195,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  replica-{index}: HTTP {replica.http_url}  gRPC {replica.grpc_url}  log {replica.log_path}")
         print(f"router: HTTP {cluster.http_url}  gRPC {cluster.grpc_url}  (send x-adapter-id for affinity)")
         print(f"publish to every replica: python -m tools --config {config} publish <adapter_id> <dir>")
-        while not stop:
-            time.sleep(0.5)
+        stop.wait()
     return 0
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ import tritonclient.http as httpclient
 
 from peftserve.adapter_repository import AdapterRepository
 from tools.deployment import DEFAULT_PATH, Deployment, DeploymentError, load_deployment
-from tools.triton_server import TritonServer, TritonStartError
+from tools.triton_server import TritonServer, TritonStartError, stop_on_signals
 
 DEMO_PROMPT = "the cat looks at"
 
@@ -80,22 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         f"starting tritonserver on {args.repository} (HTTP {ports['http_port']}, gRPC {ports['grpc_port']}, "
         f"metrics {ports['metrics_port']}); log: {log_path}"
     )
-    stop_requested = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = stop_on_signals()
     try:
         server.start()
         adapter_ids = AdapterRepository(args.repository / "peft_llm" / "adapters").adapter_ids()
         show_adapters(server, adapter_ids, deployment.inference_headers())
         print(first_request_help(**ports))
-        while not stop_requested and server.process.poll() is None:
+        while not stop.is_set() and server.process.poll() is None:
             time.sleep(0.5)
-        if not stop_requested:
+        if not stop.is_set():
             print(
                 f"error: tritonserver exited with status {server.process.returncode}\n{server.log_tail()}",
                 file=sys.stderr,
@@ -106,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         print("stopping tritonserver ...")
         server.stop()
-    return 0 if stop_requested else 1
+    return 0 if stop.is_set() else 1
 
 
 if __name__ == "__main__":

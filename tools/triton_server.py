@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -176,3 +177,11 @@ def perf_analyzer_env() -> dict[str, str]:
 
 def perf_analyzer_path() -> Path:
     return Path(sys.executable).parent / "perf_analyzer"
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by Ctrl-C or SIGTERM, for commands that serve until asked to stop."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
