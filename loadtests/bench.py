@@ -38,8 +38,9 @@ LOADTESTS = Path(__file__).resolve().parent
 
 
 def build_repository(source: Path, target: Path, adapter_count: int) -> list[str]:
-    """Copy the demo model (config, code, base model, demo adapters) and add synthetic adapters."""
-    shutil.copytree(source / "peft_llm", target / "peft_llm")
+    """Copy the demo models (config, code, base model, demo adapters) and add synthetic adapters."""
+    for model in ("peft_llm", "peft_llm_stream"):
+        shutil.copytree(source / model, target / model, ignore=shutil.ignore_patterns("__pycache__"))
     model_dir = target / "peft_llm"
     return write_random_loras(model_dir / "base_model", model_dir / "adapters", adapter_count, prefix="s")
 
@@ -95,7 +96,9 @@ def memory_facts(server: TritonServer) -> dict[str, str]:
         for name in ("peftserve_adapters_loaded", "peftserve_adapter_memory_bytes"):
             if line.startswith(name + "{"):
                 facts[name] = line.rsplit(" ", 1)[1]
-    facts["server resident memory (tritonserver + model stub)"] = f"{_group_rss(server.process.pid) / 2**20:.0f} MiB"
+    facts["server resident memory (tritonserver + both model stubs)"] = (
+        f"{_group_rss(server.process.pid) / 2**20:.0f} MiB"
+    )
     return facts
 
 

@@ -175,7 +175,12 @@ def build_report(points: list[SweepPoint], locust_rows: list[dict[str, str]], fa
     if facts.memory:
         lines += ["", "## Memory", "", "| what | value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in facts.memory.items()]
-    lines += ["", "Time to first token arrives with token streaming; this report measures whole requests.", ""]
+    lines += [
+        "",
+        "This report measures whole requests through peft_llm. Time to first token: the server's "
+        "`peftserve_time_to_first_token_seconds` histogram, or `perf_analyzer -i grpc --streaming` on peft_llm_stream.",
+        "",
+    ]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
