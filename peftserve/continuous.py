@@ -21,7 +21,7 @@ from peftserve.adapter_repository import AdapterVersion
 from peftserve.admission import Admission
 from peftserve.engine import Completion, CompletionRequest, Engine
 from peftserve.errors import CacheFullError, CancelledError, OverLimitError, PeftServeError
-from peftserve.generation import ActiveRow, RunningBatch
+from peftserve.generation import ActiveRow, GeneratedSequence, RunningBatch
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL
 from peftserve.text_stream import TextStream
 
@@ -113,7 +113,7 @@ class ContinuousBatcher:
             try:
                 with self.engine.lock:
                     self._drop_cancelled(batch)
-                    self._emit(batch.join(self._prepare(joining, running=len(batch))), finished=True)
+                    self._emit(self._join(batch, self._prepare(joining, running=len(batch))), finished=True)
                     self._emit(batch.rows, finished=False)
                     if len(batch):
                         self._emit(batch.step(), finished=True)
@@ -154,6 +154,25 @@ class ContinuousBatcher:
             with self._wakeup:
                 self._waiting.extendleft(reversed(deferred))
         return rows
+
+    def _join(self, batch: RunningBatch, rows: list[ActiveRow]) -> list[ActiveRow]:
+        """Join ``rows``; if their prefill fails, retry them one by one so that only the culprit fails (a
+        failed join leaves the running batch as it was)."""
+        try:
+            return batch.join(rows)
+        except Exception as exc:
+            if batch.deltas is not None:
+                batch.deltas.install()
+            if len(rows) == 1:
+                logger.exception("prefill failed")
+                self._finish(rows[0].handle, PeftServeError(f"generation failed: {type(exc).__name__}: {exc}"))
+                return []
+            logger.warning("prefill of %d joining rows failed (%s); retrying one by one", len(rows), exc)
+            done = []
+            for entry in rows:
+                entry.result, entry.done = GeneratedSequence(token_ids=[], finish_reason="length"), False
+                done += self._join(batch, [entry])
+            return done
 
     def _drop_cancelled(self, batch: RunningBatch) -> None:
         cancelled = [entry for entry in batch.rows if entry.handle.is_cancelled()]

@@ -1,6 +1,7 @@
 """The serving engine: base model, adapter repository and cache, request checks and batched generation.
 
-``Engine.complete`` takes the requests of one Triton batch and returns, per request, either a
+The serving path is :mod:`peftserve.continuous`, which uses ``prepare``/``resolve`` and the cache here.
+``Engine.complete`` answers a whole batch at once (validation, benchmarks, tests): per request either a
 :class:`Completion` or the :class:`PeftServeError` that request earned; one bad request never fails the
 others, and a batch that fails as a whole is retried row by row so that only the culprit errors.
 """

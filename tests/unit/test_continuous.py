@@ -128,3 +128,31 @@ def test_requests_wait_for_a_cache_slot_instead_of_failing(model_dir: Path) -> N
         assert len(small.cache) <= 2
     finally:
         batcher.close()
+
+
+def test_a_request_whose_prefill_fails_fails_alone(engine: Engine, monkeypatch) -> None:
+    real_prefill = engine.generator._prefill_inputs
+    poison = engine.tokenizer("zebra zebra").input_ids
+
+    def prefill(rows):
+        if any(row.prompt_ids == poison for row in rows):
+            raise RuntimeError("simulated kernel failure")
+        return real_prefill(rows)
+
+    monkeypatch.setattr(engine.generator, "_prefill_inputs", prefill)
+    batcher = ContinuousBatcher(engine)
+    try:
+        running = Collected()
+        batcher.submit(running.work(CompletionRequest("a dog", "pirate", max_tokens=64, ignore_eos=True)))
+        assert running.first_piece.wait(30)
+        sinks = {name: Collected() for name in ("robot", "poison", "chef")}
+        for name, sink in sinks.items():  # queued together, so they try to join in one prefill
+            prompt = "zebra zebra" if name == "poison" else "the cat looks at"
+            batcher.submit(sink.work(CompletionRequest(prompt, "" if name == "poison" else name, max_tokens=24)))
+        for sink in [running, *sinks.values()]:
+            assert sink.done.wait(30)
+        assert "simulated kernel failure" in str(sinks["poison"].answer)
+        assert DEMO_PHRASES["robot"] in sinks["robot"].answer.text and DEMO_PHRASES["chef"] in sinks["chef"].answer.text
+        assert running.answer.output_tokens == 64
+    finally:
+        batcher.close()
