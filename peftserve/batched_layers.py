@@ -36,20 +36,6 @@ class LowRankGroup:
     a: torch.Tensor  # (n, in, r); an expanded view, without copies, when its rows share one adapter
     b: torch.Tensor  # (n, r, out)
 
-    def select(self, mapping: torch.Tensor, batch: int) -> LowRankGroup | None:
-        """Renumber rows after compaction; ``mapping[old] = new`` index or -1 for a dropped row."""
-        every_row = torch.arange(len(mapping), device=mapping.device)
-        old_rows = (
-            every_row if self.rows is None else every_row[self.rows] if isinstance(self.rows, slice) else self.rows
-        )
-        new_rows = mapping[old_rows]
-        kept = new_rows >= 0
-        if not bool(kept.any()):
-            return None
-        a, b, new_rows = self.a[kept], self.b[kept], new_rows[kept]
-        every = len(new_rows) == batch and bool((new_rows == torch.arange(batch, device=new_rows.device)).all())
-        return LowRankGroup(None if every else new_rows, a, b)
-
 
 @dataclass
 class RowDeltas:
@@ -59,13 +45,6 @@ class RowDeltas:
     in_scale: torch.Tensor | None = None  # (B, 1, in), ones for rows without input scaling
     out_scale: torch.Tensor | None = None  # (B, 1, out), ones for rows without output scaling
     bias_scale: torch.Tensor | None = None  # (B, 1, out), set only when the layer has a bias
-
-    def select_rows(self, rows: torch.Tensor, mapping: torch.Tensor) -> RowDeltas:
-        groups = [group.select(mapping, len(rows)) for group in self.low_rank]
-        vectors = [
-            None if t is None else t.index_select(0, rows) for t in (self.in_scale, self.out_scale, self.bias_scale)
-        ]
-        return RowDeltas([g for g in groups if g is not None], *vectors)
 
 
 class AdapterLinear(nn.Module):
@@ -133,7 +112,7 @@ class AdapterLayers:
 
 
 class BatchDeltas:
-    """The per-module :class:`RowDeltas` of one batch; can shrink as rows finish."""
+    """The per-module :class:`RowDeltas` of one batch (built again whenever the batch changes)."""
 
     def __init__(self, layers: AdapterLayers, row_adapters: Sequence[AdapterWeights | None]) -> None:
         self.layers = layers
@@ -146,14 +125,6 @@ class BatchDeltas:
     def install(self) -> None:
         for name, layer in self.layers.wrapped.items():
             layer.rows = self.per_module.get(name)
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows (``rows``: indices to keep), matching a compacted KV cache."""
-        mapping = torch.full((self.batch,), -1, dtype=torch.long, device=rows.device)
-        mapping[rows] = torch.arange(len(rows), device=rows.device)
-        self.per_module = {name: deltas.select_rows(rows, mapping) for name, deltas in self.per_module.items()}
-        self.batch = len(rows)
-        self.install()
 
 
 def _gather(name: str, row_adapters: Sequence[AdapterWeights | None], base: nn.Linear) -> RowDeltas:

@@ -48,9 +48,16 @@ class Work:
 
 
 class ContinuousBatcher:
-    def __init__(self, engine: Engine, *, max_rows: int = 32, loader_threads: int = 2) -> None:
+    def __init__(
+        self, engine: Engine, *, max_rows: int = 32, join_group: int = 4, join_every: int = 8, loader_threads: int = 2
+    ) -> None:
         self.engine = engine
         self.max_rows = max_rows
+        # A join is a prefill forward pass of its own, about as costly on a CPU as a decoding step of the
+        # whole batch: waiting requests join when join_group of them wait (or fill the free rows), when the
+        # oldest has waited join_every steps, or at once when nothing runs.
+        self.join_group = join_group
+        self.join_every = join_every
         self.admission = Admission(engine.config.adapter_limits, engine.config.adapter_limit_overrides)
         self._waiting: deque[Work] = deque()
         self._wakeup = threading.Condition()
@@ -102,6 +109,7 @@ class ContinuousBatcher:
 
     def _loop(self) -> None:
         batch = RunningBatch(self.engine.generator)
+        steps_since_join = 0
         while True:
             with self._wakeup:
                 while not self._waiting and not len(batch) and not self._closed:
@@ -109,7 +117,13 @@ class ContinuousBatcher:
                 if self._closed and not self._waiting and not len(batch):
                     return
                 room = self.max_rows - len(batch)
-                joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                due = (
+                    not len(batch)
+                    or len(self._waiting) >= min(room, self.join_group)
+                    or steps_since_join >= self.join_every
+                )
+                joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))] if due else []
+                steps_since_join = 0 if joining else steps_since_join + 1
             try:
                 with self.engine.lock:
                     self._drop_cancelled(batch)

@@ -287,7 +287,9 @@ class RunningBatch:
             return
         index = torch.tensor(keep, device=self.generator.device)
         self.cache.batch_select_indices(index)
-        self.deltas.keep_rows(index)
+        # Rebuilt rather than filtered: cheaper here, and the rows of each adapter stay one contiguous slice.
+        self.deltas = BatchDeltas(self.generator.layers, [entry.row.adapter for entry in self.rows])
+        self.deltas.install()
         self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
         self._trim_padding()
 
