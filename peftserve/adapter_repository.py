@@ -124,6 +124,15 @@ def content_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def recorded_digest(directory: Path) -> str:
+    """``content_digest`` for logs and history: empty when the files cannot be hashed (gone, unreadable, a
+    symlink), since what is being recorded is often exactly such a failure."""
+    try:
+        return content_digest(directory)
+    except (OSError, AdapterLoadError):
+        return ""
+
+
 def stat_signature(directory: Path) -> tuple:
     """Names, sizes and modification times of a version's files: a cheap test for "changed since"."""
     try:

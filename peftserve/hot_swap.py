@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 
-from peftserve.adapter_repository import AdapterVersion, content_digest, stat_signature
+from peftserve.adapter_repository import AdapterVersion, recorded_digest, stat_signature
 from peftserve.engine import Engine
 from peftserve.swap_history import HistoryEvent, SwapHistory
 
@@ -75,7 +75,9 @@ class AdapterWatcher:
         except Exception as exc:  # noqa: BLE001 - whatever breaks a candidate rejects it
             self._rejected[(target.adapter_id, target.version)] = stat_signature(target.path)
             logger.error("adapter %s rejected, %s keeps serving: %s", target.label, serving.label, exc)
-            self._event("rejected", target, "failed", f"{exc}; {serving.label} keeps serving", _digest(target))
+            self._event(
+                "rejected", target, "failed", f"{exc}; {serving.label} keeps serving", recorded_digest(target.path)
+            )
             return
         self.engine.start_serving(version, weights)
         self._checked[version] = stat_signature(version.path)
@@ -88,7 +90,7 @@ class AdapterWatcher:
         if self._checked.get(serving) == signature:
             return
         self._checked[serving] = signature
-        digest = _digest(serving)
+        digest = recorded_digest(serving.path)
         if digest and digest != serving.digest:
             logger.warning(
                 "files of adapter %s changed in place (sha256 %s... now %s...); the copy checked at load keeps "
@@ -104,10 +106,3 @@ class AdapterWatcher:
         self.history.record(
             HistoryEvent(event, version.adapter_id, version.version, outcome, digest, detail, self.source)
         )
-
-
-def _digest(version: AdapterVersion) -> str:
-    try:
-        return content_digest(version.path)
-    except OSError:
-        return ""

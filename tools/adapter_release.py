@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from peftserve.adapter_repository import AdapterRepository, content_digest, validate_adapter_id
+from peftserve.adapter_repository import AdapterRepository, content_digest, recorded_digest, validate_adapter_id
 from peftserve.errors import PeftServeError
 from peftserve.swap_history import HistoryEvent, SwapHistory
 from tools.deployment import Deployment, ReleaseError
@@ -90,23 +90,16 @@ def rollback(
         raise ReleaseError(f"adapter {adapter_id!r} has no version {target}; versions on disk: {numbers}")
     history = SwapHistory(deployment.adapter_repository)
     for version in [v for v in versions if v.version > target]:
-        digest = version_digest(version.path)
-        _retire(version.path, f"{version.version}-rolled-back")
+        digest = recorded_digest(version.path)
+        retire_directory(version.path, f"{version.version}-rolled-back")
         history.record(HistoryEvent("retired", adapter_id, version.version, "ok", digest, "rollback", "tools"))
     kept = next(v for v in versions if v.version == target)
-    result = ReleaseResult(adapter_id, target, "rolled_back", version_digest(kept.path))
+    result = ReleaseResult(adapter_id, target, "rolled_back", recorded_digest(kept.path))
     history.record(HistoryEvent("rolled_back", adapter_id, target, "ok", result.sha256, "on demand", "tools"))
     if wait:
         _wait_for_servers(deployment, result, timeout, history)
     result.seconds = round(time.monotonic() - started, 2)
     return result
-
-
-def version_digest(path: Path) -> str:
-    try:
-        return content_digest(path)
-    except OSError:
-        return ""
 
 
 def _copy_regular_files(source: Path, target: Path) -> None:
@@ -159,7 +152,8 @@ def _next_version(adapter_dir: Path) -> int:
     return 1 + max((int(name) for name in names if name.isdigit()), default=0)
 
 
-def _retire(path: Path, name: str) -> Path:
+def retire_directory(path: Path, name: str) -> Path:
+    """Move a version directory out of serving into ``.retired/<name>-<time>`` beside it (kept for audit)."""
     retired = path.parent / RETIRED_DIR
     retired.mkdir(exist_ok=True)
     target = retired / f"{name}-{int(time.time())}"
@@ -206,7 +200,7 @@ def _wait_for_servers(
 def _roll_back_rejected(deployment: Deployment, result: ReleaseResult, history: SwapHistory) -> None:
     path = deployment.adapter_repository / result.adapter_id / str(result.version)
     if path.exists():
-        _retire(path, f"{result.version}-rejected")
+        retire_directory(path, f"{result.version}-rejected")
     problems = "; ".join(f"{name}: {state}" for name, state in result.servers.items() if state != "serving")
     history.record(
         HistoryEvent("rolled_back", result.adapter_id, result.version, "failed", result.sha256, problems, "tools")

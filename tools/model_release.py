@@ -25,7 +25,7 @@ from tqdm import tqdm
 from tritonclient.utils import InferenceServerException
 
 from peftserve.swap_history import HistoryEvent, SwapHistory
-from tools.adapter_release import RETIRED_DIR
+from tools.adapter_release import retire_directory
 from tools.client import build_inputs
 from tools.deployment import Deployment, ReleaseError
 
@@ -86,7 +86,7 @@ def swap_model(deployment: Deployment, *, source: Path | None = None, timeout: f
     try:
         _load_and_probe(deployment, version, timeout)
     except ReleaseError as exc:
-        _retire_model_version(model_dir, version)
+        retire_directory(model_dir / str(version), str(version))
         _load_and_probe(deployment, current, timeout)
         result.outcome, result.detail = "rolled_back", f"version {version} failed ({exc}); version {current} serves"
     history.record(
@@ -110,7 +110,7 @@ def rollback_model(deployment: Deployment, *, timeout: float | None = None) -> M
     if len(versions) < 2:
         raise ReleaseError(f"{model_dir} has versions {versions}: nothing to roll back to")
     started = time.monotonic()
-    _retire_model_version(model_dir, versions[-1])
+    retire_directory(model_dir / str(versions[-1]), str(versions[-1]))
     _load_and_probe(deployment, versions[-2], timeout)
     SwapHistory(deployment.adapter_repository).record(
         HistoryEvent("model_rolled_back", MODEL_EVENT_ADAPTER, versions[-2], "ok", detail="on demand", source="tools")
@@ -167,12 +167,6 @@ def _wait_for_old_versions_to_unload(
             return
         time.sleep(0.2)
     raise ReleaseError(f"{model}: older versions still loaded {timeout:.0f} s after version {keep} took over")
-
-
-def _retire_model_version(model_dir: Path, version: int) -> None:
-    retired = model_dir / RETIRED_DIR
-    retired.mkdir(exist_ok=True)
-    os.rename(model_dir / str(version), retired / f"{version}-{int(time.time())}")
 
 
 def _ignore_caches(directory: str, names: list[str]) -> list[str]:

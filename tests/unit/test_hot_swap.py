@@ -139,3 +139,19 @@ def test_files_changed_in_place_are_detected_and_never_served(
     engine.cache.retire(engine.serving()["pirate"])  # evicted: the next load must read the files again
     refused = answer(engine)
     assert isinstance(refused, AdapterLoadError) and "changed on disk after it was accepted" in str(refused)
+
+
+def test_candidate_with_a_symlinked_file_is_rejected_and_recorded(
+    engine: Engine, model_dir: Path, repository: Path, tmp_path: Path
+) -> None:
+    watcher = AdapterWatcher(engine, interval=0)
+    answer(engine)
+    candidate = publish_copy(model_dir, repository, "robot", "pirate", 2)
+    outside = tmp_path / "outside.safetensors"
+    (candidate / "adapter_model.safetensors").rename(outside)
+    (candidate / "adapter_model.safetensors").symlink_to(outside)
+    watcher.poll_once()
+    assert answer(engine).adapter_version == "pirate@1"
+    (event,) = SwapHistory(repository).read()
+    assert (event.event, event.version, event.sha256) == ("rejected", 2, "")  # cannot be hashed, still recorded
+    assert "symlink" in event.detail
