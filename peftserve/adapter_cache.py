@@ -88,6 +88,12 @@ class AdapterCache(Generic[K, V]):
             self._leases[key] = self._leases.get(key, 0) + 1
             return value
 
+    def add(self, key: K, value: V) -> None:
+        """Put a value loaded elsewhere into the cache (or touch it if present), without leasing it."""
+        with self._lock:
+            self.acquire(key, lambda: value)
+            self.release(key)
+
     def release(self, key: K) -> None:
         with self._lock:
             remaining = self._leases[key] - 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,9 @@ class AdapterWeights:
             parts += [delta.lora_a, delta.lora_b, delta.in_scale, delta.out_scale]
         return [t for t in parts if t is not None]
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
+        """Computed once, when the finished adapter is first sized: the cache and metrics read it often."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 

@@ -148,11 +148,9 @@ class ContinuousBatcher:
                 self._finish(work, CancelledError("request cancelled by the client"))
                 continue
             try:
-                row, version = self.engine.prepare(work.request)
+                row, version = self.engine.lease(work.request)
                 if version is not None:
-                    work.label = version.adapter_id
-                    row.adapter = self.engine.cache.acquire(version, lambda v=version: self.engine.reload(v))
-                    work.version = version
+                    work.label, work.version = version.adapter_id, version
             except CacheFullError as exc:
                 if running or rows:  # a running request will leave and release its adapter: wait for it
                     deferred.append(work)

@@ -139,8 +139,7 @@ class Engine:
         """Make ``version`` the one that new requests for its id get, atomically; returns the version it
         replaces, which batches in flight finish on and which is freed once they have drained."""
         with self._lock:
-            self.cache.acquire(version, lambda: weights)
-            self.cache.release(version)
+            self.cache.add(version, weights)
             if version.adapter_id in self.config.preload:
                 self.cache.pin(version)
             previous = self._serving.get(version.adapter_id)
@@ -185,14 +184,11 @@ class Engine:
 
     def ensure_loaded(self, adapter_id: str) -> None:
         """Load an adapter into the cache; the slow part (files, conversion) runs outside the lock."""
-        version = self._serving.get(adapter_id)
-        if version is None:
-            self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
-        elif version not in self.cache:
+        version = self.resolve(adapter_id)
+        if version not in self.cache:
             weights = self.reload(version)
             with self._lock:
-                self.cache.acquire(version, lambda: weights)
-                self.cache.release(version)
+                self.cache.add(version, weights)
 
     @property
     def lock(self) -> threading.RLock:
@@ -246,10 +242,9 @@ class Engine:
         try:
             for index, request in enumerate(requests):
                 try:
-                    row, version = self.prepare(request)
+                    row, version = self.lease(request)
                     if version is not None:
                         labels[index] = version.adapter_id
-                        row.adapter = self.cache.acquire(version, lambda v=version: self.reload(v))
                         leased.append(version)
                     prepared.append((index, row, version.label if version else ""))
                 except PeftServeError as exc:
@@ -306,6 +301,14 @@ class Engine:
         if not stops:
             return None
         return lambda ids: any(stop in self.tokenizer.decode(ids, skip_special_tokens=True) for stop in stops)
+
+    def lease(self, request: CompletionRequest) -> tuple[GenerationRow, AdapterVersion | None]:
+        """``prepare`` plus the adapter attached to the row and leased from the cache (reloaded if it was
+        evicted); the caller releases the returned version with ``cache.release`` once the row is done."""
+        row, version = self.prepare(request)
+        if version is not None:
+            row.adapter = self.cache.acquire(version, lambda: self.reload(version))
+        return row, version
 
     def prepare(self, request: CompletionRequest) -> tuple[GenerationRow, AdapterVersion | None]:
         """Check one request and turn it into a generation row (adapter not yet attached)."""

@@ -21,6 +21,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 from tools.deployment import DEFAULT_PATH, Deployment, load_deployment
 from tools.triton_server import TritonServer, free_port, stop_on_signals
 
@@ -139,14 +141,16 @@ class LocalCluster:
 
     def deployment_config(self, path: Path) -> Path:
         """Write a deployment config listing every replica (the CLI then publishes to all of them)."""
-        servers = "".join(
-            f"  - {{name: replica-{i}, http: '{r.http_url}', grpc: '{r.grpc_url}', "
-            f"metrics: '127.0.0.1:{r.metrics_port}'}}\n"
+        servers = [
+            {"name": f"replica-{i}", "http": r.http_url, "grpc": r.grpc_url, "metrics": f"127.0.0.1:{r.metrics_port}"}
             for i, r in enumerate(self.replicas)
-        )
-        path.write_text(
-            f"model_repository: {self.deployment.model_repository}\nmodel: {self.deployment.model}\nservers:\n{servers}"
-        )
+        ]
+        config = {
+            "model_repository": str(self.deployment.model_repository),
+            "model": self.deployment.model,
+            "servers": servers,
+        }
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 
     def stop(self) -> None:
