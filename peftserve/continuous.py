@@ -182,7 +182,7 @@ class ContinuousBatcher:
             logger.warning("prefill of %d joining rows failed (%s); retrying one by one", len(rows), exc)
             done = []
             for entry in rows:
-                entry.result, entry.done = GeneratedSequence(token_ids=[], finish_reason="length"), False
+                entry.result = GeneratedSequence(token_ids=[], finish_reason="length")
                 done += self._join(batch, [entry])
             return done
 

@@ -170,7 +170,6 @@ class ActiveRow:
     handle: object = None
     result: GeneratedSequence = field(default_factory=lambda: GeneratedSequence(token_ids=[], finish_reason="length"))
     generator: torch.Generator | None = None
-    done: bool = False
 
 
 class RunningBatch:
@@ -267,14 +266,12 @@ class RunningBatch:
                 result.step_logits.append(logits[b].clone())
             if token in self.generator.eos_token_ids and not row.ignore_eos:
                 result.finish_reason = "stop"
-            else:
-                result.token_ids.append(token)
-                if row.should_stop is not None and row.should_stop(result.token_ids):
-                    result.finish_reason = "stop"
-                elif len(result.token_ids) < row.max_new_tokens:
-                    keep.append(b)
-                    continue
-            entry.done = True
+                continue
+            result.token_ids.append(token)
+            if row.should_stop is not None and row.should_stop(result.token_ids):
+                result.finish_reason = "stop"
+            elif len(result.token_ids) < row.max_new_tokens:
+                keep.append(b)
         return keep
 
     def _keep(self, keep: list[int]) -> None:
