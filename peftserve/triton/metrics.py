@@ -5,9 +5,13 @@ Families of the same name from two models merge in Triton, so every series carri
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import triton_python_backend_utils as pb_utils
 
 from peftserve.metrics import BASE_LABEL, EngineMetrics
+from peftserve.triton.io import PB_UTILS_LOCK
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 LOAD_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]
@@ -62,6 +66,15 @@ _CACHE_FAMILIES = {
 }
 
 
+def _serialized(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        with PB_UTILS_LOCK:
+            return method(*args, **kwargs)
+
+    return call
+
+
 class TritonMetrics(EngineMetrics):
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
@@ -86,6 +99,7 @@ class TritonMetrics(EngineMetrics):
             )
         return self._series[key]
 
+    @_serialized
     def request_done(self, adapter: str, *, error_code: str | None, seconds: float, tokens: int) -> None:
         if error_code is not None:
             self._metric("peftserve_request_errors_total", adapter=adapter, code=error_code).increment(1)
@@ -94,12 +108,15 @@ class TritonMetrics(EngineMetrics):
         self._metric("peftserve_generated_tokens_total", adapter=adapter).increment(tokens)
         self._metric("peftserve_request_duration_seconds", LATENCY_BUCKETS, adapter=adapter).observe(seconds)
 
+    @_serialized
     def cache_event(self, event: str, adapter: str) -> None:
         self._metric(_CACHE_FAMILIES[event], adapter=adapter).increment(1)
 
+    @_serialized
     def adapter_loaded(self, adapter: str, *, seconds: float, nbytes: int) -> None:
         self._metric("peftserve_adapter_load_duration_seconds", LOAD_BUCKETS, adapter=adapter).observe(seconds)
 
+    @_serialized
     def cache_state(self, *, loaded: int, nbytes: int, by_adapter: dict[str, int]) -> None:
         self._metric("peftserve_adapters_loaded").set(loaded)
         self._metric("peftserve_adapter_memory_bytes").set(nbytes)
@@ -109,25 +126,31 @@ class TritonMetrics(EngineMetrics):
             self._metric("peftserve_adapter_loaded_bytes", adapter=adapter).set(adapter_bytes)
         self._loaded = set(by_adapter)
 
+    @_serialized
     def adapter_event(self, event: str, adapter: str, version: int | None) -> None:
         self._metric("peftserve_adapter_version_events_total", adapter=adapter, event=event).increment(1)
         if event == "rejected":
             self._metric("peftserve_adapter_rejected_version", adapter=adapter).set(version or 0)
 
+    @_serialized
     def serving_version(self, adapter: str, version: int) -> None:
         self._metric("peftserve_adapter_serving_version", adapter=adapter).set(version)
 
+    @_serialized
     def over_limit(self, adapter: str) -> None:
         self._metric("peftserve_over_limit_total", adapter=adapter).increment(1)
 
+    @_serialized
     def inflight(self, by_adapter: dict[str, int]) -> None:
         for adapter, count in by_adapter.items():
             self._metric("peftserve_requests_in_flight", adapter=adapter).set(count)
 
+    @_serialized
     def first_token(self, adapter: str, *, seconds: float) -> None:
         family = "peftserve_time_to_first_token_seconds"
         self._metric(family, _BUCKETS[family], adapter=adapter).observe(seconds)
 
+    @_serialized
     def time_per_output_token(self, adapter: str, *, seconds: float) -> None:
         family = "peftserve_time_per_output_token_seconds"
         self._metric(family, _BUCKETS[family], adapter=adapter).observe(seconds)

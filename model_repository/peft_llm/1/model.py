@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
-from peftserve.triton.io import FORWARDED_PARAMETER, OUTPUT_NAMES, untag_error
+from peftserve.triton.io import FORWARDED_PARAMETER, OUTPUT_NAMES, send, untag_error
 
 logger = logging.getLogger("peftserve.triton")
 ENGINE_MODEL = "peft_llm_stream"
@@ -62,4 +62,4 @@ def _forward(request) -> None:
         reply = pb_utils.InferenceResponse(
             output_tensors=[], error=pb_utils.TritonError(f"forwarding failed: {exc}", pb_utils.TritonError.INTERNAL)
         )
-    sender.send(reply, flags=FINAL)
+    send(sender, reply, FINAL)

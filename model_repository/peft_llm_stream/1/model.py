@@ -7,6 +7,7 @@ disconnects) is noticed at the next decoding step and its row leaves the batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -22,10 +23,12 @@ from peftserve.errors import InvalidRequestError, PeftServeError
 from peftserve.hot_swap import AdapterWatcher
 from peftserve.metrics import UNKNOWN_LABEL
 from peftserve.triton.io import (
+    cancelled,
     error_response,
     is_forwarded,
     parse_request,
     piece_response,
+    send,
     success_response,
     wants_stream,
 )
@@ -65,11 +68,11 @@ class TritonPythonModel:
                     logger.exception("cannot parse request")
                 error = exc if isinstance(exc, PeftServeError) else PeftServeError(f"cannot parse request: {exc}")
                 self.metrics.request_done(UNKNOWN_LABEL, error_code=error.triton_code, seconds=0.0, tokens=0)
-                sender.send(error_response(error, tag_code=tag), flags=FINAL)
+                send(sender, error_response(error, tag_code=tag), FINAL)
                 continue
             gather = _Gather(sender, len(rows), stream=stream, tag_errors=tag)
             for index, row in enumerate(rows):
-                work = Work(row, on_done=gather.callback(index), is_cancelled=sender.is_cancelled)
+                work = Work(row, on_done=gather.callback(index), is_cancelled=functools.partial(cancelled, sender))
                 if stream:
                     work.on_text = _streamer(sender, work)
                 self.batcher.submit(work)
@@ -81,7 +84,7 @@ class TritonPythonModel:
 
 def _streamer(sender, work: Work):
     def send_piece(piece: str) -> None:
-        sender.send(piece_response(piece, work.version.label if work.version else ""))
+        send(sender, piece_response(piece, work.version.label if work.version else ""))
 
     return send_piece
 
@@ -115,7 +118,7 @@ class _Gather:
     def _send(self) -> None:
         failure = next((a for a in self.answers if isinstance(a, PeftServeError)), None)
         if failure is not None:
-            self.sender.send(error_response(failure, tag_code=self.tag_errors), flags=FINAL)
+            send(self.sender, error_response(failure, tag_code=self.tag_errors), FINAL)
             return
         answers = [replace(a, text="") for a in self.answers] if self.stream else self.answers  # text already sent
-        self.sender.send(success_response(answers), flags=FINAL)
+        send(self.sender, success_response(answers), FINAL)
