@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 from peftserve.adapter_repository import AdapterVersion
 from peftserve.admission import Admission
-from peftserve.engine import Completion, CompletionRequest, Engine
+from peftserve.engine import Engine
 from peftserve.errors import CacheFullError, CancelledError, OverLimitError, PeftServeError
 from peftserve.generation import ActiveRow, GeneratedSequence, RunningBatch
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL
+from peftserve.requests import Completion, CompletionRequest
 from peftserve.text_stream import TextStream
 
 logger = logging.getLogger("peftserve.continuous")

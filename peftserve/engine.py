@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,35 +35,13 @@ from peftserve.errors import (
 )
 from peftserve.generation import BatchGenerator, GenerationRow, SamplingParams
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL, EngineMetrics
+from peftserve.requests import Completion, CompletionRequest
 from peftserve.smoke_check import smoke_check
 from peftserve.text_stream import TextStream
 
 logger = logging.getLogger("peftserve.engine")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    """One request as the client sent it; ``None`` means the optional input was absent."""
-
-    text: str | bytes
-    adapter_id: str = ""
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    ignore_eos: bool | None = None  # generate exactly max_tokens (benchmarks compare equal work)
-    stop: tuple[str, ...] = ()  # generation ends at the first of these; the match is not returned
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    adapter_version: str  # "<adapter_id>@<version>", empty for the base model
-    output_tokens: int
-    finish_reason: str
 
 
 class Engine:

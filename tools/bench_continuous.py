@@ -27,7 +27,8 @@ import matplotlib.pyplot as plt
 
 from peftserve.config import ServeConfig
 from peftserve.continuous import ContinuousBatcher, Work
-from peftserve.engine import CompletionRequest, Engine
+from peftserve.engine import Engine
+from peftserve.requests import CompletionRequest
 from tools.bench_engine import build_assets, prompts
 
 SHORT_TOKENS = 16  # requests up to this many tokens count as "short"

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftserve.config import ServeConfig
-from peftserve.engine import CompletionRequest, Engine
+from peftserve.engine import Engine
+from peftserve.requests import CompletionRequest
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIXED_TYPES: list[Callable[[], PeftConfig]] = [

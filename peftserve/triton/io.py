@@ -12,8 +12,8 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from peftserve.engine import Completion, CompletionRequest
 from peftserve.errors import InvalidRequestError, PeftServeError
+from peftserve.requests import Completion, CompletionRequest
 
 # Optional inputs: request field name and the Python type one element converts to.
 OPTIONAL_INPUTS = {

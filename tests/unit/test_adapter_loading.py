@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from peftserve.continuous import ContinuousBatcher, Work
-from peftserve.engine import Completion, CompletionRequest, Engine
+from peftserve.engine import Engine
+from peftserve.requests import Completion, CompletionRequest
 from tests.conftest import DEMO_PHRASES, demo_config
 
 SLOW_LOAD_SECONDS = 3.0

@@ -9,7 +9,8 @@ import pytest
 
 from loadtests.synthetic import write_random_loras
 from loadtests.traffic import TrafficPattern
-from peftserve.engine import Completion, CompletionRequest, Engine
+from peftserve.engine import Engine
+from peftserve.requests import Completion, CompletionRequest
 from tests.conftest import demo_config
 
 # Resident memory may wander by allocator noise, never by the size of what was loaded: 500 cycles of

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from peftserve.continuous import ContinuousBatcher, Work
-from peftserve.engine import Completion, CompletionRequest, Engine
+from peftserve.engine import Engine
 from peftserve.errors import CancelledError
 from peftserve.generation import ActiveRow, RunningBatch
+from peftserve.requests import Completion, CompletionRequest
 from tests.conftest import DEMO_PHRASES, demo_config
 
 # Every adapter family joins: low-rank (LoRA, DoRA), IA3, prefix tuning, prompt tuning.

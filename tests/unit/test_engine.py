@@ -10,9 +10,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peftserve.engine import Completion, CompletionRequest, Engine
+from peftserve.engine import Engine
 from peftserve.errors import AdapterNotFoundError, InvalidRequestError, PeftServeError
 from peftserve.generation import GenerationRow
+from peftserve.requests import Completion, CompletionRequest
 from tests.conftest import DEMO_PHRASES, PROMPTS, STRONG_ADAPTERS, demo_config
 
 ALL_ADAPTERS = list(DEMO_PHRASES)

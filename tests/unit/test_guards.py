@@ -10,8 +10,9 @@ import pytest
 from peftserve.admission import Admission
 from peftserve.config import AdapterLimits
 from peftserve.continuous import ContinuousBatcher, Work
-from peftserve.engine import CompletionRequest, Engine
+from peftserve.engine import Engine
 from peftserve.errors import BlockedContentError, InvalidRequestError, OverLimitError
+from peftserve.requests import CompletionRequest
 from tests.conftest import DEMO_PHRASES, demo_config
 
 

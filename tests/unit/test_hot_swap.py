@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from peftserve.engine import CompletionRequest, Engine
+from peftserve.engine import Engine
 from peftserve.errors import AdapterLoadError, AdapterNotFoundError
 from peftserve.hot_swap import AdapterWatcher
 from peftserve.metrics import EngineMetrics
+from peftserve.requests import CompletionRequest
 from peftserve.smoke_check import GOLDEN_FILE
 from peftserve.swap_history import SwapHistory
 from tests.conftest import DEMO_PHRASES, demo_config

@@ -18,10 +18,11 @@ import triton_python_backend_utils as pb_utils
 
 from peftserve.config import read_model_config
 from peftserve.continuous import ContinuousBatcher, Work
-from peftserve.engine import Completion, Engine
+from peftserve.engine import Engine
 from peftserve.errors import InvalidRequestError, PeftServeError
 from peftserve.hot_swap import AdapterWatcher
 from peftserve.metrics import UNKNOWN_LABEL
+from peftserve.requests import Completion
 from peftserve.triton.io import (
     cancelled,
     error_response,
