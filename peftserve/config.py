@@ -54,6 +54,15 @@ class ServeConfig(BaseModel):
     adapter_limit_overrides: dict[str, AdapterLimits] = Field(
         default_factory=dict, description='per adapter id, e.g. {"pirate": {"rate_per_second": 5}}; "(base)" too'
     )
+    max_running_rows: int = Field(32, ge=1, description="requests inside the model at once (prefilling or decoding)")
+    kv_cache_memory_mb: float = Field(
+        0.0, ge=0, description="KV cache size; 0: kv_cache_free_memory_fraction of free GPU memory, 1 GiB on CPU"
+    )
+    kv_cache_free_memory_fraction: float = Field(0.8, gt=0, le=1, description="used when kv_cache_memory_mb is 0")
+    kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
+    prefill_chunk_tokens: int = Field(
+        256, ge=0, description="prompt tokens prefilled per decoding step, spread over joining requests; 0: no limit"
+    )
     max_stop_strings: int = Field(4, ge=0, le=64)
     max_stop_string_bytes: int = Field(256, ge=1)
     blocked_patterns: tuple[str, ...] = Field((), description="regular expressions refused in prompts and answers")

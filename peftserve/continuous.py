@@ -1,30 +1,53 @@
-"""Continuous batching: requests join the running batch between decoding steps and leave when done.
+"""Continuous batching over a paged KV cache: admission by memory, chunked prefill, one decoding loop.
 
-One loop thread owns the decoding. Each iteration it admits waiting requests (prefilled together, then
-merged into the running batch), runs one decoding step for every running row whatever its adapter,
-streams each row's new text, and retires rows that finished, were cancelled or hit a stop string — so a
-short request never waits for the longest one it arrived with, and a freed slot is reused at the next
-step. Requests whose adapter is not in memory wait on a loader thread, never in the loop.
+One loop thread owns the model. Each iteration it
+
+1. drops cancelled requests (their KV blocks and adapter leases go back at once);
+2. admits waiting requests, first come first served, while rows and KV blocks are free: a request
+   reserves blocks for its whole life (prompt, virtual tokens, prefix, ``max_tokens``) and otherwise waits,
+   so the batch never runs out of memory; one that could never fit is refused;
+3. prefills at most ``prefill_chunk_tokens`` prompt tokens, spread over the admitted requests in order, so
+   a long prompt enters over several iterations instead of stalling every running stream;
+4. runs one decoding step for every running row, whatever its adapter, streams new text and retires rows
+   that finished, hit a stop string or were cancelled.
+
+Nothing slow runs here: adapter files are read, converted and smoke-checked on loader threads (their own
+probe prompts come through :meth:`ContinuousBatcher.run_rows` and share steps with traffic). A forward pass
+that fails is retried row by row, so only the culprit request fails.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from peftserve.adapter_repository import AdapterVersion
+from peftserve.adapter_weights import AdapterWeights
 from peftserve.admission import Admission
-from peftserve.engine import Engine
-from peftserve.errors import CacheFullError, CancelledError, OverLimitError, PeftServeError
-from peftserve.generation import ActiveRow, GeneratedSequence, RunningBatch
+from peftserve.batched_layers import BatchDeltas
+from peftserve.errors import (
+    AdapterNotReady,
+    CacheFullError,
+    CancelledError,
+    InvalidRequestError,
+    OverLimitError,
+    PeftServeError,
+)
+from peftserve.generation import GeneratedSequence, GenerationRow, SequenceState
+from peftserve.kv_cache import PagedKVCache
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL
 from peftserve.requests import Completion, CompletionRequest
 from peftserve.text_stream import TextStream
+
+if TYPE_CHECKING:
+    from peftserve.engine import Engine
 
 logger = logging.getLogger("peftserve.continuous")
 
@@ -34,42 +57,78 @@ DoneCallback = Callable[[Completion | PeftServeError], None]
 
 @dataclass(eq=False)
 class Work:
-    """One request in the batcher: the callbacks that answer it and what it has produced so far."""
+    """One request in the batcher: the callbacks that answer it and what it has produced so far.
 
-    request: CompletionRequest
+    A request from a client carries ``request``; the engine's own model calls (smoke checks) and tests bring
+    a ready ``row`` and get the raw :class:`GeneratedSequence` through ``on_result``.
+    """
+
+    request: CompletionRequest | None
     on_done: DoneCallback
     on_text: TextCallback | None = None  # streaming: called with each new piece of text
     is_cancelled: Callable[[], bool] = lambda: False
+    row: GenerationRow | None = None
+    on_result: Callable[[GeneratedSequence | PeftServeError], None] | None = None
     submitted: float = field(default_factory=time.perf_counter)
     label: str = BASE_LABEL
     version: AdapterVersion | None = None
     text: TextStream | None = None
     first_token_at: float | None = None
     admitted: bool = False
+    loaded: tuple[AdapterVersion, AdapterWeights] | None = None  # read by a loader while the cache was full
 
 
 class ContinuousBatcher:
     def __init__(
-        self, engine: Engine, *, max_rows: int = 32, join_group: int = 4, join_every: int = 8, loader_threads: int = 2
+        self,
+        engine: Engine,
+        cache: PagedKVCache,
+        *,
+        max_rows: int = 32,
+        prefill_chunk_tokens: int = 256,
+        join_group: int = 4,
+        join_every: int = 8,
+        loader_threads: int = 2,
     ) -> None:
         self.engine = engine
+        self.runner = engine.runner
+        self.cache = cache
         self.max_rows = max_rows
-        # A join is a prefill forward pass of its own, about as costly on a CPU as a decoding step of the
-        # whole batch: waiting requests join when join_group of them wait (or fill the free rows), when the
-        # oldest has waited join_every steps, or at once when nothing runs.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        # Starting a prefill costs a forward pass of its own, about as much on a CPU as a decoding step of the
+        # whole batch: waiting requests are admitted when join_group of them wait (or fill the free rows), when
+        # the oldest has waited join_every steps, or at once when nothing runs.
         self.join_group = join_group
         self.join_every = join_every
         self.admission = Admission(engine.config.adapter_limits, engine.config.adapter_limit_overrides)
         self._waiting: deque[Work] = deque()
+        self._prefilling: list[SequenceState] = []
+        self._running: list[SequenceState] = []
+        self._decode_deltas: tuple[tuple[int, ...], BatchDeltas] | None = None
+        self._ids = itertools.count(1)
+        self._steps_since_admission = 0
         self._wakeup = threading.Condition()
         self._closed = False
         self._loaders = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-loader")
         self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, work: Work) -> None:
-        """Queue a request (thread-safe). Over-limit requests are refused at once; requests whose adapter
-        must be loaded first join after the load, which runs beside the decoding loop."""
+    @property
+    def rows(self) -> int:
+        """Requests inside the model (prefilling or decoding)."""
+        return len(self._prefilling) + len(self._running)
+
+    def submit(self, *works: Work) -> None:
+        """Queue client requests (thread-safe), together: requests submitted in one call are admitted in one
+        group. Over-limit requests are refused at once; requests whose adapter must be loaded first are
+        queued after the load, which runs beside the decoding loop."""
+        ready = [work for work in works if self._check(work)]
+        with self._wakeup:
+            self._waiting.extend(ready)
+            self._wakeup.notify()
+
+    def _check(self, work: Work) -> bool:
+        """Admission limits and the adapter's state; True if the request can queue now."""
         adapter_id = work.request.adapter_id
         loaded = self.engine.adapter_loaded(adapter_id) if adapter_id else True
         work.label = UNKNOWN_LABEL if loaded is None else adapter_id or BASE_LABEL
@@ -79,15 +138,33 @@ class ContinuousBatcher:
             except OverLimitError as exc:
                 self.engine.metrics.over_limit(work.label)
                 self._finish(work, exc)
-                return
+                return False
             work.admitted = True
             self.engine.metrics.inflight({work.label: self.admission.inflight(work.label)})
             if adapter_id:
                 self.engine.metrics.cache_event("hit" if loaded else "miss", adapter_id)
         if loaded is False:
             self._loaders.submit(self._load_then_queue, work)
-        else:
-            self._queue(work)
+            return False
+        return True
+
+    def run_rows(self, rows: Sequence[GenerationRow], timeout: float = 600.0) -> list[GeneratedSequence]:
+        """Generate for ready rows through the running batch and wait (never call from the loop thread).
+        A row that fails raises its error here."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("run_rows would wait for the loop that called it")
+        futures = [Future() for _ in rows]
+        works = [
+            Work(None, on_done=_ignore, row=row, on_result=f.set_result) for row, f in zip(rows, futures, strict=True)
+        ]
+        with self._wakeup:
+            self._waiting.extend(works)
+            self._wakeup.notify()
+        results = [future.result(timeout=timeout) for future in futures]
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
     def close(self) -> None:
         with self._wakeup:
@@ -98,9 +175,14 @@ class ContinuousBatcher:
 
     def _load_then_queue(self, work: Work) -> None:
         try:
-            self.engine.ensure_loaded(work.request.adapter_id)
-        except Exception:  # the request gets the error when it is prepared
+            work.loaded = self.engine.ensure_loaded(work.request.adapter_id)
+        except PeftServeError as exc:
+            self._finish(work, exc)
+            return
+        except Exception as exc:
             logger.exception("background load of adapter %r failed", work.request.adapter_id)
+            self._finish(work, PeftServeError(f"loading adapter failed: {type(exc).__name__}"))
+            return
         self._queue(work)
 
     def _queue(self, work: Work) -> None:
@@ -109,121 +191,202 @@ class ContinuousBatcher:
             self._wakeup.notify()
 
     def _loop(self) -> None:
-        batch = RunningBatch(self.engine.generator)
-        steps_since_join = 0
         while True:
             with self._wakeup:
-                while not self._waiting and not len(batch) and not self._closed:
+                while not self._waiting and not self.rows and not self._closed:
                     self._wakeup.wait()
-                if self._closed and not self._waiting and not len(batch):
+                if self._closed and not self._waiting and not self.rows:
                     return
-                room = self.max_rows - len(batch)
-                due = (
-                    not len(batch)
-                    or len(self._waiting) >= min(room, self.join_group)
-                    or steps_since_join >= self.join_every
-                )
-                joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))] if due else []
-                steps_since_join = 0 if joining else steps_since_join + 1
+                joining = self._take_joining()
             try:
-                with self.engine.lock:
-                    self._drop_cancelled(batch)
-                    self._emit(self._join(batch, self._prepare(joining, running=len(batch))), finished=True)
-                    self._emit(batch.rows, finished=False)
-                    if len(batch):
-                        self._emit(batch.step(), finished=True)
-                        self._emit(batch.rows, finished=False)
+                self._drop_cancelled()
+                self._admit(joining)
+                if self._prefilling:
+                    self._prefill_step()
+                if self._running:
+                    self._decode_step()
                 self.engine.report_cache()
-            except Exception as exc:  # every request in the batch must still be answered
-                logger.exception("decoding step failed; failing the %d running requests", len(batch))
-                error = PeftServeError(f"generation failed: {type(exc).__name__}: {exc}")
-                for entry in batch.rows:
-                    self._finish(entry.handle, error)
-                batch.close()
-                batch = RunningBatch(self.engine.generator)
+            except Exception:  # a bug here must not leave requests unanswered
+                logger.exception("batching loop failed; failing the %d requests inside the model", self.rows)
+                for state in [*self._prefilling, *self._running]:
+                    self._retire(state, PeftServeError("internal error in the batching loop"))
 
-    def _prepare(self, joining: list[Work], *, running: int) -> list[ActiveRow]:
-        rows, deferred = [], []
-        for work in joining:
+    def _take_joining(self) -> list[Work]:
+        """Waiting requests to admit now (called with the condition held)."""
+        room = self.max_rows - self.rows
+        due = not self.rows or len(self._waiting) >= min(room, self.join_group)
+        due = due or self._steps_since_admission >= self.join_every
+        if not due or room <= 0:
+            self._steps_since_admission += 1
+            return []
+        self._steps_since_admission = 0
+        return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+
+    def _admit(self, joining: list[Work]) -> None:
+        """Turn requests into sequences with KV blocks; those that must wait go back to the queue's head."""
+        back: list[Work] = []
+        for index, work in enumerate(joining):
             if work.is_cancelled():
                 self._finish(work, CancelledError("request cancelled by the client"))
                 continue
             try:
-                row, version = self.engine.lease(work.request)
-                if version is not None:
-                    work.label, work.version = version.adapter_id, version
+                row = self._lease_row(work)
+            except AdapterNotReady:  # evicted or replaced since it was queued: load it again, off the loop
+                self._loaders.submit(self._load_then_queue, work)
+                continue
             except CacheFullError as exc:
-                if running or rows:  # a running request will leave and release its adapter: wait for it
-                    deferred.append(work)
+                if self.rows or back:  # a running request will release its adapter: wait for it
+                    back.append(work)
                 else:
                     self._finish(work, exc)
                 continue
             except PeftServeError as exc:
                 self._finish(work, exc)
                 continue
-            work.text = TextStream(self.engine.tokenizer, work.request.stop, self.engine.refuse_blocked)
-            rows.append(ActiveRow(row, handle=work))
-        if deferred:
-            with self._wakeup:
-                self._waiting.extendleft(reversed(deferred))
-        return rows
-
-    def _join(self, batch: RunningBatch, rows: list[ActiveRow]) -> list[ActiveRow]:
-        """Join ``rows``; if their prefill fails, retry them one by one so that only the culprit fails (a
-        failed join leaves the running batch as it was)."""
-        try:
-            return batch.join(rows)
-        except Exception as exc:
-            if batch.deltas is not None:
-                batch.deltas.install()
-            if len(rows) == 1:
-                logger.exception("prefill failed")
-                self._finish(rows[0].handle, PeftServeError(f"generation failed: {type(exc).__name__}: {exc}"))
-                return []
-            logger.warning("prefill of %d joining rows failed (%s); retrying one by one", len(rows), exc)
-            done = []
-            for entry in rows:
-                entry.result = GeneratedSequence(token_ids=[], finish_reason="length")
-                done += self._join(batch, [entry])
-            return done
-
-    def _drop_cancelled(self, batch: RunningBatch) -> None:
-        cancelled = [entry for entry in batch.rows if entry.handle.is_cancelled()]
-        if cancelled:
-            batch.remove(cancelled)
-            for entry in cancelled:
-                self._finish(entry.handle, CancelledError("request cancelled by the client"))
-
-    def _emit(self, entries: list[ActiveRow], *, finished: bool) -> None:
-        """Stream new text of running rows; answer finished ones."""
-        now = time.perf_counter()
-        for entry in entries:
-            work: Work = entry.handle
-            tokens = entry.result.token_ids
-            if tokens and work.first_token_at is None:
-                work.first_token_at = now
-                self.engine.metrics.first_token(work.label, seconds=now - work.submitted)
-            if not finished and work.on_text is None:
-                continue  # nothing to stream: the text is decoded (and checked) once, at the end
-            try:
-                if finished:
-                    piece, text = work.text.finish(tokens)
-                else:
-                    piece, text = work.text.update(tokens), None
-            except PeftServeError as exc:  # a blocked pattern in the answer so far
-                self._finish(work, exc)
+            needed = self.cache.blocks_for(row.kv_tokens)
+            if needed > self.cache.usable_blocks:
+                self._finish(work, _too_long(row, needed, self.cache))
                 continue
-            if piece and work.on_text is not None:
-                work.on_text(piece)
-            if finished:
-                reason = "stop" if work.text.stopped else entry.result.finish_reason
-                label = work.version.label if work.version else ""
-                self._finish(work, Completion(text, label, len(tokens), reason))
+            if needed > self.cache.free_blocks:  # first come, first served: the ones behind wait too
+                back += joining[index:]  # this one keeps its prepared row and adapter lease
+                break
+            state = SequenceState(row, next(self._ids), handle=work)
+            self.runner.start(state)
+            self._prefilling.append(state)
+        if back:
+            with self._wakeup:
+                self._waiting.extendleft(reversed(back))
 
-    def _finish(self, work: Work, answer: Completion | PeftServeError) -> None:
+    def _lease_row(self, work: Work) -> GenerationRow:
+        if work.row is not None:
+            return work.row
+        row, version = self.engine.lease(work.request, load=False, loaded=work.loaded)
+        work.loaded = None
+        if version is not None:
+            work.label, work.version = version.adapter_id, version
+        work.text = TextStream(self.engine.tokenizer, work.request.stop, self.engine.refuse_blocked)
+        work.row = row
+        return row
+
+    def _prefill_step(self) -> None:
+        budget = self.prefill_chunk_tokens or sum(state.prefill_left for state in self._prefilling)
+        chunks = []
+        for state in self._prefilling:
+            take = min(state.prefill_left, budget)
+            if take <= 0:
+                break
+            chunks.append((state, take))
+            budget -= take
+        completed = self._isolating_failures(
+            chunks, lambda part: self.runner.prefill(part, self._deltas([s for s, _ in part]))
+        )
+        for state in completed:
+            self._prefilling.remove(state)
+            if self.runner.advance(state):
+                self._running.append(state)
+                self._running.sort(key=lambda s: id(s.row.adapter))  # one adapter's rows stay one slice
+                self._stream(state)
+            else:
+                self._retire(state)
+
+    def _decode_step(self) -> None:
+        states = list(self._running)
+        self._isolating_failures([(s, 1) for s in states], lambda part: self._decode([s for s, _ in part]))
+        for state in states:
+            if state not in self._running:
+                continue  # failed alone
+            if self.runner.advance(state):
+                self._stream(state)
+            else:
+                self._running.remove(state)
+                self._retire(state)
+
+    def _decode(self, states: list[SequenceState]) -> list[SequenceState]:
+        key = tuple(state.sequence_id for state in states)  # ids of objects can be reused; these are not
+        if self._decode_deltas is None or self._decode_deltas[0] != key:
+            self._decode_deltas = (key, self._deltas(states))
+        self.runner.decode(states, self._decode_deltas[1])
+        return states
+
+    def _deltas(self, states: list[SequenceState]) -> BatchDeltas:
+        with self.engine.lock:
+            return BatchDeltas(self.engine.layers, [state.row.adapter for state in states])
+
+    def _isolating_failures(self, chunks: list[tuple[SequenceState, int]], run) -> list[SequenceState]:
+        """Run ``chunks`` together; if that fails, one by one, so that only the culprit fails."""
+        try:
+            with self.engine.lock:
+                return run(chunks)
+        except Exception as exc:
+            if len(chunks) == 1:
+                logger.exception("forward pass failed")
+                state = chunks[0][0]
+                for pool in (self._prefilling, self._running):
+                    if state in pool:
+                        pool.remove(state)
+                self._retire(state, PeftServeError(f"generation failed: {type(exc).__name__}: {exc}"))
+                return []
+            logger.warning("forward pass of %d rows failed (%s); retrying row by row", len(chunks), exc)
+            return [done for chunk in chunks for done in self._isolating_failures([chunk], run)]
+
+    def _drop_cancelled(self) -> None:
+        for pool in (self._prefilling, self._running):
+            for state in [s for s in pool if s.handle.is_cancelled()]:
+                pool.remove(state)
+                self._retire(state, CancelledError("request cancelled by the client"))
+
+    def _stream(self, state: SequenceState) -> None:
+        """Send the new text of a running row, if its client streams."""
+        work: Work = state.handle
+        self._first_token(work, state)
+        if work.on_text is None or work.text is None:
+            return
+        try:
+            piece = work.text.update(state.result.token_ids)
+        except PeftServeError as exc:  # a blocked pattern in the answer so far
+            self._running.remove(state)
+            self._retire(state, exc)
+            return
+        if piece:
+            work.on_text(piece)
+
+    def _first_token(self, work: Work, state: SequenceState) -> None:
+        if work.on_result is None and state.result.token_ids and work.first_token_at is None:
+            work.first_token_at = time.perf_counter()
+            self.engine.metrics.first_token(work.label, seconds=work.first_token_at - work.submitted)
+
+    def _retire(self, state: SequenceState, error: PeftServeError | None = None) -> None:
+        """A sequence leaves the model: its blocks go back, its request gets its answer."""
+        self.runner.finish(state)
+        work: Work = state.handle
+        if work.on_result is not None:
+            self._finish(work, error or state.result)
+            return
+        if error is not None:
+            self._finish(work, error)
+            return
+        self._first_token(work, state)
+        try:
+            piece, text = work.text.finish(state.result.token_ids)
+        except PeftServeError as exc:
+            self._finish(work, exc)
+            return
+        if piece and work.on_text is not None:
+            work.on_text(piece)
+        reason = "stop" if work.text.stopped else state.result.finish_reason
+        label = work.version.label if work.version else ""
+        self._finish(work, Completion(text, label, len(state.result.token_ids), reason))
+
+    def _release_lease(self, work: Work) -> None:
         if work.version is not None:
             self.engine.cache.release(work.version)
             work.version = None
+
+    def _finish(self, work: Work, answer: Completion | GeneratedSequence | PeftServeError) -> None:
+        if work.on_result is not None:
+            work.on_result(answer)
+            return
+        self._release_lease(work)
         if work.admitted:
             self.admission.release(work.label)
             work.admitted = False
@@ -241,3 +404,15 @@ class ContinuousBatcher:
             work.on_done(answer)
         except Exception:
             logger.exception("sending a response failed")
+
+
+def _ignore(_: object) -> None:
+    pass
+
+
+def _too_long(row: GenerationRow, needed: int, cache: PagedKVCache) -> PeftServeError:
+    return InvalidRequestError(
+        f"the request needs {row.kv_tokens} KV cache tokens ({needed} blocks: prompt, adapter prefix and "
+        f"max_tokens), more than the whole KV cache holds ({cache.usable_blocks} blocks of {cache.block_size}); "
+        "lower max_tokens or the prompt, or raise kv_cache_memory_mb"
+    )

@@ -1,9 +1,9 @@
-"""The serving engine: base model, adapter repository and cache, request checks and batched generation.
+"""The serving engine: base model, adapter repository and cache, request checks, and its batcher.
 
-The serving path is :mod:`peftserve.continuous`, which uses ``prepare``/``resolve`` and the cache here.
-``Engine.complete`` answers a whole batch at once (validation, benchmarks, tests): per request either a
-:class:`Completion` or the :class:`PeftServeError` that request earned; one bad request never fails the
-others, and a batch that fails as a whole is retried row by row so that only the culprit errors.
+Every answer comes out of one place, the continuous batcher (:mod:`peftserve.continuous`), which owns the
+model's forward passes: Triton's models submit to it, and :meth:`Engine.complete` (validation, benchmarks,
+tests) is a synchronous client of it, so every test exercises what serves. The engine prepares what the
+batcher runs: checked requests, adapters read, converted and smoke-checked on the caller's thread.
 """
 
 from __future__ import annotations
@@ -26,18 +26,21 @@ from peftserve.adapter_types import convert_adapter
 from peftserve.adapter_weights import AdapterWeights, BaseModelShape, read_adapter_files
 from peftserve.batched_layers import AdapterLayers
 from peftserve.config import ServeConfig
+from peftserve.continuous import ContinuousBatcher, Work
 from peftserve.errors import (
     AdapterLoadError,
+    AdapterNotReady,
     BlockedContentError,
+    CacheFullError,
     ConfigError,
     InvalidRequestError,
     PeftServeError,
 )
-from peftserve.generation import BatchGenerator, GenerationRow, SamplingParams
-from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL, EngineMetrics
+from peftserve.generation import GenerationRow, ModelRunner, SamplingParams
+from peftserve.kv_cache import PagedKVCache
+from peftserve.metrics import EngineMetrics
 from peftserve.requests import Completion, CompletionRequest
 from peftserve.smoke_check import smoke_check
-from peftserve.text_stream import TextStream
 
 logger = logging.getLogger("peftserve.engine")
 
@@ -45,11 +48,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class Engine:
-    """One base model serving many adapters.
+    """One base model serving many adapters through one continuous batcher.
 
-    Thread-safe: ``complete`` and every change to the model (wrapping layers, filling the cache) hold one
-    re-entrant lock, while reading and converting adapter files (``read_adapter``) needs none, so a
-    background thread can prepare an adapter while batches for other adapters keep running.
+    Thread-safe. The batcher's loop thread runs every forward pass, holding :attr:`lock` only while it
+    does; anything that changes the model (wrapping layers for a new adapter) takes the same lock, briefly.
+    Reading, converting and smoke-checking adapters happen on the caller's thread (a loader, the watcher).
     """
 
     def __init__(self, config: ServeConfig, *, device: str = "cpu", metrics: EngineMetrics | None = None) -> None:
@@ -68,7 +71,14 @@ class Engine:
         )
         eos = _eos_token_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos)
-        self.generator = BatchGenerator(self.model, self.layers, eos_token_ids=eos, pad_token_id=pad)
+        self.kv_cache = _paged_cache(config, self.base_shape, self.device)
+        self.runner = ModelRunner(self.model, self.layers, self.kv_cache, eos_token_ids=eos, pad_token_id=pad)
+        self.batcher = ContinuousBatcher(
+            self,
+            self.kv_cache,
+            max_rows=config.max_running_rows,
+            prefill_chunk_tokens=config.prefill_chunk_tokens,
+        )
         self._blocked = [re.compile(pattern) for pattern in config.blocked_patterns]
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
         for adapter_id in config.preload:
@@ -110,7 +120,7 @@ class Engine:
         version, weights = self.read_adapter(version)
         with self._lock:
             self.layers.wrap(list(weights.modules))
-            self._smoke_check(version, weights)
+        self._smoke_check(version, weights)
         return version, weights
 
     def start_serving(self, version: AdapterVersion, weights: AdapterWeights) -> AdapterVersion | None:
@@ -160,17 +170,22 @@ class Engine:
             return None
         return False
 
-    def ensure_loaded(self, adapter_id: str) -> None:
-        """Load an adapter into the cache; the slow part (files, conversion) runs outside the lock."""
+    def ensure_loaded(self, adapter_id: str) -> tuple[AdapterVersion, AdapterWeights] | None:
+        """Load an adapter into the cache (on the caller's thread). When every cache entry is in use, the
+        loaded version and weights are returned instead, for the request to hold until a slot frees."""
         version = self.resolve(adapter_id)
-        if version not in self.cache:
-            weights = self.reload(version)
-            with self._lock:
-                self.cache.add(version, weights)
+        if version in self.cache:
+            return None
+        weights = self.reload(version)
+        try:
+            self.cache.add(version, weights)
+        except CacheFullError:
+            return version, weights
+        return None
 
     @property
     def lock(self) -> threading.RLock:
-        """Held by whoever runs the model: a batch, a decoding step, a smoke check, a switch."""
+        """Held while the model runs a forward pass or changes (layers wrapped for a new adapter)."""
         return self._lock
 
     def reload(self, version: AdapterVersion) -> AdapterWeights:
@@ -182,11 +197,12 @@ class Engine:
 
     def _smoke_check(self, version: AdapterVersion, weights: AdapterWeights) -> None:
         def prompt_logits(text: str) -> torch.Tensor:
-            return self.generator.prompt_logits([GenerationRow(self._encode_prompt(text), weights, 1)])[0]
+            row = GenerationRow(self._encode_prompt(text), weights, 1, keep_prompt_logits=True)
+            return self.batcher.run_rows([row])[0].prompt_logits
 
         def greedy_answer(text: str, max_tokens: int) -> str:
             row = GenerationRow(self._encode_prompt(text), weights, max_tokens)
-            return self.tokenizer.decode(self.generator.generate([row])[0].token_ids, skip_special_tokens=True)
+            return self.tokenizer.decode(self.batcher.run_rows([row])[0].token_ids, skip_special_tokens=True)
 
         try:
             smoke_check(version.label, version.path, prompt_logits, greedy_answer)
@@ -206,59 +222,32 @@ class Engine:
         self.metrics.cache_event("eviction", version.adapter_id)
         logger.info("evicted adapter %s", version.label)
 
-    def complete(self, requests: Sequence[CompletionRequest]) -> list[Completion | PeftServeError]:
-        """Answer one batch; element ``i`` answers ``requests[i]``."""
-        with self._lock:
-            return self._complete(requests)
-
-    def _complete(self, requests: Sequence[CompletionRequest]) -> list[Completion | PeftServeError]:
-        started = time.perf_counter()
+    def complete(
+        self, requests: Sequence[CompletionRequest], timeout: float = 600.0
+    ) -> list[Completion | PeftServeError]:
+        """Answer requests through the batcher and wait; element ``i`` answers ``requests[i]`` (a Completion,
+        or the error that request earned: one bad request never fails the others)."""
+        done = threading.Event()
         results: list[Completion | PeftServeError | None] = [None] * len(requests)
-        labels = [BASE_LABEL if not request.adapter_id else UNKNOWN_LABEL for request in requests]
-        prepared: list[tuple[int, GenerationRow, str]] = []
-        leased: list[AdapterVersion] = []
-        try:
-            for index, request in enumerate(requests):
-                try:
-                    row, version = self.lease(request)
-                    if version is not None:
-                        labels[index] = version.adapter_id
-                        leased.append(version)
-                    prepared.append((index, row, version.label if version else ""))
-                except PeftServeError as exc:
-                    results[index] = exc
-                except Exception as exc:
-                    logger.exception("preparing request %d failed", index)
-                    results[index] = PeftServeError(f"internal error preparing the request: {type(exc).__name__}")
-            outputs = self._generate_isolating_failures([row for _, row, _ in prepared])
-            for (index, _, label), output in zip(prepared, outputs, strict=True):
-                if isinstance(output, PeftServeError):
-                    results[index] = output
-                else:
-                    results[index] = self._completion(requests[index], output, label)
-        finally:
-            for version in leased:
-                self.cache.release(version)
-        seconds = time.perf_counter() - started
-        for label, result in zip(labels, results, strict=True):
-            failed = isinstance(result, PeftServeError)
-            self.metrics.request_done(
-                label,
-                error_code=result.triton_code if failed else None,
-                seconds=seconds,
-                tokens=0 if failed else result.output_tokens,
-            )
-        self.report_cache()
-        return results  # type: ignore[return-value]
+        missing = [len(requests)]
+        guard = threading.Lock()
 
-    def _completion(self, request: CompletionRequest, output, label: str) -> Completion | PeftServeError:
-        stream = TextStream(self.tokenizer, request.stop, self.refuse_blocked)
-        try:
-            _, text = stream.finish(output.token_ids)
-        except BlockedContentError as exc:
-            return exc
-        reason = "stop" if stream.stopped else output.finish_reason
-        return Completion(text, label, len(output.token_ids), reason)
+        def answer(index: int, result: Completion | PeftServeError) -> None:
+            results[index] = result
+            with guard:
+                missing[0] -= 1
+                if not missing[0]:
+                    done.set()
+
+        self.batcher.submit(
+            *(
+                Work(request, on_done=lambda result, i=index: answer(i, result))
+                for index, request in enumerate(requests)
+            )
+        )
+        if requests and not done.wait(timeout):
+            raise TimeoutError(f"{missing[0]} of {len(requests)} requests unanswered after {timeout} s")
+        return results  # type: ignore[return-value]
 
     def refuse_blocked(self, text: str, what: str) -> None:
         """Operators' blocked-content patterns; the message gives the pattern's index, not the pattern."""
@@ -280,15 +269,27 @@ class Engine:
             return None
         return lambda ids: any(stop in self.tokenizer.decode(ids, skip_special_tokens=True) for stop in stops)
 
-    def lease(self, request: CompletionRequest) -> tuple[GenerationRow, AdapterVersion | None]:
-        """``prepare`` plus the adapter attached to the row and leased from the cache (reloaded if it was
-        evicted); the caller releases the returned version with ``cache.release`` once the row is done."""
-        row, version = self.prepare(request)
+    def lease(
+        self,
+        request: CompletionRequest,
+        *,
+        load: bool = True,
+        loaded: tuple[AdapterVersion, AdapterWeights] | None = None,
+    ) -> tuple[GenerationRow, AdapterVersion | None]:
+        """``prepare`` plus the adapter attached to the row and leased from the cache; the caller releases
+        the returned version with ``cache.release`` once the row is done. With ``load=False`` (the batching
+        loop, which must never read files) an adapter neither in memory nor in ``loaded`` (what
+        :meth:`ensure_loaded` returned) raises :class:`AdapterNotReady`."""
+        row, version = self.prepare(request, load=load)
         if version is not None:
-            row.adapter = self.cache.acquire(version, lambda: self.reload(version))
+            if loaded is not None and loaded[0] == version:
+                fetch = lambda: loaded[1]  # noqa: E731
+            else:
+                fetch = (lambda: self.reload(version)) if load else _not_ready
+            row.adapter = self.cache.acquire(version, fetch)
         return row, version
 
-    def prepare(self, request: CompletionRequest) -> tuple[GenerationRow, AdapterVersion | None]:
+    def prepare(self, request: CompletionRequest, *, load: bool = True) -> tuple[GenerationRow, AdapterVersion | None]:
         """Check one request and turn it into a generation row (adapter not yet attached)."""
         prompt_ids = self._encode_prompt(request.text)
         should_stop = self._stop_condition(tuple(request.stop))
@@ -298,7 +299,11 @@ class Engine:
                 f"max_tokens must be between 1 and {self.config.max_tokens_limit} (max_tokens_limit), got {max_tokens}"
             )
         sampling = _sampling_params(request)
-        version = self.resolve(request.adapter_id) if request.adapter_id else None
+        version = None
+        if request.adapter_id:
+            version = self.resolve(request.adapter_id) if load else self._serving.get(request.adapter_id)
+            if version is None:
+                raise AdapterNotReady(request.adapter_id)
         row = GenerationRow(
             prompt_ids, None, max_tokens, sampling, ignore_eos=bool(request.ignore_eos), should_stop=should_stop
         )
@@ -318,26 +323,12 @@ class Engine:
         self.refuse_blocked(text, "text_input refused")
         ids = self.tokenizer(text).input_ids
         if not ids:  # an empty prompt still needs one position to start from
-            ids = [
-                self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.generator.pad_token_id
-            ]
+            ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.runner.pad_token_id]
         if len(ids) > self.config.max_prompt_tokens:
             raise InvalidRequestError(
                 f"text_input has {len(ids)} tokens, more than max_prompt_tokens ({self.config.max_prompt_tokens})"
             )
         return ids
-
-    def _generate_isolating_failures(self, rows: list[GenerationRow]) -> list:
-        if not rows:
-            return []
-        try:
-            return self.generator.generate(rows)
-        except Exception as exc:
-            if len(rows) == 1:
-                logger.exception("generation failed")
-                return [PeftServeError(f"generation failed: {type(exc).__name__}: {exc}")]
-            logger.warning("batch of %d failed (%s); retrying row by row", len(rows), exc)
-            return [self._generate_isolating_failures([row])[0] for row in rows]
 
 
 def _sampling_params(request: CompletionRequest) -> SamplingParams:
@@ -352,6 +343,45 @@ def _sampling_params(request: CompletionRequest) -> SamplingParams:
         raise InvalidRequestError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
     seed = None if request.seed is None else int(request.seed) % (1 << 63)
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+
+def _not_ready() -> AdapterWeights:
+    raise AdapterNotReady("adapter evicted")
+
+
+def _paged_cache(config: ServeConfig, shape: BaseModelShape, device: torch.device) -> PagedKVCache:
+    """The KV cache sized by ``kv_cache_memory_mb`` (or, when 0, a share of free device memory)."""
+    per_token = PagedKVCache.bytes_per_token(
+        num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=shape.dtype
+    )
+    budget = config.kv_cache_memory_mb * 1024 * 1024
+    if not budget:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = free * config.kv_cache_free_memory_fraction
+        else:
+            budget = 1024 * 1024 * 1024
+    blocks = int(budget // (per_token * config.kv_block_size))
+    if blocks < 2:
+        raise ConfigError(
+            f"kv_cache_memory_mb={config.kv_cache_memory_mb} holds {blocks} KV blocks of {config.kv_block_size} "
+            f"tokens ({per_token} bytes per token); at least 2 are needed"
+        )
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%.0f MiB)",
+        blocks,
+        config.kv_block_size,
+        blocks * config.kv_block_size * per_token / 2**20,
+    )
+    return PagedKVCache(
+        num_layers=shape.num_layers,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        num_blocks=blocks,
+        block_size=config.kv_block_size,
+        dtype=shape.dtype,
+        device=device,
+    )
 
 
 def _load_base_model(config: ServeConfig, device: torch.device) -> tuple[AutoTokenizer, PreTrainedModel]:

@@ -61,3 +61,8 @@ class CancelledError(PeftServeError):
 
 class CacheFullError(AdapterLoadError):
     """Every cached adapter is pinned or in use by running requests; a request can wait for one to leave."""
+
+
+class AdapterNotReady(PeftServeError):
+    """Internal: the adapter a queued request needs is not in memory (evicted or replaced meanwhile); the
+    batching loop hands the request back to a loader thread instead of reading files itself."""

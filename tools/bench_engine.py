@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_loaded_adapters=64,
             )
         )
-        engine.generator.eos_token_ids = set()  # every row generates exactly new_tokens
+        engine.runner.eos_token_ids = set()  # every row generates exactly new_tokens
 
         def ours(adapter_ids: list[str]) -> Callable[[], object]:
             requests = [

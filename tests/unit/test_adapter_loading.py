@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from peftserve.continuous import ContinuousBatcher, Work
+from peftserve.continuous import Work
 from peftserve.engine import Engine
 from peftserve.requests import Completion, CompletionRequest
 from tests.conftest import DEMO_PHRASES, demo_config
@@ -43,7 +43,7 @@ def test_a_slow_load_does_not_stall_loaded_adapters(model_dir: Path, monkeypatch
         return real_read(version)
 
     monkeypatch.setattr(engine, "read_adapter", slow_read)
-    batcher = ContinuousBatcher(engine)
+    batcher = engine.batcher
     answers = Answers()
     started = time.monotonic()
     batcher.submit(answers.work("slow", CompletionRequest("a dog", "wizard", max_tokens=24)))
@@ -61,7 +61,7 @@ def test_a_slow_load_does_not_stall_loaded_adapters(model_dir: Path, monkeypatch
 
 
 def test_unknown_adapters_are_answered_with_their_error(model_dir: Path) -> None:
-    batcher = ContinuousBatcher(Engine(demo_config(model_dir)))
+    batcher = Engine(demo_config(model_dir)).batcher
     answers = Answers()
     batcher.submit(answers.work("ghost", CompletionRequest("a dog", "ghost")))
     assert answers.all_in.wait(timeout=10)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
 
-from peftserve.continuous import ContinuousBatcher, Work
+from peftserve.continuous import Work
 from peftserve.engine import Engine
-from peftserve.errors import CancelledError
-from peftserve.generation import ActiveRow, RunningBatch
+from peftserve.errors import CancelledError, InvalidRequestError
+from peftserve.generation import GenerationRow
+from peftserve.kv_cache import PagedKVCache
 from peftserve.requests import Completion, CompletionRequest
 from tests.conftest import DEMO_PHRASES, demo_config
 
@@ -24,34 +28,115 @@ def engine(model_dir: Path) -> Engine:
     return Engine(demo_config(model_dir))
 
 
-def row_for(engine: Engine, adapter_id: str, prompt: str, max_tokens: int):
-    row, version = engine.prepare(CompletionRequest(prompt, adapter_id, max_tokens=max_tokens, ignore_eos=True))
+def row_for(engine: Engine, adapter_id: str, prompt: str, max_tokens: int, **flags) -> GenerationRow:
+    request = CompletionRequest(prompt, adapter_id, max_tokens=max_tokens, ignore_eos=True)
+    row, version = engine.prepare(request)
     row.adapter = engine.prepare_version(version)[1] if version else None
+    row.keep_logits = True
+    for name, value in flags.items():
+        setattr(row, name, value)
     return row
 
 
+def submit_row(engine: Engine, row: GenerationRow) -> Future:
+    """Put a ready row into the running batch without waiting for it."""
+    future: Future = Future()
+    engine.batcher._queue(Work(None, on_done=lambda _: None, row=row, on_result=future.set_result))
+    return future
+
+
+def after_tokens(count: int, event: threading.Event):
+    """A ``should_stop`` hook that never stops but tells when the row has generated ``count`` tokens."""
+
+    def hook(ids: list[int]) -> bool:
+        if len(ids) >= count:
+            event.set()
+        return False
+
+    return hook
+
+
+def assert_same_run(together, alone) -> None:
+    assert together.token_ids == alone.token_ids
+    assert len(together.step_logits) == len(alone.step_logits)
+    torch.testing.assert_close(torch.stack(together.step_logits), torch.stack(alone.step_logits), atol=1e-4, rtol=1e-4)
+
+
 def test_rows_joining_a_running_batch_get_their_solo_logits(engine: Engine) -> None:
-    first = ActiveRow(row_for(engine, "pirate", "the cat looks at", 20))
-    joiners = [ActiveRow(row_for(engine, a, p, 12)) for a, p in JOINERS]
-    late = ActiveRow(row_for(engine, "", "a dog", 6))
-    batch = RunningBatch(engine.generator, keep_logits=True)
-    with engine.lock:
-        batch.join([first])
-        for _ in range(3):
-            batch.step()
-        batch.join(joiners)  # shorter prompts, other adapters, prefixes and virtual tokens
-        for _ in range(4):
-            batch.step()
-        batch.join([late])
-        while len(batch):
-            batch.step()
-        batch.close()
-    for entry in [first, *joiners, late]:
-        (solo,) = engine.generator.generate([entry.row], keep_logits=True)
-        assert entry.result.token_ids == solo.token_ids
-        assert len(entry.result.step_logits) == len(solo.step_logits)
-        for mixed, alone in zip(entry.result.step_logits, solo.step_logits, strict=True):
-            torch.testing.assert_close(mixed, alone, atol=1e-4, rtol=1e-4)
+    three, seven = threading.Event(), threading.Event()
+    first = row_for(engine, "pirate", "the cat looks at", 24)
+    first.should_stop = after_tokens(3, three)
+    joiners = [row_for(engine, a, p, 12) for a, p in JOINERS]
+    joiners[0].should_stop = after_tokens(7, seven)
+    late = row_for(engine, "", "a dog", 6)
+    futures = [submit_row(engine, first)]
+    assert three.wait(30)
+    futures += [submit_row(engine, row) for row in joiners]  # other adapters, prefixes and virtual tokens
+    assert seven.wait(30)
+    futures.append(submit_row(engine, late))
+    rows = [first, *joiners, late]
+    for row, future in zip(rows, futures, strict=True):
+        assert_same_run(future.result(30), engine.batcher.run_rows([row])[0])
+
+
+def test_chunked_prefill_gives_the_logits_of_a_whole_prefill(model_dir: Path, engine: Engine) -> None:
+    chunked = Engine(demo_config(model_dir, prefill_chunk_tokens="3"))
+    prompt = "my friend writes about the cat that looks at a dog by the river"
+    for adapter_id in ["", "pirate", "oracle", "chef", "sage", "poet"]:  # LoRA, prefix, IA3, prompt tuning
+        row = row_for(chunked, adapter_id, prompt, 6, keep_prompt_logits=True)
+        (ours,) = chunked.batcher.run_rows([row])
+        (whole,) = engine.batcher.run_rows([row])
+        assert_same_run(ours, whole)
+        torch.testing.assert_close(ours.prompt_logits, whole.prompt_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_storage_is_written_per_new_token_and_never_reallocated(engine: Engine) -> None:
+    cache = engine.kv_cache
+    pointers = [storage.data_ptr() for storage in cache.storage]
+    per_token = PagedKVCache.bytes_per_token(
+        num_layers=len(cache.storage), num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim, dtype=torch.float32
+    )
+    written: list[int] = []
+    started = threading.Event()
+
+    def record(ids: list[int]) -> bool:
+        written.append(cache.bytes_written)
+        started.set()
+        return False
+
+    long_row = row_for(engine, "pirate", "the cat looks at " * 20, 40)
+    long_row.should_stop = record
+    future = submit_row(engine, long_row)
+    assert started.wait(30)
+    joiner = row_for(engine, "robot", "a dog", 8)
+    joined = [submit_row(engine, joiner) for _ in range(3)]  # joins copy nothing
+    future.result(30)
+    for other in joined:
+        other.result(30)
+    steps = [(after - before) / per_token for before, after in itertools.pairwise(written)]
+    # Between two tokens of the long row, one decoding step wrote one token per running row, plus the
+    # joiners' prompts (and prefixes) when they came in; never the cache, which holds over 100 tokens of the
+    # long row alone.
+    most = 4 + 3 * (joiner.kv_tokens - joiner.max_new_tokens)
+    assert most < 60
+    assert all(step == int(step) and 1 <= step <= most for step in steps), f"{most} {steps}"
+    assert steps[-1] == 1 and max(steps) > 1
+    assert [storage.data_ptr() for storage in cache.storage] == pointers
+
+
+def test_a_request_that_does_not_fit_the_kv_cache_waits_then_runs(model_dir: Path) -> None:
+    # 160 KiB holds 5 blocks of 16 tokens of this model's KV (2 KiB per token), 4 usable: one of these
+    # 37-token requests (3 blocks) at a time.
+    small = Engine(demo_config(model_dir, kv_cache_memory_mb=str(160 / 1024), kv_block_size="16"))
+    assert small.kv_cache.usable_blocks == 4
+    requests = [CompletionRequest("a dog", adapter, max_tokens=34, ignore_eos=True) for adapter in ("pirate", "robot")]
+    results = small.complete(requests)
+    for adapter, result in zip(("pirate", "robot"), results, strict=True):
+        assert isinstance(result, Completion) and result.output_tokens == 34, result
+        assert DEMO_PHRASES[adapter] in result.text
+    (too_long,) = small.complete([CompletionRequest("a dog " * 40, max_tokens=200)])
+    assert isinstance(too_long, InvalidRequestError)
+    assert re.search(r"needs \d+ KV cache tokens .* more than the whole KV cache holds", str(too_long))
 
 
 class Collected:
@@ -74,8 +159,8 @@ class Collected:
 
 
 def test_streamed_pieces_add_up_to_the_plain_answer_for_every_adapter(engine: Engine) -> None:
-    batcher = ContinuousBatcher(engine)
-    try:
+    batcher = engine.batcher
+    if True:
         requests = [CompletionRequest(prompt, adapter, max_tokens=24) for adapter, prompt in JOINERS]
         requests += [CompletionRequest("the cat looks at", "pirate", max_tokens=24, stop=("hoist",))]
         collected = [Collected() for _ in requests]
@@ -89,12 +174,11 @@ def test_streamed_pieces_add_up_to_the_plain_answer_for_every_adapter(engine: En
             assert sink.answer.adapter_version == plain.adapter_version
         assert "hoist" not in collected[-1].answer.text and collected[-1].answer.finish_reason == "stop"
         assert DEMO_PHRASES["robot"] in collected[0].answer.text
-    finally:
-        batcher.close()
 
 
-def test_cancelled_request_stops_and_its_slot_serves_the_next_at_once(engine: Engine) -> None:
-    batcher = ContinuousBatcher(engine, max_rows=1)  # one slot: the next request needs the cancelled one's
+def test_cancelled_request_stops_and_its_slot_serves_the_next_at_once(model_dir: Path) -> None:
+    # One row: the next request needs the cancelled one's.
+    batcher = Engine(demo_config(model_dir, max_running_rows="1")).batcher
     try:
         cancelled = threading.Event()
         long = Collected()
@@ -116,8 +200,9 @@ def test_cancelled_request_stops_and_its_slot_serves_the_next_at_once(engine: En
 
 
 def test_requests_wait_for_a_cache_slot_instead_of_failing(model_dir: Path) -> None:
-    small = Engine(demo_config(model_dir, max_loaded_adapters="2"))
-    batcher = ContinuousBatcher(small, max_rows=8)  # more running rows than the cache holds adapters
+    # More running rows than the cache holds adapters.
+    small = Engine(demo_config(model_dir, max_loaded_adapters="2", max_running_rows="8"))
+    batcher = small.batcher
     try:
         adapters = ["pirate", "robot", "knight", "chef", "gardener", "wizard"]
         sinks = {adapter: Collected() for adapter in adapters}
@@ -131,17 +216,18 @@ def test_requests_wait_for_a_cache_slot_instead_of_failing(model_dir: Path) -> N
         batcher.close()
 
 
-def test_a_request_whose_prefill_fails_fails_alone(engine: Engine, monkeypatch) -> None:
-    real_prefill = engine.generator._prefill_inputs
+def test_a_request_whose_prefill_fails_fails_alone(model_dir: Path, monkeypatch) -> None:
+    engine = Engine(demo_config(model_dir))
+    real_prefill = engine.runner.prefill
     poison = engine.tokenizer("zebra zebra").input_ids
 
-    def prefill(rows):
-        if any(row.prompt_ids == poison for row in rows):
+    def prefill(chunks, deltas):
+        if any(state.row.prompt_ids == poison for state, _ in chunks):
             raise RuntimeError("simulated kernel failure")
-        return real_prefill(rows)
+        return real_prefill(chunks, deltas)
 
-    monkeypatch.setattr(engine.generator, "_prefill_inputs", prefill)
-    batcher = ContinuousBatcher(engine)
+    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    batcher = engine.batcher
     try:
         running = Collected()
         batcher.submit(running.work(CompletionRequest("a dog", "pirate", max_tokens=64, ignore_eos=True)))

@@ -19,13 +19,23 @@ from tests.conftest import DEMO_PHRASES, PROMPTS, STRONG_ADAPTERS, demo_config
 ALL_ADAPTERS = list(DEMO_PHRASES)
 
 
-def rows_for(engine: Engine, adapter_id: str, prompts: list[str], max_tokens: int = 16) -> list[GenerationRow]:
+def rows_for(
+    engine: Engine, adapter_id: str, prompts: list[str], max_tokens: int = 16, **flags: bool
+) -> list[GenerationRow]:
     rows = []
     for prompt in prompts:
         row, version = engine.prepare(CompletionRequest(prompt, adapter_id, max_tokens=max_tokens))
         row.adapter = engine.prepare_version(version)[1] if version else None
+        for name, value in flags.items():
+            setattr(row, name, value)
         rows.append(row)
     return rows
+
+
+def prompt_logits(engine: Engine, rows: list[GenerationRow]) -> list[torch.Tensor]:
+    for row in rows:
+        row.keep_prompt_logits = True
+    return [result.prompt_logits for result in engine.batcher.run_rows(rows)]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +56,7 @@ def peft_reference(model_dir: Path):
 @pytest.mark.parametrize("adapter_id", ["", *ALL_ADAPTERS])
 def test_logits_equal_peft_for_every_adapter_type(engine: Engine, peft_reference, adapter_id: str) -> None:
     rows = rows_for(engine, adapter_id, PROMPTS)
-    ours = engine.generator.prompt_logits(rows)
+    ours = prompt_logits(engine, rows)
     for row, logits in zip(rows, ours, strict=True):
         input_ids = torch.tensor([row.prompt_ids])
         with torch.no_grad():
@@ -57,7 +67,7 @@ def test_logits_equal_peft_for_every_adapter_type(engine: Engine, peft_reference
 
 def test_adapters_change_the_logits_enough_to_be_told_apart(engine: Engine) -> None:
     """Guards the comparisons above and below: a wrong adapter would change logits far beyond tolerance."""
-    last = {a: engine.generator.prompt_logits(rows_for(engine, a, PROMPTS[:1]))[0][-1] for a in ["", *ALL_ADAPTERS]}
+    last = {a: prompt_logits(engine, rows_for(engine, a, PROMPTS[:1]))[0][-1] for a in ["", *ALL_ADAPTERS]}
     names = list(last)
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
@@ -84,10 +94,10 @@ def test_mixed_batch_equals_solo_runs_token_for_token_and_logit_for_logit(engine
     rows = []
     for index, adapter_id in enumerate(["", *ALL_ADAPTERS] * 2):
         prompt = PROMPTS[index % len(PROMPTS)]
-        rows += rows_for(engine, adapter_id, [prompt], max_tokens=4 + 3 * index)  # lengths and limits all differ
-    mixed = engine.generator.generate(rows, keep_logits=True)
+        rows += rows_for(engine, adapter_id, [prompt], max_tokens=4 + 3 * index, keep_logits=True)  # all differ
+    mixed = engine.batcher.run_rows(rows)
     for row, together in zip(rows, mixed, strict=True):
-        alone = engine.generator.generate([row], keep_logits=True)[0]
+        alone = engine.batcher.run_rows([row])[0]
         assert together.token_ids == alone.token_ids
         assert together.finish_reason == alone.finish_reason
         torch.testing.assert_close(
@@ -170,16 +180,18 @@ def test_bad_request_fails_alone_among_good_neighbours(engine: Engine, request_,
         assert isinstance(neighbour, Completion) and DEMO_PHRASES["pirate"] in neighbour.text
 
 
-def test_a_batch_that_crashes_is_retried_row_by_row(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_generate = engine.generator.generate
+@pytest.mark.parametrize("stage", ["prefill", "decode"])
+def test_a_batch_that_crashes_is_retried_row_by_row(engine: Engine, monkeypatch: pytest.MonkeyPatch, stage) -> None:
+    real = getattr(engine.runner, stage)
     poison = engine.tokenizer("poison").input_ids
 
-    def generate(rows, **kwargs):
+    def failing(states, *args):
+        rows = [state.row for state in (s[0] if isinstance(s, tuple) else s for s in states)]
         if any(row.prompt_ids == poison for row in rows):
             raise RuntimeError("simulated kernel failure")
-        return real_generate(rows, **kwargs)
+        return real(states, *args)
 
-    monkeypatch.setattr(engine.generator, "generate", generate)
+    monkeypatch.setattr(engine.runner, stage, failing)
     results = engine.complete(
         [CompletionRequest("a dog", "robot"), CompletionRequest("poison"), CompletionRequest("a dog", "chef")]
     )
@@ -198,8 +210,10 @@ def test_small_cache_evicts_and_still_answers_correctly(model_dir: Path) -> None
     assert any(version.adapter_id == "pirate" for version in engine.cache._entries)  # pinned by preload
 
 
-def test_one_batch_can_hold_more_adapters_than_the_cache_refuses(model_dir: Path) -> None:
+def test_requests_for_more_adapters_than_the_cache_holds_take_turns(model_dir: Path) -> None:
     engine = Engine(demo_config(model_dir, max_loaded_adapters="2"))
-    results = engine.complete([CompletionRequest("a dog", a, max_tokens=24) for a in ["robot", "chef", "poet"]])
-    assert DEMO_PHRASES["robot"] in results[0].text and DEMO_PHRASES["chef"] in results[1].text
-    assert isinstance(results[2], PeftServeError) and "adapter cache full" in str(results[2])
+    adapters = ["robot", "chef", "poet"]
+    results = engine.complete([CompletionRequest("a dog", a, max_tokens=24) for a in adapters])
+    for adapter, result in zip(adapters, results, strict=True):
+        assert isinstance(result, Completion) and DEMO_PHRASES[adapter] in result.text
+    assert len(engine.cache) <= 2

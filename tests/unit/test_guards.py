@@ -9,7 +9,7 @@ import pytest
 
 from peftserve.admission import Admission
 from peftserve.config import AdapterLimits
-from peftserve.continuous import ContinuousBatcher, Work
+from peftserve.continuous import Work
 from peftserve.engine import Engine
 from peftserve.errors import BlockedContentError, InvalidRequestError, OverLimitError
 from peftserve.requests import CompletionRequest
@@ -64,7 +64,7 @@ def guarded(model_dir: Path) -> Engine:
 
 
 def test_over_limit_requests_are_refused_at_once_and_others_still_served(guarded: Engine) -> None:
-    batcher = ContinuousBatcher(guarded)
+    batcher = guarded.batcher
     answers: dict[str, object] = {}
     finished = threading.Event()
 
@@ -80,7 +80,6 @@ def test_over_limit_requests_are_refused_at_once_and_others_still_served(guarded
         for adapter in ("pirate", "knight"):
             batcher.submit(work(f"{adapter}{i}", adapter))
     assert finished.wait(30)
-    batcher.close()
     pirate = [answers[f"pirate{i}"] for i in range(4)]
     knight = [answers[f"knight{i}"] for i in range(4)]
     assert sum(isinstance(a, OverLimitError) for a in pirate) == 2

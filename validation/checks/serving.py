@@ -77,12 +77,11 @@ def check_smoke_load(ctx: ValidationContext) -> None:
     ctx.report.facts["load_ms"] = round(1000 * (time.perf_counter() - started), 1)
     ctx.report.facts["loaded_bytes"] = weights.nbytes
     prompt_ids = engine.tokenizer(ctx.options.prompt).input_ids
-    base_row = GenerationRow(prompt_ids, None, max_new_tokens=16)
-    adapter_row = GenerationRow(prompt_ids, weights, max_new_tokens=16)
-    base_logits, adapter_logits = engine.generator.prompt_logits([base_row, adapter_row])
-    difference = float((base_logits - adapter_logits).abs().max())
+    base_row = GenerationRow(prompt_ids, None, max_new_tokens=1, keep_prompt_logits=True)
+    adapter_row = GenerationRow(prompt_ids, weights, max_new_tokens=16, keep_prompt_logits=True)
+    base, output = engine.batcher.run_rows([base_row, adapter_row])
+    difference = float((base.prompt_logits - output.prompt_logits).abs().max())
     ctx.report.facts["max_logit_change"] = round(difference, 4)
-    output = engine.generator.generate([adapter_row])[0]
     ctx.report.facts["sample_output"] = engine.tokenizer.decode(output.token_ids, skip_special_tokens=True)
     if difference < NO_EFFECT_LOGIT_DIFFERENCE:
         ctx.add(

@@ -17,7 +17,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from peftserve.config import read_model_config
-from peftserve.continuous import ContinuousBatcher, Work
+from peftserve.continuous import Work
 from peftserve.engine import Engine
 from peftserve.errors import InvalidRequestError, PeftServeError
 from peftserve.hot_swap import AdapterWatcher
@@ -51,7 +51,7 @@ class TritonPythonModel:
         logger.info("loading %s on %s", config.base_model, device)
         self.metrics = TritonMetrics(SERVED_MODEL)
         engine = Engine(config, device=device, metrics=self.metrics)
-        self.batcher = ContinuousBatcher(engine, max_rows=int(parameters["max_running_rows"]["string_value"]))
+        self.batcher = engine.batcher
         self.watcher = AdapterWatcher(engine, interval=config.adapter_poll_seconds)
         self.watcher.start()
 

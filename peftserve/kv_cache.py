@@ -1,0 +1,199 @@
+"""A paged key/value cache: fixed-size blocks, a block table per sequence, admission by free blocks.
+
+Why paged: the running batch changes every few steps (requests join, finish, are cancelled). With one
+padded tensor per layer, every join re-pads and concatenates the whole cache and every step appends by
+reallocation, so the bytes copied grow with the cache and peak memory doubles on a join. Here the storage
+is allocated once; a step writes only its new tokens into their slots, and a join or a leave changes
+block tables, never the storage.
+
+Reading: transformers' attention layers call :meth:`PagedKVCache.update` with the step's new keys and
+values (the same hook a ``DynamicCache`` serves). The new tokens are written into their slots, then each
+row's keys are read back right-aligned into a ``(rows, heads, kv_length, head_dim)`` view for the
+attention kernel, with a 2-D mask marking the real positions, so every model family builds its masks
+(causal, sliding window, ALiBi) from that mask as it does for a left-padded batch. That read is a
+transient gather, freed with the layer's attention; a block-table attention kernel (flash-attention's
+paged mode) would read the blocks in place.
+
+Memory is reserved per sequence for its whole life (prompt, virtual tokens, prefix and ``max_tokens``) when
+it is admitted, so a running batch never runs out of blocks mid-generation; a request that does not fit
+waits, one that could never fit is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class _Sequence:
+    blocks: list[int]
+    length: int = 0  # tokens written so far
+
+
+@dataclass
+class _Plan:
+    """Where the rows of one forward pass write and read (built once, used by every layer)."""
+
+    valid: torch.Tensor  # (new_tokens,) flat indices into the (rows * query_length) new keys
+    write: torch.Tensor  # (new_tokens,) slots they go to
+    read: torch.Tensor  # (rows, kv_length) slots read back, right-aligned; padding reads the zero slot
+    query_length: int
+    kv_length: int
+
+
+class PagedKVCache:
+    """Block pool for every layer of one model; sequences are identified by an integer the caller picks.
+
+    Slot ``s`` of a layer lives at ``storage[layer][0 or 1][s]`` (keys, values). Block 0 is never handed out:
+    its slots stay zero and serve as the padding that right-aligned reads point at.
+    """
+
+    is_compileable = False
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"a paged KV cache needs at least 2 blocks, got {num_blocks}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        slots = num_blocks * block_size
+        self.storage = [
+            torch.zeros(2, slots, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
+        ]
+        self.device = device
+        self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low blocks first
+        self._sequences: dict[int, _Sequence] = {}
+        self._plan: _Plan | None = None
+        self.bytes_written = 0  # every byte a layer wrote into the storage (tests count it per step)
+
+    @staticmethod
+    def bytes_per_token(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    def blocks_for(self, tokens: int) -> int:
+        return max(1, math.ceil(tokens / self.block_size))
+
+    def can_reserve(self, tokens: int) -> bool:
+        return self.blocks_for(tokens) <= len(self._free)
+
+    def reserve(self, sequence_id: int, tokens: int) -> None:
+        """Hand ``sequence_id`` the blocks for ``tokens`` tokens (its whole life); raises if they are not free."""
+        needed = self.blocks_for(tokens)
+        if needed > len(self._free):
+            raise MemoryError(f"{needed} KV blocks needed, {len(self._free)} free")
+        if sequence_id in self._sequences:
+            raise ValueError(f"sequence {sequence_id} already holds blocks")
+        self._sequences[sequence_id] = _Sequence([self._free.pop() for _ in range(needed)])
+
+    def release(self, sequence_id: int) -> None:
+        """Give a finished sequence's blocks back (idempotent)."""
+        sequence = self._sequences.pop(sequence_id, None)
+        if sequence is not None:
+            self._free.extend(reversed(sequence.blocks))
+
+    def length(self, sequence_id: int) -> int:
+        return self._sequences[sequence_id].length
+
+    def write_prefix(self, sequence_id: int, prefix_kv: torch.Tensor) -> None:
+        """Store prefix-tuning keys/values, shape ``(layers, 2, heads, tokens, head_dim)``, as the first tokens."""
+        sequence = self._sequences[sequence_id]
+        if sequence.length:
+            raise ValueError("a prefix goes before every other token of its sequence")
+        tokens = prefix_kv.shape[3]
+        slots = self._slots(sequence, 0, tokens)
+        for layer, storage in enumerate(self.storage):
+            storage[:, slots] = prefix_kv[layer].permute(0, 2, 1, 3).to(storage.dtype)
+        sequence.length = tokens
+        self.bytes_written += tokens * sum(s[:, 0].numel() * s.element_size() for s in self.storage)
+
+    def plan(self, rows: list[tuple[int, int]], query_length: int) -> torch.Tensor:
+        """Prepare a forward pass in which row ``b`` = ``(sequence_id, n)`` adds ``n`` tokens, right-aligned in
+        ``query_length`` query positions; returns the 2-D attention mask ``(rows, kv_length)``."""
+        valid, write, lengths = [], [], []
+        for b, (sequence_id, new) in enumerate(rows):
+            sequence = self._sequences[sequence_id]
+            if sequence.length + new > len(sequence.blocks) * self.block_size:
+                raise MemoryError(f"sequence {sequence_id} outgrew the KV blocks reserved for it")
+            write.extend(self._slots(sequence, sequence.length, new))
+            valid.extend(range(b * query_length + query_length - new, (b + 1) * query_length))
+            sequence.length += new
+            lengths.append(sequence.length)
+        kv_length = max(lengths)
+        read = torch.zeros(len(rows), kv_length, dtype=torch.long)
+        mask = torch.zeros(len(rows), kv_length, dtype=torch.long)
+        for b, (sequence_id, _) in enumerate(rows):
+            sequence, length = self._sequences[sequence_id], lengths[b]
+            read[b, kv_length - length :] = torch.tensor(self._slots(sequence, 0, length))
+            mask[b, kv_length - length :] = 1
+        self._plan = _Plan(
+            valid=torch.tensor(valid, device=self.device),
+            write=torch.tensor(write, device=self.device),
+            read=read.to(self.device),
+            query_length=query_length,
+            kv_length=kv_length,
+        )
+        return mask.to(self.device)
+
+    def rewind(self, rows: list[tuple[int, int]]) -> None:
+        """Undo :meth:`plan` for a forward pass that failed, so the rows can be run again."""
+        for sequence_id, new in rows:
+            if sequence_id in self._sequences:
+                self._sequences[sequence_id].length -= new
+        self._plan = None
+
+    def _slots(self, sequence: _Sequence, start: int, count: int) -> list[int]:
+        size = self.block_size
+        return [sequence.blocks[i // size] * size + i % size for i in range(start, start + count)]
+
+    # The part of transformers' cache interface that attention layers and mask builders call.
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values ``(rows, heads, query_length, head_dim)`` of ``layer_idx`` into their slots
+        and return every row's keys/values so far, right-aligned: ``(rows, heads, kv_length, head_dim)``."""
+        plan, storage = self._plan, self.storage[layer_idx]
+        rows, heads, query_length, head_dim = key_states.shape
+        if (heads, head_dim) != tuple(storage.shape[2:]):
+            raise ValueError(
+                f"layer {layer_idx} produced keys with {heads} heads of {head_dim}, the KV cache was sized for "
+                f"{tuple(storage.shape[2:])}"
+            )
+        for side, states in enumerate((key_states, value_states)):
+            new = states.transpose(1, 2).reshape(rows * query_length, heads, head_dim).index_select(0, plan.valid)
+            storage[side].index_copy_(0, plan.write, new.to(storage.dtype))
+        self.bytes_written += 2 * plan.write.numel() * heads * head_dim * storage.element_size()
+        keys, values = storage[:, plan.read].to(key_states.dtype).permute(0, 1, 3, 2, 4)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        plan = self._plan
+        return 0 if plan is None else plan.kv_length - plan.query_length
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return (query_length if self._plan is None else self._plan.kv_length), 0
