@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -26,19 +25,6 @@ OPTIONAL_INPUTS = {
     "ignore_eos": bool,
 }
 OUTPUT_NAMES = ["text_output", "adapter_version", "output_tokens"]
-# Several of our threads call into pb_utils (the batcher loop, Triton's execute thread, loaders, the
-# watcher, forwarding threads); the sends and metric updates that go through here take turns.
-PB_UTILS_LOCK = threading.RLock()
-
-
-def send(sender, response, flags: int = 0) -> None:
-    with PB_UTILS_LOCK:
-        sender.send(response, flags=flags)
-
-
-def cancelled(sender) -> bool:
-    with PB_UTILS_LOCK:
-        return sender.is_cancelled()
 
 
 def parse_request(request) -> list[CompletionRequest]:

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import triton_python_backend_utils as pb_utils
 
 from peftserve.metrics import BASE_LABEL, EngineMetrics
-from peftserve.triton.io import PB_UTILS_LOCK
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 LOAD_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]
@@ -21,7 +20,7 @@ FAMILIES = {
     "peftserve_requests_total": ("COUNTER", "Requests answered, by adapter"),
     "peftserve_request_errors_total": ("COUNTER", "Requests refused, by adapter and Triton error code"),
     "peftserve_generated_tokens_total": ("COUNTER", "Tokens generated, by adapter"),
-    "peftserve_request_duration_seconds": ("HISTOGRAM", "Time from batch start to answer, by adapter"),
+    "peftserve_request_duration_seconds": ("HISTOGRAM", "Time from submission to answer, by adapter"),
     "peftserve_adapter_cache_hits_total": ("COUNTER", "Requests whose adapter was already loaded"),
     "peftserve_adapter_cache_misses_total": ("COUNTER", "Requests that loaded their adapter"),
     "peftserve_adapter_cache_evictions_total": ("COUNTER", "Adapters evicted from the cache"),
@@ -66,18 +65,20 @@ _CACHE_FAMILIES = {
 }
 
 
-def _serialized(method: Callable) -> Callable:
+def _on_response_loop(method: Callable) -> Callable:
+    """Queue the update for the thread that alone calls into pb_utils (see response_loop.py)."""
+
     @functools.wraps(method)
-    def call(*args, **kwargs):
-        with PB_UTILS_LOCK:
-            return method(*args, **kwargs)
+    def call(self: TritonMetrics, *args, **kwargs) -> None:
+        self.run(functools.partial(method, self, *args, **kwargs))
 
     return call
 
 
 class TritonMetrics(EngineMetrics):
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, run: Callable[[Callable[[], None]], None]) -> None:
         self.model_name = model_name
+        self.run = run
         self.families = {
             name: pb_utils.MetricFamily(name=name, description=text, kind=getattr(pb_utils.MetricFamily, kind))
             for name, (kind, text) in FAMILIES.items()
@@ -99,7 +100,7 @@ class TritonMetrics(EngineMetrics):
             )
         return self._series[key]
 
-    @_serialized
+    @_on_response_loop
     def request_done(self, adapter: str, *, error_code: str | None, seconds: float, tokens: int) -> None:
         if error_code is not None:
             self._metric("peftserve_request_errors_total", adapter=adapter, code=error_code).increment(1)
@@ -108,15 +109,15 @@ class TritonMetrics(EngineMetrics):
         self._metric("peftserve_generated_tokens_total", adapter=adapter).increment(tokens)
         self._metric("peftserve_request_duration_seconds", LATENCY_BUCKETS, adapter=adapter).observe(seconds)
 
-    @_serialized
+    @_on_response_loop
     def cache_event(self, event: str, adapter: str) -> None:
         self._metric(_CACHE_FAMILIES[event], adapter=adapter).increment(1)
 
-    @_serialized
+    @_on_response_loop
     def adapter_loaded(self, adapter: str, *, seconds: float, nbytes: int) -> None:
         self._metric("peftserve_adapter_load_duration_seconds", LOAD_BUCKETS, adapter=adapter).observe(seconds)
 
-    @_serialized
+    @_on_response_loop
     def cache_state(self, *, loaded: int, nbytes: int, by_adapter: dict[str, int]) -> None:
         self._metric("peftserve_adapters_loaded").set(loaded)
         self._metric("peftserve_adapter_memory_bytes").set(nbytes)
@@ -126,31 +127,31 @@ class TritonMetrics(EngineMetrics):
             self._metric("peftserve_adapter_loaded_bytes", adapter=adapter).set(adapter_bytes)
         self._loaded = set(by_adapter)
 
-    @_serialized
+    @_on_response_loop
     def adapter_event(self, event: str, adapter: str, version: int | None) -> None:
         self._metric("peftserve_adapter_version_events_total", adapter=adapter, event=event).increment(1)
         if event == "rejected":
             self._metric("peftserve_adapter_rejected_version", adapter=adapter).set(version or 0)
 
-    @_serialized
+    @_on_response_loop
     def serving_version(self, adapter: str, version: int) -> None:
         self._metric("peftserve_adapter_serving_version", adapter=adapter).set(version)
 
-    @_serialized
+    @_on_response_loop
     def over_limit(self, adapter: str) -> None:
         self._metric("peftserve_over_limit_total", adapter=adapter).increment(1)
 
-    @_serialized
+    @_on_response_loop
     def inflight(self, by_adapter: dict[str, int]) -> None:
         for adapter, count in by_adapter.items():
             self._metric("peftserve_requests_in_flight", adapter=adapter).set(count)
 
-    @_serialized
+    @_on_response_loop
     def first_token(self, adapter: str, *, seconds: float) -> None:
         family = "peftserve_time_to_first_token_seconds"
         self._metric(family, _BUCKETS[family], adapter=adapter).observe(seconds)
 
-    @_serialized
+    @_on_response_loop
     def time_per_output_token(self, adapter: str, *, seconds: float) -> None:
         family = "peftserve_time_per_output_token_seconds"
         self._metric(family, _BUCKETS[family], adapter=adapter).observe(seconds)

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
-from peftserve.triton.io import FORWARDED_PARAMETER, OUTPUT_NAMES, send, untag_error
+from peftserve.triton.io import FORWARDED_PARAMETER, OUTPUT_NAMES, untag_error
+from peftserve.triton.response_loop import ResponseLoop
 
 logger = logging.getLogger("peftserve.triton")
 ENGINE_MODEL = "peft_llm_stream"
@@ -28,16 +29,20 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.pool = ThreadPoolExecutor(max_workers=FORWARDING_THREADS, thread_name_prefix="bls-forward")
+        self.responses = ResponseLoop(final_flag=FINAL)
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            self.pool.submit(_forward, request)
+            self.pool.submit(_forward, self.responses, request)
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=True)
+        self.responses.close()
 
 
-def _forward(request) -> None:
+def _forward(responses: ResponseLoop, request) -> None:
+    """Forward on a pool thread (BLS calls block until the engine answers); the reply goes out through the
+    response thread."""
     sender = request.get_response_sender()
     try:
         forwarded = pb_utils.InferenceRequest(
@@ -62,4 +67,4 @@ def _forward(request) -> None:
         reply = pb_utils.InferenceResponse(
             output_tensors=[], error=pb_utils.TritonError(f"forwarding failed: {exc}", pb_utils.TritonError.INTERNAL)
         )
-    send(sender, reply, FINAL)
+    responses.send(sender, reply, FINAL)

@@ -7,7 +7,6 @@ disconnects) is noticed at the next decoding step and its row leaves the batch.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
@@ -24,16 +23,15 @@ from peftserve.hot_swap import AdapterWatcher
 from peftserve.metrics import UNKNOWN_LABEL
 from peftserve.requests import Completion
 from peftserve.triton.io import (
-    cancelled,
     error_response,
     is_forwarded,
     parse_request,
     piece_response,
-    send,
     success_response,
     wants_stream,
 )
 from peftserve.triton.metrics import TritonMetrics
+from peftserve.triton.response_loop import ResponseLoop
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -49,7 +47,8 @@ class TritonPythonModel:
         config = read_model_config((model_dir / parameters["engine_config"]["string_value"]).resolve())
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         logger.info("loading %s on %s", config.base_model, device)
-        self.metrics = TritonMetrics(SERVED_MODEL)
+        self.responses = ResponseLoop(final_flag=FINAL)
+        self.metrics = TritonMetrics(SERVED_MODEL, run=self.responses.call)
         engine = Engine(config, device=device, metrics=self.metrics)
         self.batcher = engine.batcher
         self.watcher = AdapterWatcher(engine, interval=config.adapter_poll_seconds)
@@ -69,23 +68,24 @@ class TritonPythonModel:
                     logger.exception("cannot parse request")
                 error = exc if isinstance(exc, PeftServeError) else PeftServeError(f"cannot parse request: {exc}")
                 self.metrics.request_done(UNKNOWN_LABEL, error_code=error.triton_code, seconds=0.0, tokens=0)
-                send(sender, error_response(error, tag_code=tag), FINAL)
+                self.responses.send(sender, error_response(error, tag_code=tag), FINAL)
                 continue
-            gather = _Gather(sender, len(rows), stream=stream, tag_errors=tag)
-            for index, row in enumerate(rows):
-                work = Work(row, on_done=gather.callback(index), is_cancelled=functools.partial(cancelled, sender))
-                if stream:
-                    work.on_text = _streamer(sender, work)
-                self.batcher.submit(work)
+            gather = _Gather(self.responses, sender, len(rows), stream=stream, tag_errors=tag)
+            cancelled = self.responses.watch(sender)
+            works = [Work(row, on_done=gather.callback(i), is_cancelled=cancelled.is_set) for i, row in enumerate(rows)]
+            if stream:
+                works[0].on_text = _streamer(self.responses, sender, works[0])
+            self.batcher.submit(*works)
 
     def finalize(self) -> None:
         self.watcher.stop()
         self.batcher.close()
+        self.responses.close()
 
 
-def _streamer(sender, work: Work):
+def _streamer(responses: ResponseLoop, sender, work: Work):
     def send_piece(piece: str) -> None:
-        send(sender, piece_response(piece, work.version.label if work.version else ""))
+        responses.send(sender, piece_response(piece, work.version.label if work.version else ""))
 
     return send_piece
 
@@ -97,7 +97,8 @@ class _Gather:
     the token count; its earlier pieces went out as they came.
     """
 
-    def __init__(self, sender, rows: int, *, stream: bool, tag_errors: bool) -> None:
+    def __init__(self, responses: ResponseLoop, sender, rows: int, *, stream: bool, tag_errors: bool) -> None:
+        self.responses = responses
         self.sender = sender
         self.stream = stream
         self.tag_errors = tag_errors
@@ -119,7 +120,7 @@ class _Gather:
     def _send(self) -> None:
         failure = next((a for a in self.answers if isinstance(a, PeftServeError)), None)
         if failure is not None:
-            send(self.sender, error_response(failure, tag_code=self.tag_errors), FINAL)
+            self.responses.send(self.sender, error_response(failure, tag_code=self.tag_errors), FINAL)
             return
         answers = [replace(a, text="") for a in self.answers] if self.stream else self.answers  # text already sent
-        send(self.sender, success_response(answers), FINAL)
+        self.responses.send(self.sender, success_response(answers), FINAL)

@@ -1,0 +1,80 @@
+"""A sliding-window model (Mistral-style) stays exact after joins and chunked prefills.
+
+The window is shorter than the sequences, so a cache or mask that forgets the window, or miscounts
+positions after rows join and leave, gives different logits than the model's own full forward pass.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig
+
+from peftserve.config import ServeConfig
+from peftserve.engine import Engine
+from peftserve.generation import GenerationRow
+from tests.unit.test_continuous import after_tokens, submit_row
+
+WINDOW = 6
+PROMPTS = ["the cat looks at the river and a dog", "my friend writes about the quiet town by the tall tree", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("mistral")
+    demo = model_dir / "base_model"
+    vocab = AutoModelForCausalLM.from_pretrained(demo).config.vocab_size
+    config = MistralConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=WINDOW,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo / name, directory / name)
+    (directory / "adapters").mkdir()
+    return directory
+
+
+def reference_logits(model, row: GenerationRow, tokens: list[int]) -> torch.Tensor:
+    """The model's own full forward pass over prompt + answer, at the positions that chose each token."""
+    ids = torch.tensor([row.prompt_ids + tokens])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    start = len(row.prompt_ids) - 1
+    return logits[start : start + len(tokens)]
+
+
+@pytest.mark.parametrize("chunk", ["0", "4"])
+def test_sliding_window_rows_match_the_full_forward_after_joins(mistral_dir: Path, chunk: str) -> None:
+    engine = Engine(
+        ServeConfig(
+            base_model=str(mistral_dir), adapter_repository=str(mistral_dir / "adapters"), prefill_chunk_tokens=chunk
+        )
+    )
+    reference = AutoModelForCausalLM.from_pretrained(mistral_dir, attn_implementation="eager").eval()
+    unwindowed = AutoModelForCausalLM.from_pretrained(mistral_dir, sliding_window=None).eval()
+    assert reference.config.sliding_window == WINDOW
+    rows = [GenerationRow(engine.tokenizer(p).input_ids, None, 14, ignore_eos=True, keep_logits=True) for p in PROMPTS]
+    assert all(len(row.prompt_ids) + 14 > 2 * WINDOW for row in rows)
+    started = threading.Event()
+    rows[0].should_stop = after_tokens(5, started)
+    futures = [submit_row(engine, rows[0])]
+    assert started.wait(30)
+    futures += [submit_row(engine, row) for row in rows[1:]]  # join mid-generation, then leave at different times
+    for row, future in zip(rows, futures, strict=True):
+        result = future.result(30)
+        expected = reference_logits(reference, row, result.token_ids)
+        torch.testing.assert_close(torch.stack(result.step_logits), expected, atol=1e-4, rtol=1e-4)
+        # The window matters here: without it the same weights give other logits.
+        assert (reference_logits(unwindowed, row, result.token_ids) - expected).abs().max() > 1e-2
