@@ -59,8 +59,9 @@ DoneCallback = Callable[[Completion | PeftServeError], None]
 class Work:
     """One request in the batcher: the callbacks that answer it and what it has produced so far.
 
-    A request from a client carries ``request``; the engine's own model calls (smoke checks) and tests bring
-    a ready ``row`` and get the raw :class:`GeneratedSequence` through ``on_result``.
+    A request from a client carries ``request`` (checked into ``row`` when submitted); the engine's own model
+    calls (smoke checks) and tests bring a ready ``row`` and get the raw :class:`GeneratedSequence` through
+    ``on_result``.
     """
 
     request: CompletionRequest | None
@@ -128,10 +129,16 @@ class ContinuousBatcher:
             self._wakeup.notify()
 
     def _check(self, work: Work) -> bool:
-        """Admission limits and the adapter's state; True if the request can queue now."""
+        """The request's arguments (tokenized here, on the caller's thread), admission limits and the adapter's
+        state; True if the request can queue now."""
         adapter_id = work.request.adapter_id
         loaded = self.engine.adapter_loaded(adapter_id) if adapter_id else True
         work.label = UNKNOWN_LABEL if loaded is None else adapter_id or BASE_LABEL
+        try:
+            work.row = self.engine.check_request(work.request)
+        except PeftServeError as exc:
+            self._finish(work, exc)
+            return False
         if loaded is not None:
             try:
                 self.admission.admit(work.label)
@@ -258,15 +265,15 @@ class ContinuousBatcher:
                 self._waiting.extendleft(reversed(back))
 
     def _lease_row(self, work: Work) -> GenerationRow:
-        if work.row is not None:
+        """The request's row with its adapter attached (leased once; a request that waits keeps its lease)."""
+        if work.on_result is not None or work.text is not None:
             return work.row
-        row, version = self.engine.lease(work.request, load=False, loaded=work.loaded)
+        version = self.engine.lease(work.row, work.request.adapter_id, load=False, loaded=work.loaded)
         work.loaded = None
         if version is not None:
             work.label, work.version = version.adapter_id, version
         work.text = TextStream(self.engine.tokenizer, work.request.stop, self.engine.refuse_blocked)
-        work.row = row
-        return row
+        return work.row
 
     def _prefill_step(self) -> None:
         budget = self.prefill_chunk_tokens or sum(state.prefill_left for state in self._prefilling)

@@ -127,7 +127,10 @@ class Engine:
         """Make ``version`` the one that new requests for its id get, atomically; returns the version it
         replaces, which batches in flight finish on and which is freed once they have drained."""
         with self._lock:
-            self.cache.add(version, weights)
+            try:
+                self.cache.add(version, weights)
+            except CacheFullError:  # it serves all the same: requests hold its weights until a slot frees
+                logger.info("adapter %s accepted while the cache is full", version.label)
             if version.adapter_id in self.config.preload:
                 self.cache.pin(version)
             previous = self._serving.get(version.adapter_id)
@@ -173,10 +176,16 @@ class Engine:
     def ensure_loaded(self, adapter_id: str) -> tuple[AdapterVersion, AdapterWeights] | None:
         """Load an adapter into the cache (on the caller's thread). When every cache entry is in use, the
         loaded version and weights are returned instead, for the request to hold until a slot frees."""
-        version = self.resolve(adapter_id)
+        version = self._serving.get(adapter_id)
+        if version is None:
+            version, weights = self.prepare_version(self.repository.latest(adapter_id))
+            self.start_serving(version, weights)
+        elif version in self.cache:
+            return None
+        else:
+            weights = self.reload(version)
         if version in self.cache:
             return None
-        weights = self.reload(version)
         try:
             self.cache.add(version, weights)
         except CacheFullError:
@@ -271,26 +280,35 @@ class Engine:
 
     def lease(
         self,
-        request: CompletionRequest,
+        row: GenerationRow,
+        adapter_id: str,
         *,
         load: bool = True,
         loaded: tuple[AdapterVersion, AdapterWeights] | None = None,
-    ) -> tuple[GenerationRow, AdapterVersion | None]:
-        """``prepare`` plus the adapter attached to the row and leased from the cache; the caller releases
+    ) -> AdapterVersion | None:
+        """Attach the serving version of ``adapter_id`` to ``row``, leased from the cache; the caller releases
         the returned version with ``cache.release`` once the row is done. With ``load=False`` (the batching
         loop, which must never read files) an adapter neither in memory nor in ``loaded`` (what
         :meth:`ensure_loaded` returned) raises :class:`AdapterNotReady`."""
-        row, version = self.prepare(request, load=load)
-        if version is not None:
-            if loaded is not None and loaded[0] == version:
-                fetch = lambda: loaded[1]  # noqa: E731
-            else:
-                fetch = (lambda: self.reload(version)) if load else _not_ready
-            row.adapter = self.cache.acquire(version, fetch)
-        return row, version
+        if not adapter_id:
+            return None
+        version = self.resolve(adapter_id) if load else self._serving.get(adapter_id)
+        if version is None:
+            raise AdapterNotReady(adapter_id)
+        if loaded is not None and loaded[0] == version:
+            fetch = lambda: loaded[1]  # noqa: E731
+        else:
+            fetch = (lambda: self.reload(version)) if load else _not_ready
+        row.adapter = self.cache.acquire(version, fetch)
+        return version
 
-    def prepare(self, request: CompletionRequest, *, load: bool = True) -> tuple[GenerationRow, AdapterVersion | None]:
-        """Check one request and turn it into a generation row (adapter not yet attached)."""
+    def prepare(self, request: CompletionRequest) -> tuple[GenerationRow, AdapterVersion | None]:
+        """``check_request`` plus the version that serves its adapter (loaded if needed; not attached)."""
+        row = self.check_request(request)
+        return row, self.resolve(request.adapter_id) if request.adapter_id else None
+
+    def check_request(self, request: CompletionRequest) -> GenerationRow:
+        """Check one request and turn it into a generation row (its adapter is attached by :meth:`lease`)."""
         prompt_ids = self._encode_prompt(request.text)
         should_stop = self._stop_condition(tuple(request.stop))
         max_tokens = self.config.default_max_tokens if request.max_tokens is None else request.max_tokens
@@ -299,15 +317,9 @@ class Engine:
                 f"max_tokens must be between 1 and {self.config.max_tokens_limit} (max_tokens_limit), got {max_tokens}"
             )
         sampling = _sampling_params(request)
-        version = None
-        if request.adapter_id:
-            version = self.resolve(request.adapter_id) if load else self._serving.get(request.adapter_id)
-            if version is None:
-                raise AdapterNotReady(request.adapter_id)
-        row = GenerationRow(
+        return GenerationRow(
             prompt_ids, None, max_tokens, sampling, ignore_eos=bool(request.ignore_eos), should_stop=should_stop
         )
-        return row, version
 
     def _encode_prompt(self, text: str | bytes) -> list[int]:
         if isinstance(text, bytes):

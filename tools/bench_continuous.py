@@ -6,11 +6,16 @@ times with ``max_tokens`` drawn from 8 to 128 (end-of-sequence ignored, so both 
 waiting (up to the batch size), run it to the end of its longest request, repeat. *Continuous* batching is
 ``peftserve.continuous``: requests join between decoding steps and leave when done. Prints throughput and
 latency (all requests, and short ones) for both, with their ratio, and writes a latency plot.
+
+Then the chunked-prefill figure: four streams decode while a prompt of the maximum allowed length joins;
+their worst gap between two streamed pieces during the join, against their undisturbed median gap, with
+the prompt prefilled whole (``prefill_chunk_tokens`` 0) and in chunks, side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import tempfile
@@ -26,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from peftserve.config import ServeConfig
-from peftserve.continuous import ContinuousBatcher, Work
+from peftserve.continuous import Work
 from peftserve.engine import Engine
 from peftserve.requests import CompletionRequest
 from tools.bench_engine import build_assets, prompts
@@ -112,8 +117,8 @@ def run_whole_request(engine: Engine, planned: list[Arrival], batch_size: int) -
     return _outcome("whole-request batching", planned, submitted, answered, started)
 
 
-def run_continuous(engine: Engine, planned: list[Arrival], batch_size: int) -> Outcome:
-    batcher = ContinuousBatcher(engine, max_rows=batch_size)
+def run_continuous(engine: Engine, planned: list[Arrival]) -> Outcome:
+    batcher = engine.batcher
     submitted: dict[int, float] = {}
     answered: dict[int, float] = {}
     done = threading.Event()
@@ -129,8 +134,55 @@ def run_continuous(engine: Engine, planned: list[Arrival], batch_size: int) -> O
 
     started = replay(planned, submit)
     done.wait()
-    batcher.close()
     return _outcome("continuous batching", planned, submitted, answered, started)
+
+
+@dataclass
+class Stall:
+    chunk_tokens: int
+    median_gap: float  # seconds between streamed pieces before the long prompt arrived
+    worst_gap: float  # the longest gap while it joined (until its first token)
+
+    @property
+    def ratio(self) -> float:
+        return self.worst_gap / self.median_gap
+
+
+def measure_prefill_stall(engine: Engine, long_prompt: str, streams: int = 4) -> Stall:
+    """Streams decode; a maximum-length prompt joins; how long do the streams wait for their next piece?"""
+    times: list[list[float]] = [[] for _ in range(streams)]
+    finished = threading.Barrier(streams + 2)
+    first_token = threading.Event()
+    for index in range(streams):
+        request = CompletionRequest(f"w{10 + index} w20 w30", "", 120, ignore_eos=True)
+        work = Work(
+            request, on_done=lambda _: finished.wait(), on_text=lambda _, i=index: times[i].append(time.perf_counter())
+        )
+        engine.batcher.submit(work)
+    while min(len(t) for t in times) < 30:
+        time.sleep(0.01)
+    joined_at = time.perf_counter()
+    engine.batcher.submit(
+        Work(
+            CompletionRequest(long_prompt, "", 4, ignore_eos=True),
+            on_done=lambda _: finished.wait(),
+            on_text=lambda _: first_token.set(),
+        )
+    )
+    first_token.wait()
+    answered_at = time.perf_counter()
+    finished.wait()
+    before = [b - a for t in times for a, b in itertools.pairwise(t) if b < joined_at]
+    during = [b - a for t in times for a, b in itertools.pairwise(t) if b > joined_at and a < answered_at]
+    return Stall(engine.config.prefill_chunk_tokens, statistics.median(before), max(during))
+
+
+def print_stalls(stalls: list[Stall], prompt_tokens: int) -> None:
+    print(f"\nstreams' gaps while a {prompt_tokens}-token prompt joins (max_prompt_tokens):")
+    print(f"{'prefill_chunk_tokens':<24}{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
+    for stall in stalls:
+        name = "0 (whole prompt)" if not stall.chunk_tokens else str(stall.chunk_tokens)
+        print(f"{name:<24}{1000 * stall.median_gap:>16.1f}{1000 * stall.worst_gap:>16.1f}{stall.ratio:>13.1f}x")
 
 
 def _outcome(mode, planned, submitted, answered, started) -> Outcome:
@@ -193,17 +245,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mean-gap-ms", type=float, default=40.0, help="mean time between arrivals")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("loadtests/reports/continuous.png"))
+    parser.add_argument("--max-prompt-tokens", type=int, default=1024)
+    parser.add_argument("--chunk-tokens", type=int, default=ServeConfig.model_fields["prefill_chunk_tokens"].default)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         base_dir, loras, _ = build_assets(Path(tmp), hidden=args.hidden, layers=args.layers, lora_count=8)
-        engine = Engine(
-            ServeConfig(base_model=str(base_dir), adapter_repository=str(Path(tmp) / "adapters"), max_tokens_limit=128)
-        )
+
+        def engine_with(**settings) -> Engine:
+            return Engine(
+                ServeConfig(
+                    base_model=str(base_dir),
+                    adapter_repository=str(Path(tmp) / "adapters"),
+                    max_tokens_limit=128,
+                    max_prompt_tokens=args.max_prompt_tokens,
+                    max_prompt_bytes=16 * args.max_prompt_tokens,
+                    **settings,
+                )
+            )
+
+        engine = engine_with(max_running_rows=args.batch_size)
         planned = arrivals(prompts(16, 12), loras, count=args.requests, mean_gap=args.mean_gap_ms / 1000, seed=7)
         engine.complete([a.request for a in planned[:8]])  # warm-up: adapters loaded, kernels touched
         whole = run_whole_request(engine, planned, args.batch_size)
-        continuous = run_continuous(engine, planned, args.batch_size)
+        continuous = run_continuous(engine, planned)
+        long_prompt = " ".join(f"w{100 + i}" for i in range(args.max_prompt_tokens))
+        stalls = [
+            measure_prefill_stall(engine_with(prefill_chunk_tokens=chunk), long_prompt)
+            for chunk in (0, args.chunk_tokens)
+        ]
     print_comparison(whole, continuous)
+    print_stalls(stalls, args.max_prompt_tokens)
     plot(whole, continuous, planned, args.out)
     return 0
 

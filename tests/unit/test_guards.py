@@ -56,15 +56,15 @@ def guarded(model_dir: Path) -> Engine:
     return Engine(
         demo_config(
             model_dir,
-            adapter_limit_overrides='{"pirate": {"rate_per_second": 1, "burst": 2}}',
             blocked_patterns='["(?i)forbidden", "beep boop"]',
             max_stop_strings="2",
         )
     )
 
 
-def test_over_limit_requests_are_refused_at_once_and_others_still_served(guarded: Engine) -> None:
-    batcher = guarded.batcher
+def test_over_limit_requests_are_refused_at_once_and_others_still_served(model_dir: Path) -> None:
+    limited = Engine(demo_config(model_dir, adapter_limit_overrides='{"pirate": {"rate_per_second": 1, "burst": 2}}'))
+    batcher = limited.batcher
     answers: dict[str, object] = {}
     finished = threading.Event()
 
