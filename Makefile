@@ -13,7 +13,7 @@ METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
 .PHONY: serve test unit integration demo lint format clean bench-engine bench scale-out bench-continuous \
-	bench-forwarding
+	bench-forwarding gpu-engine-check
 
 serve: $(STAMP) $(DEMO)
 	$(PY) -m tools.serve --repository model_repository
@@ -42,6 +42,10 @@ bench-engine: $(STAMP)
 # Continuous vs whole-request batching on staggered mixed-length traffic (prints ratios, writes a plot).
 bench-continuous: $(STAMP)
 	$(PY) -m tools.bench_continuous
+
+# On a GPU host: sliding window, KV budget and batch-32 throughput on a Llama-3-8B-shaped bf16 model (JSON).
+gpu-engine-check: $(STAMP)
+	$(PY) -m tools.gpu_engine_check --out loadtests/reports/gpu-engine-check.json
 
 # What peft_llm's BLS hop to peft_llm_stream costs per request.
 bench-forwarding: $(STAMP) $(DEMO)

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from peftserve.adapter_cache import AdapterCache
 from peftserve.adapter_repository import AdapterRepository, AdapterVersion, content_digest
@@ -55,12 +55,21 @@ class Engine:
     Reading, converting and smoke-checking adapters happen on the caller's thread (a loader, the watcher).
     """
 
-    def __init__(self, config: ServeConfig, *, device: str = "cpu", metrics: EngineMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        device: str = "cpu",
+        metrics: EngineMetrics | None = None,
+        base: tuple[PreTrainedTokenizerBase, PreTrainedModel] | None = None,
+    ) -> None:
+        """``base`` hands over a tokenizer and a model already on ``device`` (benchmarks of random models
+        too large to write to disk); otherwise ``config.base_model`` is loaded."""
         self.config = config
         self.metrics = metrics or EngineMetrics()
         self._lock = threading.RLock()
         self.device = torch.device(device)
-        self.tokenizer, self.model = _load_base_model(config, self.device)
+        self.tokenizer, self.model = base or _load_base_model(config, self.device)
         self.base_shape = BaseModelShape.describe(self.model)
         self.layers = AdapterLayers(self.model)
         self.repository = AdapterRepository(Path(config.adapter_repository))

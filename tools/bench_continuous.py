@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 from peftserve.config import ServeConfig
 from peftserve.continuous import Work
 from peftserve.engine import Engine
-from peftserve.requests import CompletionRequest
+from peftserve.requests import Completion, CompletionRequest
 from tools.bench_engine import build_assets, prompts
 
 SHORT_TOKENS = 16  # requests up to this many tokens count as "short"
@@ -151,27 +151,36 @@ class Stall:
 def measure_prefill_stall(engine: Engine, long_prompt: str, streams: int = 4) -> Stall:
     """Streams decode; a maximum-length prompt joins; how long do the streams wait for their next piece?"""
     times: list[list[float]] = [[] for _ in range(streams)]
-    finished = threading.Barrier(streams + 2)
-    first_token = threading.Event()
+    answers: list[object] = []
+    all_done = threading.Event()
+    long_events: list[float] = []  # when the long request streamed or finished
+
+    def done(answer: object) -> None:  # runs on the batching loop: it must not block
+        answers.append(answer)
+        if len(answers) == streams + 1:
+            all_done.set()
+
     for index in range(streams):
         request = CompletionRequest(f"w{10 + index} w20 w30", "", 120, ignore_eos=True)
-        work = Work(
-            request, on_done=lambda _: finished.wait(), on_text=lambda _, i=index: times[i].append(time.perf_counter())
+        engine.batcher.submit(
+            Work(request, on_done=done, on_text=lambda _, i=index: times[i].append(time.perf_counter()))
         )
-        engine.batcher.submit(work)
     while min(len(t) for t in times) < 30:
         time.sleep(0.01)
     joined_at = time.perf_counter()
+    long_request = CompletionRequest(long_prompt, "", 4, ignore_eos=True)
     engine.batcher.submit(
         Work(
-            CompletionRequest(long_prompt, "", 4, ignore_eos=True),
-            on_done=lambda _: finished.wait(),
-            on_text=lambda _: first_token.set(),
+            long_request,
+            on_done=lambda answer: (long_events.append(time.perf_counter()), done(answer)),
+            on_text=lambda _: long_events.append(time.perf_counter()),
         )
     )
-    first_token.wait()
-    answered_at = time.perf_counter()
-    finished.wait()
+    all_done.wait()
+    failures = [answer for answer in answers if not isinstance(answer, Completion)]
+    if failures:
+        raise RuntimeError(f"prefill stall run failed: {failures}")
+    answered_at = long_events[0]  # its first token: the prompt is in
     before = [b - a for t in times for a, b in itertools.pairwise(t) if b < joined_at]
     during = [b - a for t in times for a, b in itertools.pairwise(t) if b > joined_at and a < answered_at]
     return Stall(engine.config.prefill_chunk_tokens, statistics.median(before), max(during))
