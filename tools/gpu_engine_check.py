@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report["kv_budget"]), flush=True)
         report["throughput"] = check_throughput(base_dir, model, tokenizer, args.device, args.batch)
         print(json.dumps(report["throughput"]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"report: {args.out}")
     return 0 if report["sliding_window"]["passed"] and report["kv_budget"]["passed"] else 1
