@@ -31,6 +31,7 @@ import torch
 @dataclass
 class _Sequence:
     blocks: list[int]
+    slots: torch.Tensor  # every slot of its blocks, in token order (on the cache's device)
     length: int = 0  # tokens written so far
 
 
@@ -106,7 +107,10 @@ class PagedKVCache:
             raise MemoryError(f"{needed} KV blocks needed, {len(self._free)} free")
         if sequence_id in self._sequences:
             raise ValueError(f"sequence {sequence_id} already holds blocks")
-        self._sequences[sequence_id] = _Sequence([self._free.pop() for _ in range(needed)])
+        blocks = [self._free.pop() for _ in range(needed)]
+        offsets = torch.arange(self.block_size)
+        slots = (torch.tensor(blocks)[:, None] * self.block_size + offsets).flatten().to(self.device)
+        self._sequences[sequence_id] = _Sequence(blocks, slots)
 
     def release(self, sequence_id: int) -> None:
         """Give a finished sequence's blocks back (idempotent)."""
@@ -123,7 +127,7 @@ class PagedKVCache:
         if sequence.length:
             raise ValueError("a prefix goes before every other token of its sequence")
         tokens = prefix_kv.shape[3]
-        slots = self._slots(sequence, 0, tokens)
+        slots = sequence.slots[:tokens]
         for layer, storage in enumerate(self.storage):
             storage[:, slots] = prefix_kv[layer].permute(0, 2, 1, 3).to(storage.dtype)
         sequence.length = tokens
@@ -131,31 +135,32 @@ class PagedKVCache:
 
     def plan(self, rows: list[tuple[int, int]], query_length: int) -> torch.Tensor:
         """Prepare a forward pass in which row ``b`` = ``(sequence_id, n)`` adds ``n`` tokens, right-aligned in
-        ``query_length`` query positions; returns the 2-D attention mask ``(rows, kv_length)``."""
-        valid, write, lengths = [], [], []
-        for b, (sequence_id, new) in enumerate(rows):
-            sequence = self._sequences[sequence_id]
-            if sequence.length + new > len(sequence.blocks) * self.block_size:
+        ``query_length`` query positions; returns the 2-D attention mask ``(rows, kv_length)``.
+
+        The work is per row, never per cached token: each sequence's slots were laid out when its blocks
+        were reserved, and the read index is one gather from them."""
+        sequences = [self._sequences[sequence_id] for sequence_id, _ in rows]
+        valid, writes = [], []
+        for b, (sequence, (sequence_id, new)) in enumerate(zip(sequences, rows, strict=True)):
+            if sequence.length + new > len(sequence.slots):
                 raise MemoryError(f"sequence {sequence_id} outgrew the KV blocks reserved for it")
-            write.extend(self._slots(sequence, sequence.length, new))
+            writes.append(sequence.slots[sequence.length : sequence.length + new])
             valid.extend(range(b * query_length + query_length - new, (b + 1) * query_length))
             sequence.length += new
-            lengths.append(sequence.length)
-        kv_length = max(lengths)
-        read = torch.zeros(len(rows), kv_length, dtype=torch.long)
-        mask = torch.zeros(len(rows), kv_length, dtype=torch.long)
-        for b, (sequence_id, _) in enumerate(rows):
-            sequence, length = self._sequences[sequence_id], lengths[b]
-            read[b, kv_length - length :] = torch.tensor(self._slots(sequence, 0, length))
-            mask[b, kv_length - length :] = 1
+        lengths = torch.tensor([sequence.length for sequence in sequences], device=self.device)
+        kv_length = max(sequence.length for sequence in sequences)
+        table = torch.nn.utils.rnn.pad_sequence([sequence.slots for sequence in sequences], batch_first=True)
+        offsets = torch.arange(kv_length, device=self.device)[None, :] - (kv_length - lengths)[:, None]
+        present = offsets >= 0
+        read = table.gather(1, offsets.clamp(min=0)).masked_fill(~present, 0)  # slot 0: block 0, always zero
         self._plan = _Plan(
             valid=torch.tensor(valid, device=self.device),
-            write=torch.tensor(write, device=self.device),
-            read=read.to(self.device),
+            write=torch.cat(writes),
+            read=read,
             query_length=query_length,
             kv_length=kv_length,
         )
-        return mask.to(self.device)
+        return present.long()
 
     def rewind(self, rows: list[tuple[int, int]]) -> None:
         """Undo :meth:`plan` for a forward pass that failed, so the rows can be run again."""
@@ -163,10 +168,6 @@ class PagedKVCache:
             if sequence_id in self._sequences:
                 self._sequences[sequence_id].length -= new
         self._plan = None
-
-    def _slots(self, sequence: _Sequence, start: int, count: int) -> list[int]:
-        size = self.block_size
-        return [sequence.blocks[i // size] * size + i % size for i in range(start, start + count)]
 
     # The part of transformers' cache interface that attention layers and mask builders call.
     def update(

@@ -186,6 +186,16 @@ def measure_prefill_stall(engine: Engine, long_prompt: str, streams: int = 4) ->
     return Stall(engine.config.prefill_chunk_tokens, statistics.median(before), max(during))
 
 
+def longest_prompt(tokenizer, tokens: int) -> str:
+    """A prompt of exactly ``tokens`` tokens (max_prompt_tokens: the longest a request may send)."""
+    ids = tokenizer(" ".join(f"w{100 + i}" for i in range(tokens))).input_ids[:tokens]
+    text = tokenizer.decode(ids)
+    while len(tokenizer(text).input_ids) > tokens:
+        ids = ids[:-1]
+        text = tokenizer.decode(ids)
+    return text
+
+
 def print_stalls(stalls: list[Stall], prompt_tokens: int) -> None:
     print(f"\nstreams' gaps while a {prompt_tokens}-token prompt joins (max_prompt_tokens):")
     print(f"{'prefill_chunk_tokens':<24}{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
@@ -277,14 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         engine.complete([a.request for a in planned[:8]])  # warm-up: adapters loaded, kernels touched
         whole = run_whole_request(engine, planned, args.batch_size)
         continuous = run_continuous(engine, planned)
-        long_prompt = " ".join(f"w{100 + i}" for i in range(args.max_prompt_tokens))
+        print_comparison(whole, continuous)
+        plot(whole, continuous, planned, args.out)
+        long_prompt = longest_prompt(engine.tokenizer, args.max_prompt_tokens)
         stalls = [
             measure_prefill_stall(engine_with(prefill_chunk_tokens=chunk), long_prompt)
             for chunk in (0, args.chunk_tokens)
         ]
-    print_comparison(whole, continuous)
     print_stalls(stalls, args.max_prompt_tokens)
-    plot(whole, continuous, planned, args.out)
     return 0
 
 

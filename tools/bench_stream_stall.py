@@ -1,0 +1,130 @@
+"""``make bench-stall``: how long running streams wait while a prompt of the maximum allowed length joins.
+
+Through a real tritonserver, on any model repository (the demo, or the SmolLM2 one): four gRPC streams
+decode; once each has streamed a few pieces, a request with a prompt of exactly ``max_prompt_tokens``
+tokens arrives. For each stream, the gaps between its pieces before the arrival give the undisturbed
+median; the gaps that overlap the long prompt's prefill (until its answer) give the worst. The server runs
+twice, side by side in one command: prompts prefilled whole (``prefill_chunk_tokens`` 0) and in chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import queue
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from transformers import AutoTokenizer
+
+from peftserve.config import ServeConfig, read_model_config
+from tools.client import build_inputs
+from tools.triton_server import TritonServer, free_port
+
+STREAMS = 4
+
+
+def repository_with(source: Path, target: Path, **parameters: str) -> Path:
+    """A copy of the two models' directories whose engine settings differ by ``parameters``; the base model
+    and adapters are referred to where they are, not copied."""
+    engine = read_model_config(source / "peft_llm")
+    shutil.copytree(source / "peft_llm_stream", target / "peft_llm_stream")
+    shutil.copytree(source / "peft_llm" / "1", target / "peft_llm" / "1")
+    text = (source / "peft_llm" / "config.pbtxt").read_text()
+    settings = {"base_model": engine.base_model, "adapter_repository": engine.adapter_repository, **parameters}
+    for key, value in settings.items():
+        line = f'parameters: {{ key: "{key}", value: {{ string_value: "{value}" }} }}'
+        pattern = re.compile(rf'^parameters: \{{ key: "{key}".*$', re.M)
+        text = pattern.sub(line, text) if pattern.search(text) else f"{text.rstrip()}\n{line}\n"
+    (target / "peft_llm" / "config.pbtxt").write_text(text)
+    return target
+
+
+def longest_prompt(config: ServeConfig) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    words = " ".join(["the river runs past the quiet town and"] * config.max_prompt_tokens)
+    ids = tokenizer(words).input_ids[: config.max_prompt_tokens]
+    while len(tokenizer(tokenizer.decode(ids)).input_ids) > config.max_prompt_tokens:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def stream_inputs(text: str, adapter: str, max_tokens: int) -> list:
+    flag = grpcclient.InferInput("stream", [1, 1], "BOOL")
+    flag.set_data_from_numpy(np.array([[True]]))
+    return [*build_inputs(grpcclient, text, adapter, max_tokens, ignore_eos=True), flag]
+
+
+def measure(server: TritonServer, config: ServeConfig, long_prompt: str, adapter: str) -> tuple[float, float]:
+    """(median gap before the long prompt, worst gap while it joined), over all streams, in seconds."""
+    times: list[list[float]] = [[] for _ in range(STREAMS)]
+    finished: queue.Queue = queue.Queue()
+    clients = []
+    for index in range(STREAMS):
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+
+        def on_piece(result, error, index=index) -> None:
+            if error is not None:
+                finished.put(error)
+                return
+            times[index].append(time.perf_counter())
+            if result.as_numpy("output_tokens") is not None:
+                finished.put(None)
+
+        client.start_stream(callback=on_piece)
+        client.async_stream_infer("peft_llm_stream", stream_inputs("a dog", adapter, config.max_tokens_limit))
+        clients.append(client)
+    while min(len(t) for t in times) < 20:
+        time.sleep(0.01)
+    arrived = time.perf_counter()
+    answer = grpcclient.InferenceServerClient(server.grpc_url).infer(
+        "peft_llm", build_inputs(grpcclient, long_prompt, adapter, 1)
+    )
+    answered = time.perf_counter()
+    assert answer.as_numpy("output_tokens")[0, 0] == 1
+    for _ in range(STREAMS):
+        error = finished.get(timeout=600)
+        if error is not None:
+            raise error
+    for client in clients:
+        client.stop_stream()
+    before = [b - a for t in times for a, b in itertools.pairwise(t) if b < arrived]
+    during = [b - a for t in times for a, b in itertools.pairwise(t) if b > arrived and a < answered]
+    return statistics.median(before), max(during)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--adapter", default="", help="adapter of every request (default: the base model)")
+    args = parser.parse_args(argv)
+    config = read_model_config(args.repository / "peft_llm")
+    long_prompt = longest_prompt(config)
+    rows = []
+    for chunk in ("0", str(config.prefill_chunk_tokens)):
+        with tempfile.TemporaryDirectory() as tmp:
+            repository = repository_with(args.repository, Path(tmp), prefill_chunk_tokens=chunk)
+            server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+            with server:
+                median, worst = measure(server, config, long_prompt, args.adapter)
+        rows.append((chunk, median, worst))
+        print(
+            f"prefill_chunk_tokens={chunk}: median gap {1000 * median:.1f} ms, worst {1000 * worst:.1f} ms", flush=True
+        )
+    print(f"\n{config.max_prompt_tokens}-token prompt joining {STREAMS} streams ({args.repository}, adapter "
+          f"{args.adapter or '(base)'})")  # fmt: skip
+    print(f"{'prefill_chunk_tokens':<24}{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
+    for chunk, median, worst in rows:
+        name = "0 (whole prompt)" if chunk == "0" else chunk
+        print(f"{name:<24}{1000 * median:>16.1f}{1000 * worst:>16.1f}{worst / median:>13.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
