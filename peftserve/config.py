@@ -56,7 +56,10 @@ class ServeConfig(BaseModel):
     )
     max_running_rows: int = Field(32, ge=1, description="requests inside the model at once (prefilling or decoding)")
     kv_cache_memory_mb: float = Field(
-        0.0, ge=0, description="KV cache size; 0: kv_cache_free_memory_fraction of free GPU memory, 1 GiB on CPU"
+        0.0,
+        ge=0,
+        description="KV cache size; 0: what max_running_rows requests of the longest allowed length use, at most "
+        "kv_cache_free_memory_fraction of free GPU memory (1 GiB on CPU)",
     )
     kv_cache_free_memory_fraction: float = Field(0.8, gt=0, le=1, description="used when kv_cache_memory_mb is 0")
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")

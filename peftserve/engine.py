@@ -44,6 +44,8 @@ from peftserve.smoke_check import smoke_check
 
 logger = logging.getLogger("peftserve.engine")
 
+# Room per request for an adapter's prefix or virtual tokens when the KV cache is sized automatically.
+_VIRTUAL_TOKEN_ALLOWANCE = 64
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -376,12 +378,14 @@ def _paged_cache(config: ServeConfig, shape: BaseModelShape, device: torch.devic
         num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=shape.dtype
     )
     budget = config.kv_cache_memory_mb * 1024 * 1024
-    if not budget:
+    if not budget:  # automatic: what a full batch of the longest requests can use, within the memory there is
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            budget = free * config.kv_cache_free_memory_fraction
+            available = free * config.kv_cache_free_memory_fraction
         else:
-            budget = 1024 * 1024 * 1024
+            available = 1024 * 1024 * 1024
+        longest = config.max_prompt_tokens + config.max_tokens_limit + _VIRTUAL_TOKEN_ALLOWANCE
+        budget = min(available, config.max_running_rows * longest * per_token)
     blocks = int(budget // (per_token * config.kv_block_size))
     if blocks < 2:
         raise ConfigError(
