@@ -64,7 +64,13 @@ class ServeConfig(BaseModel):
     kv_cache_free_memory_fraction: float = Field(0.8, gt=0, le=1, description="used when kv_cache_memory_mb is 0")
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     prefill_chunk_tokens: int = Field(
-        256, ge=0, description="prompt tokens prefilled per decoding step, spread over joining requests; 0: no limit"
+        512, ge=0, description="most prompt tokens prefilled per loop iteration, over joining requests; 0: no limit"
+    )
+    prefill_step_share: float = Field(
+        1.0,
+        ge=0,
+        description="while streams decode, a prefill chunk takes about this many decoding steps' time (measured); "
+        "0: always prefill_chunk_tokens",
     )
     max_stop_strings: int = Field(4, ge=0, le=64)
     max_stop_string_bytes: int = Field(256, ge=1)

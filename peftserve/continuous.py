@@ -6,8 +6,9 @@ One loop thread owns the model. Each iteration it
 2. admits waiting requests, first come first served, while rows and KV blocks are free: a request
    reserves blocks for its whole life (prompt, virtual tokens, prefix, ``max_tokens``) and otherwise waits,
    so the batch never runs out of memory; one that could never fit is refused;
-3. prefills at most ``prefill_chunk_tokens`` prompt tokens, spread over the admitted requests in order, so
-   a long prompt enters over several iterations instead of stalling every running stream;
+3. prefills one chunk of prompt tokens, spread over the admitted requests in order, sized so that it takes
+   about as long as a decoding step while streams run (:mod:`peftserve.prefill_budget`), so a long prompt
+   enters over several iterations instead of stalling every running stream;
 4. runs one decoding step for every running row, whatever its adapter, streams new text and retires rows
    that finished, hit a stop string or were cancelled.
 
@@ -43,6 +44,7 @@ from peftserve.errors import (
 from peftserve.generation import GeneratedSequence, GenerationRow, SequenceState
 from peftserve.kv_cache import PagedKVCache
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL
+from peftserve.prefill_budget import PrefillBudget
 from peftserve.requests import Completion, CompletionRequest
 from peftserve.text_stream import TextStream
 
@@ -86,7 +88,8 @@ class ContinuousBatcher:
         cache: PagedKVCache,
         *,
         max_rows: int = 32,
-        prefill_chunk_tokens: int = 256,
+        prefill_chunk_tokens: int = 512,
+        prefill_step_share: float = 1.0,
         join_group: int = 4,
         join_every: int = 8,
         loader_threads: int = 2,
@@ -95,7 +98,7 @@ class ContinuousBatcher:
         self.runner = engine.runner
         self.cache = cache
         self.max_rows = max_rows
-        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_budget = PrefillBudget(max_tokens=prefill_chunk_tokens, share=prefill_step_share)
         # Starting a prefill costs a forward pass of its own, about as much on a CPU as a decoding step of the
         # whole batch: waiting requests are admitted when join_group of them wait (or fill the free rows), when
         # the oldest has waited join_every steps, or at once when nothing runs.
@@ -276,7 +279,8 @@ class ContinuousBatcher:
         return work.row
 
     def _prefill_step(self) -> None:
-        budget = self.prefill_chunk_tokens or sum(state.prefill_left for state in self._prefilling)
+        budget = self.prefill_budget.tokens(streams_running=bool(self._running))
+        budget = budget or sum(state.prefill_left for state in self._prefilling)
         chunks = []
         for state in self._prefilling:
             take = min(state.prefill_left, budget)
@@ -284,9 +288,11 @@ class ContinuousBatcher:
                 break
             chunks.append((state, take))
             budget -= take
+        started = time.perf_counter()
         completed = self._isolating_failures(
             chunks, lambda part: self.runner.prefill(part, self._deltas([s for s, _ in part]))
         )
+        self.prefill_budget.prefilled(sum(n for _, n in chunks), time.perf_counter() - started)
         for state in completed:
             self._prefilling.remove(state)
             if self.runner.advance(state):
@@ -298,7 +304,9 @@ class ContinuousBatcher:
 
     def _decode_step(self) -> None:
         states = list(self._running)
+        started = time.perf_counter()
         self._isolating_failures([(s, 1) for s in states], lambda part: self._decode([s for s, _ in part]))
+        self.prefill_budget.decoded(time.perf_counter() - started)
         for state in states:
             if state not in self._running:
                 continue  # failed alone

@@ -89,6 +89,7 @@ class Engine:
             self.kv_cache,
             max_rows=config.max_running_rows,
             prefill_chunk_tokens=config.prefill_chunk_tokens,
+            prefill_step_share=config.prefill_step_share,
         )
         self._blocked = [re.compile(pattern) for pattern in config.blocked_patterns]
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get

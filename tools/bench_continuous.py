@@ -9,7 +9,8 @@ latency (all requests, and short ones) for both, with their ratio, and writes a 
 
 Then the chunked-prefill figure: four streams decode while a prompt of the maximum allowed length joins;
 their worst gap between two streamed pieces during the join, against their undisturbed median gap, with
-the prompt prefilled whole (``prefill_chunk_tokens`` 0) and in chunks, side by side.
+the prompt prefilled whole (``prefill_chunk_tokens`` and ``prefill_step_share`` 0) and in chunks (the
+defaults), side by side.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def run_continuous(engine: Engine, planned: list[Arrival]) -> Outcome:
 
 @dataclass
 class Stall:
-    chunk_tokens: int
+    chunked: bool
     median_gap: float  # seconds between streamed pieces before the long prompt arrived
     worst_gap: float  # the longest gap while it joined (until its first token)
 
@@ -183,7 +184,8 @@ def measure_prefill_stall(engine: Engine, long_prompt: str, streams: int = 4) ->
     answered_at = long_events[0]  # its first token: the prompt is in
     before = [b - a for t in times for a, b in itertools.pairwise(t) if b < joined_at]
     during = [b - a for t in times for a, b in itertools.pairwise(t) if b > joined_at and a < answered_at]
-    return Stall(engine.config.prefill_chunk_tokens, statistics.median(before), max(during))
+    chunked = bool(engine.config.prefill_chunk_tokens or engine.config.prefill_step_share)
+    return Stall(chunked, statistics.median(before), max(during))
 
 
 def longest_prompt(tokenizer, tokens: int) -> str:
@@ -198,9 +200,9 @@ def longest_prompt(tokenizer, tokens: int) -> str:
 
 def print_stalls(stalls: list[Stall], prompt_tokens: int) -> None:
     print(f"\nstreams' gaps while a {prompt_tokens}-token prompt joins (max_prompt_tokens):")
-    print(f"{'prefill_chunk_tokens':<24}{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
+    print(f"{'prefill':<24}{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
     for stall in stalls:
-        name = "0 (whole prompt)" if not stall.chunk_tokens else str(stall.chunk_tokens)
+        name = "chunked (default)" if stall.chunked else "whole prompt"
         print(f"{name:<24}{1000 * stall.median_gap:>16.1f}{1000 * stall.worst_gap:>16.1f}{stall.ratio:>13.1f}x")
 
 
@@ -265,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("loadtests/reports/continuous.png"))
     parser.add_argument("--max-prompt-tokens", type=int, default=1024)
-    parser.add_argument("--chunk-tokens", type=int, default=ServeConfig.model_fields["prefill_chunk_tokens"].default)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         base_dir, loras, _ = build_assets(Path(tmp), hidden=args.hidden, layers=args.layers, lora_count=8)
@@ -290,10 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print_comparison(whole, continuous)
         plot(whole, continuous, planned, args.out)
         long_prompt = longest_prompt(engine.tokenizer, args.max_prompt_tokens)
-        stalls = [
-            measure_prefill_stall(engine_with(prefill_chunk_tokens=chunk), long_prompt)
-            for chunk in (0, args.chunk_tokens)
-        ]
+        whole_prompt = {"prefill_chunk_tokens": 0, "prefill_step_share": 0.0}
+        stalls = [measure_prefill_stall(engine_with(**settings), long_prompt) for settings in (whole_prompt, {})]
     print_stalls(stalls, args.max_prompt_tokens)
     return 0
 

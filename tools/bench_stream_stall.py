@@ -4,7 +4,8 @@ Through a real tritonserver, on any model repository (the demo, or the SmolLM2 o
 decode; once each has streamed a few pieces, a request with a prompt of exactly ``max_prompt_tokens``
 tokens arrives. For each stream, the gaps between its pieces before the arrival give the undisturbed
 median; the gaps that overlap the long prompt's prefill (until its answer) give the worst. The server runs
-twice, side by side in one command: prompts prefilled whole (``prefill_chunk_tokens`` 0) and in chunks.
+twice, side by side in one command: prompts prefilled whole (``prefill_chunk_tokens`` and
+``prefill_step_share`` 0) and in chunks (the repository's own settings).
 """
 
 from __future__ import annotations
@@ -106,22 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = read_model_config(args.repository / "peft_llm")
     long_prompt = longest_prompt(config)
+    runs = {"whole prompt": {"prefill_chunk_tokens": "0", "prefill_step_share": "0"}, "chunked (configured)": {}}
     rows = []
-    for chunk in ("0", str(config.prefill_chunk_tokens)):
+    for name, settings in runs.items():
         with tempfile.TemporaryDirectory() as tmp:
-            repository = repository_with(args.repository, Path(tmp), prefill_chunk_tokens=chunk)
+            repository = repository_with(args.repository, Path(tmp), **settings)
             server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
             with server:
                 median, worst = measure(server, config, long_prompt, args.adapter)
-        rows.append((chunk, median, worst))
-        print(
-            f"prefill_chunk_tokens={chunk}: median gap {1000 * median:.1f} ms, worst {1000 * worst:.1f} ms", flush=True
-        )
+        rows.append((name, median, worst))
+        print(f"{name}: median gap {1000 * median:.1f} ms, worst {1000 * worst:.1f} ms", flush=True)
     print(f"\n{config.max_prompt_tokens}-token prompt joining {STREAMS} streams ({args.repository}, adapter "
           f"{args.adapter or '(base)'})")  # fmt: skip
-    print(f"{'prefill_chunk_tokens':<24}{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
-    for chunk, median, worst in rows:
-        name = "0 (whole prompt)" if chunk == "0" else chunk
+    print(f"{'prefill':<24}{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
+    for name, median, worst in rows:
         print(f"{name:<24}{1000 * median:>16.1f}{1000 * worst:>16.1f}{worst / median:>13.1f}x")
     return 0
 

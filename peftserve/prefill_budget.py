@@ -1,0 +1,43 @@
+"""How many prompt tokens the next prefill chunk may take, so running streams keep their pace.
+
+A prefill chunk runs between two decoding steps, so every running stream waits for it. A fixed token count
+cannot suit every device: on a CPU a 256-token chunk of a small model costs ten decoding steps, on a GPU
+about one. The budget is therefore set in time: while streams are decoding, a chunk may take about
+``share`` times as long as a decoding step, converted to tokens with the prefill cost per token measured
+so far (moving averages of both). With nothing decoding, or before anything is measured, the chunk is
+``max_tokens``; it is never under ``min_tokens``, so a long prompt always progresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_SMOOTHING = 0.2  # weight of the newest measurement in the moving averages
+
+
+@dataclass
+class PrefillBudget:
+    max_tokens: int  # 0: no limit
+    share: float  # a chunk's time as a multiple of a decoding step's; 0: always max_tokens
+    min_tokens: int = 16
+    decode_seconds: float | None = None  # moving average of one decoding step
+    seconds_per_token: float | None = None  # moving average of prefill time per prompt token
+
+    def tokens(self, *, streams_running: bool) -> int | None:
+        """The next chunk's size in tokens; None means no limit."""
+        cap = self.max_tokens or None
+        if not streams_running or not self.share or self.decode_seconds is None or not self.seconds_per_token:
+            return cap
+        fitting = max(self.min_tokens, int(self.share * self.decode_seconds / self.seconds_per_token))
+        return fitting if cap is None else min(cap, fitting)
+
+    def decoded(self, seconds: float) -> None:
+        self.decode_seconds = _average(self.decode_seconds, seconds)
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        if tokens:
+            self.seconds_per_token = _average(self.seconds_per_token, seconds / tokens)
+
+
+def _average(previous: float | None, value: float) -> float:
+    return value if previous is None else (1 - _SMOOTHING) * previous + _SMOOTHING * value
