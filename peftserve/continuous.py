@@ -218,7 +218,8 @@ class ContinuousBatcher:
                 self.engine.report_cache()
             except Exception:  # a bug here must not leave requests unanswered
                 logger.exception("batching loop failed; failing the %d requests inside the model", self.rows)
-                for state in [*self._prefilling, *self._running]:
+                states, self._prefilling, self._running = [*self._prefilling, *self._running], [], []
+                for state in states:
                     self._retire(state, PeftServeError("internal error in the batching loop"))
 
     def _take_joining(self) -> list[Work]:
