@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -243,3 +244,24 @@ def test_a_request_whose_prefill_fails_fails_alone(model_dir: Path, monkeypatch)
         assert running.answer.output_tokens == 64
     finally:
         batcher.close()
+
+
+def test_a_long_prompt_enters_in_chunks_while_running_streams_keep_decoding(model_dir: Path) -> None:
+    # Fixed 16-token chunks (share 0): a ~400-token prompt takes ~25 iterations, each with a decoding step.
+    engine = Engine(demo_config(model_dir, prefill_chunk_tokens="16", prefill_step_share="0"))
+    tokens_seen: list[int] = []
+    running = row_for(engine, "pirate", "a dog", 200)
+    running.should_stop = lambda ids: tokens_seen.append(len(ids)) or False
+    running_future = submit_row(engine, running)
+    while len(tokens_seen) < 3:
+        time.sleep(0.01)
+    long_prompt = " ".join(["the cat looks at the river"] * 80)
+    long_row = row_for(engine, "robot", long_prompt, 4)
+    assert len(long_row.prompt_ids) > 300
+    at_arrival = len(tokens_seen)
+    long_row.should_stop = lambda ids: tokens_seen.append(-1) or False
+    long_result = submit_row(engine, long_row).result(60)
+    during = tokens_seen[at_arrival : tokens_seen.index(-1)]
+    assert len(during) >= len(long_row.prompt_ids) // 16 - 2  # a decoding step between every two chunks
+    assert long_result.token_ids == engine.batcher.run_rows([long_row])[0].token_ids
+    assert len(running_future.result(60).token_ids) == 200
