@@ -69,7 +69,8 @@ class Engine:
         too large to write to disk); otherwise ``config.base_model`` is loaded."""
         self.config = config
         self.metrics = metrics or EngineMetrics()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the model: forward passes and wrapping layers
+        self._serving_lock = threading.Lock()  # which version serves each adapter id
         self.device = torch.device(device)
         self.tokenizer, self.model = base or _load_base_model(config, self.device)
         self.base_shape = BaseModelShape.describe(self.model)
@@ -138,7 +139,7 @@ class Engine:
     def start_serving(self, version: AdapterVersion, weights: AdapterWeights) -> AdapterVersion | None:
         """Make ``version`` the one that new requests for its id get, atomically; returns the version it
         replaces, which batches in flight finish on and which is freed once they have drained."""
-        with self._lock:
+        with self._serving_lock:
             try:
                 self.cache.add(version, weights)
             except CacheFullError:  # it serves all the same: requests hold its weights until a slot frees
@@ -154,7 +155,7 @@ class Engine:
 
     def stop_serving(self, adapter_id: str) -> AdapterVersion | None:
         """Forget an adapter whose versions were all removed; its requests then get NOT_FOUND."""
-        with self._lock:
+        with self._serving_lock:
             previous = self._serving.pop(adapter_id, None)
             if previous is not None:
                 self.cache.retire(previous)
