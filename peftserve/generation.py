@@ -208,11 +208,19 @@ class ModelRunner:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _choose(self, states: Sequence[SequenceState], logits: torch.Tensor) -> None:
-        """Pick and record the next token of every row (argmax for all, then sampling for sampled rows)."""
-        tokens = logits.argmax(dim=-1).tolist()
+        """Pick and record the next token of every row: greedy and sampled rows in one vectorised choice and
+        one device-to-host copy per step."""
+        chosen = logits.argmax(dim=-1)
+        sampled = [b for b, state in enumerate(states) if state.generator is not None]
+        if sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            noise = torch.stack(
+                [torch.rand(logits.shape[-1], generator=states[b].generator, device=logits.device) for b in sampled]
+            )
+            settings = [states[b].row.sampling for b in sampled]
+            chosen = chosen.index_copy(0, index, _sample(logits.index_select(0, index), settings, noise))
+        tokens = chosen.tolist()
         for b, state in enumerate(states):
-            if state.generator is not None:
-                tokens[b] = _sample(logits[b], state.row.sampling, state.generator)
             if state.row.keep_logits:
                 state.result.step_logits.append(logits[b].clone())
             state.pending = tokens[b]
@@ -238,16 +246,27 @@ def _sampler(sampling: SamplingParams, device: torch.device) -> torch.Generator 
     return generator
 
 
-def _sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
-    scores = logits / sampling.temperature
-    if 0 < sampling.top_k < scores.shape[0]:
-        threshold = torch.topk(scores, sampling.top_k).values[-1]
-        scores = scores.masked_fill(scores < threshold, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-        # Drop a token once the tokens before it already reach top_p; the first token always stays.
-        drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= sampling.top_p
-        scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probabilities = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probabilities, 1, generator=generator))
+def _sample(logits: torch.Tensor, settings: list[SamplingParams], noise: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row of ``logits`` (rows, vocab) with each row's temperature, top-k and top-p.
+
+    ``noise`` holds one uniform draw per row and vocabulary entry from the row's own seeded generator, so a
+    request samples the same tokens whatever else is in its batch. The exponential race (the smallest
+    ``-log(u) / p`` wins) draws exactly from the distribution ``p``.
+    """
+    device = logits.device
+    vocab = logits.shape[-1]
+    temperature = torch.tensor([s.temperature for s in settings], device=device, dtype=logits.dtype)
+    top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in settings], device=device)
+    top_p = torch.tensor([s.top_p for s in settings], device=device, dtype=logits.dtype)
+    scores = logits / temperature[:, None]
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device)[None, :]
+    drop = ranks >= top_k[:, None]
+    probabilities = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
+    # Then drop a token once the tokens before it already reach top_p; the first token always stays.
+    drop |= probabilities.cumsum(-1) - probabilities >= top_p[:, None]
+    drop[:, 0] = False
+    kept = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
+    probabilities = torch.zeros_like(kept).scatter(1, order, kept)
+    race = -torch.log(noise.clamp(min=torch.finfo(noise.dtype).tiny)) / probabilities
+    return race.argmin(dim=-1)
