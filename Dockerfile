@@ -63,6 +63,7 @@ RUN pip install --no-cache-dir --no-deps --target /tmp/pytriton "nvidia-pytriton
 COPY pyproject.toml README.md /opt/peftserve/src/
 COPY peftserve /opt/peftserve/src/peftserve
 RUN pip install --no-cache-dir --no-deps /opt/peftserve/src \
+ && pip check \
  && cd / && python -c "import peft, transformers, peftserve.engine; print('engine importable')"
 
 COPY deploy/triton-entrypoint.sh /opt/peftserve/bin/
