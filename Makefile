@@ -17,8 +17,9 @@ export HTTP_PORT GRPC_PORT METRICS_PORT
 .PHONY: serve test unit integration demo lint format clean bench-engine bench scale-out bench-continuous \
 	bench-forwarding image-requirements gpu-startup-check
 
+# Loopback only unless opened deliberately: SERVE_ARGS="--bind 0.0.0.0" with a management key (SECURITY.md).
 serve: $(STAMP) $(DEMO)
-	$(PY) -m tools.serve --repository model_repository
+	$(PY) -m tools.serve --repository model_repository $(SERVE_ARGS)
 
 test: $(STAMP) $(PIP_STAMP) $(DEMO) system-deps
 	$(PY) -m ruff check .
