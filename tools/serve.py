@@ -71,7 +71,7 @@ def check_bind_address(address: str, deployment: Deployment) -> str:
     if loopback:
         return f"loopback only ({address}): other hosts cannot connect"
     management = deployment.credentials.management
-    if management is None:
+    if management is None or not management.headers():  # an optional key left unset guards nothing
         raise DeploymentError(
             f"refusing to listen on {address} without a management key: set credentials.management in "
             f"{deployment.path} (header and environment variable, e.g. PEFTSERVE_ADMIN_KEY; see SECURITY.md), "

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tools.deployment import ManagementKey, load_deployment
+from tools.deployment import DeploymentError, ManagementKey, load_deployment
 from tools.image_requirements import dockerfile_args
 from tools.scale_out import COMPOSE_REPLICAS, COMPOSE_ROUTER_CONFIG, compose_router_config
 
@@ -208,6 +208,21 @@ def test_entrypoint_keys_match_the_compose_deployment_config() -> None:
     assert f"inference:{credentials.inference.header}=${{{credentials.inference.value_env}}}" in script
     for variable in (credentials.management.value_env, credentials.inference.value_env):
         assert variable in SERVICES["triton"]["environment"]
+
+
+@pytest.mark.parametrize("config", ["serving_config.compose.yaml", "serving_config.scale-out.yaml"])
+def test_the_compose_configs_need_only_the_management_key(config: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the entry point: the management key always, the inference key when set."""
+    deployment = load_deployment(REPO_ROOT / "deploy" / config)
+    monkeypatch.setenv("PEFTSERVE_ADMIN_KEY", "admin")
+    monkeypatch.delenv("PEFTSERVE_INFERENCE_KEY", raising=False)
+    assert deployment.management_headers() == {"x-peftserve-admin-key": "admin"}
+    assert deployment.inference_headers("grpc") == {}
+    monkeypatch.setenv("PEFTSERVE_INFERENCE_KEY", "client")
+    assert deployment.inference_headers("grpc") == {"triton-grpc-protocol-x-api-key": "client"}
+    monkeypatch.delenv("PEFTSERVE_ADMIN_KEY")
+    with pytest.raises(DeploymentError, match="PEFTSERVE_ADMIN_KEY"):
+        deployment.management_headers()
 
 
 def test_container_requirements_use_the_project_pins() -> None:
