@@ -6,6 +6,8 @@ PYTHON ?= /usr/bin/python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PIP_VERSION := 26.3
+PIP_STAMP := $(VENV)/.pip-$(PIP_VERSION)
 DEMO := model_repository/peft_llm/base_model/config.json
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -13,16 +15,17 @@ METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
 .PHONY: serve test unit integration demo lint format clean bench-engine bench scale-out bench-continuous \
-	bench-forwarding gpu-engine-check
+	bench-forwarding image-requirements gpu-startup-check gpu-engine-check bench-stall
 
+# Loopback only unless opened deliberately: SERVE_ARGS="--bind 0.0.0.0" with a management key (SECURITY.md).
 serve: $(STAMP) $(DEMO)
-	$(PY) -m tools.serve --repository model_repository
+	$(PY) -m tools.serve --repository model_repository $(SERVE_ARGS)
 
-test: $(STAMP) $(DEMO) system-deps
+test: $(STAMP) $(PIP_STAMP) $(DEMO) system-deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-unit: $(STAMP) $(DEMO)
+unit: $(STAMP) $(PIP_STAMP) $(DEMO)
 	$(PY) -m pytest -q tests/unit
 
 integration: $(STAMP) $(DEMO) system-deps
@@ -47,6 +50,11 @@ bench-continuous: $(STAMP)
 gpu-engine-check: $(STAMP)
 	$(PY) -m tools.gpu_engine_check --out loadtests/reports/gpu-engine-check.json
 
+# Streams' gaps through Triton while a maximum-length prompt joins, whole vs chunked prefill (REPOSITORY=...).
+REPOSITORY ?= model_repository
+bench-stall: $(STAMP) $(DEMO)
+	$(PY) -m tools.bench_stream_stall --repository $(REPOSITORY)
+
 # What peft_llm's BLS hop to peft_llm_stream costs per request.
 bench-forwarding: $(STAMP) $(DEMO)
 	$(PY) -m tools.bench_forwarding
@@ -64,6 +72,20 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
 	touch $(STAMP)
+
+# pip 26 resolves the image's requirements for another Python and platform by reading wheel metadata with
+# range requests; older pips download every wheel (GBs of CUDA libraries). Used by tools/image_requirements.py.
+$(PIP_STAMP): | $(STAMP)
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	touch $@
+
+# Does deploy/requirements-triton.txt install in the Dockerfile's image (its Python, its glibc)? No Docker needed.
+image-requirements: $(STAMP) $(PIP_STAMP)
+	$(PY) -m tools.image_requirements
+
+# On a GPU host with Docker: build the image, start Triton with compose, one request per demo adapter.
+gpu-startup-check: $(STAMP) $(DEMO)
+	$(PY) -m tools.gpu_startup_check
 
 $(DEMO): tools/demo_assets.py | $(STAMP)
 	$(PY) -m tools.demo_assets --repository model_repository

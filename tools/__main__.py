@@ -38,7 +38,7 @@ def cmd_serve(deployment: Deployment, args: argparse.Namespace) -> object:
     first = deployment.servers[0]  # ports from the config unless the environment sets them (make serve)
     for variable, address in [("HTTP_PORT", first.http), ("GRPC_PORT", first.grpc), ("METRICS_PORT", first.metrics)]:
         os.environ.setdefault(variable, address.rpartition(":")[2])
-    status = serve.main(["--repository", str(deployment.model_repository)])
+    status = serve.main(["--repository", str(deployment.model_repository), "--config", str(args.config)])
     if status:
         raise CommandFailed({"serve": "exited", "status": status})
     return {"serve": "stopped"}

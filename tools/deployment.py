@@ -71,11 +71,16 @@ class ApiKey(_Strict):
     header: str = Field(pattern=r"^[A-Za-z0-9-]{1,64}$")
     value_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     apis: tuple[ApiCategory, ...] = Field(min_length=1)
+    optional: bool = Field(
+        False, description="an unset variable means no key (as the compose entry point treats the inference key)"
+    )
 
     def headers(self, protocol: str = "http") -> dict[str, str]:
         """The header to send; over gRPC Triton expects the name prefixed with ``triton-grpc-protocol-``."""
         value = os.environ.get(self.value_env)
         if not value:
+            if self.optional:
+                return {}
             raise DeploymentError(f"environment variable {self.value_env} (the {self.header} key) is not set")
         return {(GRPC_HEADER_PREFIX if protocol == "grpc" else "") + self.header: value}
 
@@ -109,9 +114,10 @@ class Credentials(_Strict):
         """Triton's restricted-API options for HTTP and gRPC; keys read from the environment now."""
         args = []
         for key in (self.management, self.inference):
-            if key is None:
+            headers = key.headers() if key is not None else {}
+            if not headers:
                 continue
-            ((header, value),) = key.headers().items()
+            ((header, value),) = headers.items()
             spec = f"{','.join(key.apis)}:{header}={value}"
             args += [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
         return args

@@ -1,11 +1,16 @@
 """``make serve``: start tritonserver on the model repository, show per-request adapters, serve until Ctrl-C.
 
-Ports come from ``HTTP_PORT``, ``GRPC_PORT`` and ``METRICS_PORT`` (defaults 8000, 8001, 8002).
+Ports come from ``HTTP_PORT``, ``GRPC_PORT`` and ``METRICS_PORT`` (defaults 8000, 8001, 8002). The server
+listens on loopback only (``--bind`` / ``BIND_ADDRESS``, default 127.0.0.1): it runs with explicit model
+control, and Triton's model-load API accepts model files, so whoever reaches it can run code. Any other
+address needs a management key in the deployment config (``credentials.management``); otherwise serve
+refuses to start.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 import tempfile
@@ -56,13 +61,38 @@ def show_adapters(server: TritonServer, adapter_ids: list[str], headers: dict[st
         print(f"  {served_by:<12} -> {answer!r}")
 
 
+def check_bind_address(address: str, deployment: Deployment) -> str:
+    """What the server will be reachable from; raises DeploymentError for an address beyond loopback without a
+    management key (model control there would let any host that reaches the port load code)."""
+    try:
+        loopback = ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        raise DeploymentError(f"--bind {address!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0)") from None
+    if loopback:
+        return f"loopback only ({address}): other hosts cannot connect"
+    management = deployment.credentials.management
+    if management is None or not management.headers():  # an optional key left unset guards nothing
+        raise DeploymentError(
+            f"refusing to listen on {address} without a management key: set credentials.management in "
+            f"{deployment.path} (header and environment variable, e.g. PEFTSERVE_ADMIN_KEY; see SECURITY.md), "
+            "or keep the default loopback address"
+        )
+    return f"{address}: {', '.join(management.apis)} need the {management.header} header"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help="deployment config: API keys to require")
+    parser.add_argument(
+        "--bind",
+        default=os.environ.get("BIND_ADDRESS", "127.0.0.1"),
+        help="address to listen on (env BIND_ADDRESS; default 127.0.0.1); beyond loopback a management key is required",
+    )
     args = parser.parse_args(argv)
     try:
         deployment = load_deployment(args.config) if args.config.exists() else Deployment()
+        reachable = check_bind_address(args.bind, deployment)
         restricted = deployment.credentials.triton_args()
     except DeploymentError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -74,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(tempfile.gettempdir()) / f"peftserve-triton-{ports['http_port']}.log"
     # Explicit model control: `python -m tools model-swap` loads new model versions while the old one serves.
     explicit = ("--model-control-mode=explicit", "--load-model=*")
-    server = TritonServer(args.repository, log_path=log_path, extra_args=(*explicit, *restricted), **ports)
+    server = TritonServer(
+        args.repository, log_path=log_path, address=args.bind, extra_args=(*explicit, *restricted), **ports
+    )
     print(
         f"starting tritonserver on {args.repository} (HTTP {ports['http_port']}, gRPC {ports['grpc_port']}, "
-        f"metrics {ports['metrics_port']}); log: {log_path}"
+        f"metrics {ports['metrics_port']}); listening on {reachable}; log: {log_path}"
     )
     stop = stop_on_signals()
     try:

@@ -64,7 +64,10 @@ def free_port() -> int:
 
 
 class TritonServer:
-    """One ``tritonserver`` process; a context manager that always stops it."""
+    """One ``tritonserver`` process; a context manager that always stops it.
+
+    It listens on ``address`` (HTTP, gRPC and metrics): loopback unless the caller opens it deliberately.
+    """
 
     def __init__(
         self,
@@ -74,7 +77,7 @@ class TritonServer:
         grpc_port: int,
         metrics_port: int,
         log_path: Path | None = None,
-        address: str = "0.0.0.0",
+        address: str = "127.0.0.1",
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.repository = Path(repository).resolve()
@@ -86,12 +89,19 @@ class TritonServer:
         self._log_file = None
 
     @property
+    def host(self) -> str:
+        """Where clients on this host connect: loopback when the server listens on every interface."""
+        if self.address in ("0.0.0.0", "::"):
+            return "127.0.0.1"
+        return f"[{self.address}]" if ":" in self.address else self.address
+
+    @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     def command(self, install: TritonInstall) -> list[str]:
         return [

@@ -1,24 +1,30 @@
-"""docker-compose.yml and deploy/: no Docker engine runs here, so the files themselves are checked against
-the project's configuration (ports, paths, keys, versions, the router rendering)."""
+"""docker-compose.yml, the Dockerfile and deploy/: no Docker engine runs here, so the files are checked against
+the project's configuration (ports, paths, keys, versions, the router rendering), compose's variable
+substitution is applied as its specification describes, and the image's entry point runs for real against a
+stand-in ``tritonserver`` that records its arguments."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tools.deployment import ManagementKey, load_deployment
+from tools.deployment import DeploymentError, ManagementKey, load_deployment
+from tools.image_requirements import dockerfile_args
 from tools.scale_out import COMPOSE_REPLICAS, COMPOSE_ROUTER_CONFIG, compose_router_config
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 ENTRYPOINT = REPO_ROOT / "deploy" / "triton-entrypoint.sh"
+DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 # NVIDIA's container release -> the tritonserver version it ships.
 TRITON_RELEASES = {"24.10": "2.51"}
 
@@ -46,16 +52,129 @@ def test_every_mounted_file_exists() -> None:
                 continue  # the Hugging Face cache: a host setting
             assert (REPO_ROOT / source).exists(), f"{name} mounts missing {source}"
     assert os.access(ENTRYPOINT, os.X_OK)
-    assert SERVICES["triton"]["entrypoint"] == ["/workspace/deploy/triton-entrypoint.sh"]
+
+
+def dockerignore_admits(path: str) -> bool:
+    """Whether the build context keeps ``path`` (Docker's rule: the last matching pattern decides)."""
+    admitted = True
+    for line in (REPO_ROOT / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated, pattern = pattern.startswith("!"), pattern.removeprefix("!").rstrip("/")
+        parts = Path(path).parts
+        if any(fnmatch.fnmatch("/".join(parts[: i + 1]), pattern) for i in range(len(parts))):
+            admitted = negated
+    return admitted
+
+
+def test_the_image_is_built_once_with_everything_the_engine_needs() -> None:
+    """Dependencies, stub and engine are installed by the Dockerfile; a container start installs nothing."""
+    for name in COMPOSE_REPLICAS:
+        assert SERVICES[name]["build"] == "." and "entrypoint" not in SERVICES[name]
+        assert not any(target == "/workspace" for _, target in host_paths(SERVICES[name]))  # no checkout mount
+    copies = re.findall(r"^COPY\s+(.+?)\s+\S+$", DOCKERFILE, re.M)
+    sources = [source for line in copies for source in line.split()]
+    assert {"deploy/requirements-triton.txt", "deploy/triton-entrypoint.sh", "peftserve"} <= set(sources)
+    for source in sources:
+        assert (REPO_ROOT / source).exists() and dockerignore_admits(source), source
+    assert not dockerignore_admits(".venv/bin/python") and not dockerignore_admits("model_repository/peft_llm")
+    assert "pip install --no-cache-dir -r /opt/peftserve/requirements-triton.txt" in DOCKERFILE
+    assert 'ENTRYPOINT ["/opt/peftserve/bin/triton-entrypoint.sh"]' in DOCKERFILE
+    assert "pip install" not in ENTRYPOINT.read_text()  # nothing is installed at start-up any more
+    args = dockerfile_args()
+    assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3" in DOCKERFILE
+    assert SERVICES["triton"]["image"] == f"peftserve-triton:{args['TRITON_RELEASE']}"
+    # The stub for the engine's Python goes where the Python backend looks for it, and that Python's venv
+    # is first on PATH (the stub embeds the first python3 there, as tools/triton_server.py arranges locally).
+    assert 'install-python-backend-stub.sh /tmp/pytriton "${PYTHON_VERSION}"' in DOCKERFILE
+    assert "/opt/tritonserver/backends/python" in DOCKERFILE
+    assert re.search(r"^ENV PATH=/opt/peftserve/venv/bin:\$\{PATH\}", DOCKERFILE, re.M)
+    assert '"python${PYTHON_VERSION}" -m venv /opt/peftserve/venv' in DOCKERFILE
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    minor = int(args["PYTHON_VERSION"].split(".")[1])
+    assert f'requires-python = ">=3.{minor},<3.{minor + 1}"' in pyproject
+
+
+def test_the_stub_installer_puts_a_loadable_stub_in_place(tmp_path: Path) -> None:
+    """The Dockerfile's stub step, run here on the installed nvidia-pytriton (the same wheel the image uses)."""
+    import pytriton
+
+    site_packages = Path(pytriton.__file__).parents[1]
+    script = REPO_ROOT / "deploy" / "install-python-backend-stub.sh"
+    backend, libraries = tmp_path / "backend", tmp_path / "lib"
+    backend.mkdir()
+    version = dockerfile_args()["PYTHON_VERSION"]
+    done = subprocess.run([script, site_packages, version, backend, libraries], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    stub = backend / "triton_python_backend_stub"
+    assert os.access(stub, os.X_OK) and any(p.name.startswith("libcudart") for p in libraries.iterdir())
+    refused = subprocess.run([script, site_packages, "3.7", backend, libraries], capture_output=True, text=True)
+    assert refused.returncode == 1 and "no Python-backend stub for Python 3.7" in refused.stderr
+
+
+def compose_substitute(value: str, environment: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}`` substitution (compose specification)."""
+
+    def one(match: re.Match) -> str:
+        name, operator, argument = match[1], match[2], match[3]
+        if operator == ":?" and not environment.get(name):
+            raise ValueError(f"required variable {name} is missing a value: {argument}")
+        return environment.get(name) or (argument if operator == ":-" else "")
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:[-?])([^}]*))?\}", one, value)
+
+
+@pytest.mark.parametrize("name", COMPOSE_REPLICAS)
+def test_compose_refuses_to_start_triton_without_the_management_key(name: str) -> None:
+    environment = SERVICES[name]["environment"]
+    with pytest.raises(ValueError, match="PEFTSERVE_ADMIN_KEY is missing a value: set PEFTSERVE_ADMIN_KEY"):
+        compose_substitute(environment["PEFTSERVE_ADMIN_KEY"], {})
+    assert compose_substitute(environment["PEFTSERVE_ADMIN_KEY"], {"PEFTSERVE_ADMIN_KEY": "k"}) == "k"
+    assert compose_substitute(environment["PEFTSERVE_INFERENCE_KEY"], {}) == ""  # inference keys stay optional
+
+
+def run_entrypoint(tmp_path: Path, **keys: str) -> subprocess.CompletedProcess:
+    """The image's entry point with a stand-in tritonserver on PATH that prints the arguments it got."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "tritonserver"
+    fake.write_text('#!/bin/sh\nfor arg in "$@"; do echo "$arg"; done\n')
+    fake.chmod(0o755)
+    environment = {"PATH": f"{bin_dir}:/usr/bin:/bin", **keys}
+    return subprocess.run([ENTRYPOINT, "--log-verbose=1"], env=environment, capture_output=True, text=True)
+
+
+def test_the_entrypoint_refuses_to_start_without_the_management_key(tmp_path: Path) -> None:
+    refused = run_entrypoint(tmp_path)
+    assert refused.returncode == 64 and not refused.stdout  # tritonserver never ran
+    assert "PEFTSERVE_ADMIN_KEY is not set" in refused.stderr
+    refused = run_entrypoint(tmp_path, PEFTSERVE_ADMIN_KEY="", PEFTSERVE_INFERENCE_KEY="client")
+    assert refused.returncode == 64 and not refused.stdout
+
+
+def test_the_entrypoint_keys_management_always_and_inference_when_set(tmp_path: Path) -> None:
+    management = "--http-restricted-api=model-repository,shared-memory,statistics,trace,logging:x-peftserve-admin-key=a"
+    started = run_entrypoint(tmp_path, PEFTSERVE_ADMIN_KEY="a")
+    assert started.returncode == 0, started.stderr
+    args = started.stdout.splitlines()
+    assert management in args and not any(arg.startswith("--http-restricted-api=inference") for arg in args)
+    assert args[-1] == "--log-verbose=1" and args[: len(entrypoint_args())] == entrypoint_args()
+    args = run_entrypoint(tmp_path, PEFTSERVE_ADMIN_KEY="a", PEFTSERVE_INFERENCE_KEY="c").stdout.splitlines()
+    assert {
+        management,
+        "--http-restricted-api=inference:x-api-key=c",
+        "--grpc-restricted-protocol=inference:x-api-key=c",
+    } <= set(args)
 
 
 @pytest.mark.parametrize("name", COMPOSE_REPLICAS)
 def test_triton_services_agree_with_the_project(name: str) -> None:
     service = SERVICES[name]
-    image, release = service["image"].split(":")
-    assert image == "nvcr.io/nvidia/tritonserver" and release.endswith("-py3")
+    release = dockerfile_args()["TRITON_RELEASE"]
+    assert service["image"] == f"peftserve-triton:{release}"
     requirements = (REPO_ROOT / "requirements.txt").read_text()
-    assert f"tritonclient[all]=={TRITON_RELEASES[release.removesuffix('-py3')]}.0" in requirements
+    assert f"tritonclient[all]=={TRITON_RELEASES[release]}.0" in requirements
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert service["healthcheck"]["test"][-1] == "http://localhost:8000/v2/health/ready"
     mounts = dict(host_paths(service))
@@ -89,6 +208,21 @@ def test_entrypoint_keys_match_the_compose_deployment_config() -> None:
     assert f"inference:{credentials.inference.header}=${{{credentials.inference.value_env}}}" in script
     for variable in (credentials.management.value_env, credentials.inference.value_env):
         assert variable in SERVICES["triton"]["environment"]
+
+
+@pytest.mark.parametrize("config", ["serving_config.compose.yaml", "serving_config.scale-out.yaml"])
+def test_the_compose_configs_need_only_the_management_key(config: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the entry point: the management key always, the inference key when set."""
+    deployment = load_deployment(REPO_ROOT / "deploy" / config)
+    monkeypatch.setenv("PEFTSERVE_ADMIN_KEY", "admin")
+    monkeypatch.delenv("PEFTSERVE_INFERENCE_KEY", raising=False)
+    assert deployment.management_headers() == {"x-peftserve-admin-key": "admin"}
+    assert deployment.inference_headers("grpc") == {}
+    monkeypatch.setenv("PEFTSERVE_INFERENCE_KEY", "client")
+    assert deployment.inference_headers("grpc") == {"triton-grpc-protocol-x-api-key": "client"}
+    monkeypatch.delenv("PEFTSERVE_ADMIN_KEY")
+    with pytest.raises(DeploymentError, match="PEFTSERVE_ADMIN_KEY"):
+        deployment.management_headers()
 
 
 def test_container_requirements_use_the_project_pins() -> None:

@@ -50,6 +50,7 @@ class TritonPythonModel:
         self.responses = ResponseLoop(final_flag=FINAL)
         self.metrics = TritonMetrics(SERVED_MODEL, run=self.responses.call)
         engine = Engine(config, device=device, metrics=self.metrics)
+        logger.info("loaded %s on %s as %s", config.base_model, device, engine.model.dtype)
         self.batcher = engine.batcher
         self.watcher = AdapterWatcher(engine, interval=config.adapter_poll_seconds)
         self.watcher.start()
