@@ -49,7 +49,15 @@ def check_servable(config: dict[str, Any]) -> None:
         raise UnsupportedAdapterError(
             f"modules_to_save {config['modules_to_save']} would replace whole base modules per request; not supported"
         )
-    for option in ("lora_bias", "fan_in_fan_out", "trainable_token_indices", "layer_replication"):
+    if config.get("target_parameters"):
+        raise UnsupportedAdapterError(
+            f"{peft_type} target_parameters {sorted(config['target_parameters'])} puts deltas on raw weight tensors "
+            "(fused MoE experts, routers), which peftserve cannot apply per request; it serves adapters on linear "
+            "layers only: train with target_modules naming linear layers and without target_parameters"
+        )
+    # fan_in_fan_out is not refused: PEFT decides the layout by the layer's type whatever the config says
+    # (transposed for Conv1D, plain for nn.Linear), and so does the engine.
+    for option in ("lora_bias", "trainable_token_indices", "layer_replication"):
         if config.get(option):
             raise UnsupportedAdapterError(f"{peft_type} option {option}={config[option]!r} is not supported")
 
@@ -76,7 +84,10 @@ def _module_tensors(tensors: dict[str, torch.Tensor], base: BaseModelShape) -> d
             raise UnsupportedAdapterError(f"unexpected tensor {key!r} in adapter weights")
         module = match["module"]
         if module not in base.linear_shapes:
-            raise AdapterLoadError(f"tensor {key!r} targets {module!r}, which is not a linear layer of the base model")
+            raise AdapterLoadError(
+                f"tensor {key!r} targets {module!r}, which is not a linear layer of the base model (peftserve "
+                "applies adapters to nn.Linear layers, their subclasses and Conv1D)"
+            )
         grouped.setdefault(module, {})[match["param"]] = tensor
     if not grouped:
         raise AdapterLoadError("adapter weights hold no tensors")
@@ -223,6 +234,13 @@ def _convert_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], ba
         raise UnsupportedAdapterError("prefix tuning with num_transformer_submodules != 1 (encoder-decoder)")
     virtual_tokens = embeddings.shape[0]
     width = base.num_layers * 2 * base.num_kv_heads * base.head_dim
+    if embeddings.shape[-1] != width and embeddings.shape[-1] % (base.num_layers * 2 * base.head_dim) == 0:
+        heads = embeddings.shape[-1] // (base.num_layers * 2 * base.head_dim)
+        raise UnsupportedAdapterError(
+            f"prefix tuning: prompt_embeddings hold key/values for {heads} heads per layer, the base model caches "
+            f"{base.num_kv_heads}; PEFT gives multi-query models (Falcon-7B) such prefixes and cannot run them "
+            "either; retrain for this model's key/value heads"
+        )
     _expect_shape("prompt_embeddings", embeddings, (virtual_tokens, width))
     # PEFT's layout: (tokens, layers * 2, heads, head_dim), keys at even and values at odd positions.
     kv = embeddings.view(virtual_tokens, base.num_layers, 2, base.num_kv_heads, base.head_dim)

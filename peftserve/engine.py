@@ -365,7 +365,8 @@ def _load_base_model(config: ServeConfig, device: torch.device) -> tuple[AutoTok
             dtype=dtype,
             trust_remote_code=False,
             local_files_only=True,
-            attn_implementation=config.attn_implementation,
+            # None lets transformers pick what the model supports (sdpa where it can, eager for Gemma2, Bloom).
+            attn_implementation=None if config.attn_implementation == "auto" else config.attn_implementation,
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(
