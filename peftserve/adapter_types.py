@@ -32,10 +32,18 @@ _MODULE_KEY = re.compile(
     r"base_model\.model\.(?P<module>.+)\.(?P<param>lora_[AB]\.weight|lora_[ABE]|lora_magnitude_vector|ia3_l"
     r"|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)"
 )
+_ANY_MODULE_KEY = re.compile(r"base_model\.model\.(?P<module>.+?)\.(?:lora_|ia3_|hada_|lokr_)")
 # Singular values below this fraction of the largest are float noise when refactoring a delta weight.
 _SVD_RELATIVE_TOLERANCE = 1e-6
 
 Converter = Callable[[dict[str, Any], dict[str, torch.Tensor], BaseModelShape], AdapterWeights]
+
+
+def targeted_module(key: str) -> str | None:
+    """The base-model module a PEFT tensor key belongs to, also for tensors the engine cannot apply (LoRA on
+    an embedding: ``lora_embedding_A``); ``None`` for keys of no module (prompt learning)."""
+    match = _ANY_MODULE_KEY.match(key)
+    return match["module"] if match else None
 
 
 def check_servable(config: dict[str, Any]) -> None:

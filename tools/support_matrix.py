@@ -113,7 +113,16 @@ FAMILIES: dict[str, Family] = {
         _family("phi3", "Phi3Config", ("qkv_proj", "down_proj"), ("down_proj",), **_GQA),
         _family("gpt2", "GPT2Config", ("c_attn", "mlp.c_proj"), ("mlp.c_proj",), n_embd=32, n_layer=2, n_head=4),
         _family("gpt_neox", "GPTNeoXConfig", *_FUSED, **_DECODER),
-        _family("gptj", "GPTJConfig", ("q_proj", "v_proj", "fc_out"), ("fc_out",), n_embd=32, n_layer=2, n_head=4),
+        _family(
+            "gptj",
+            "GPTJConfig",
+            ("q_proj", "v_proj", "fc_out"),
+            ("fc_out",),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            rotary_dim=4,
+        ),
         _family(
             "opt", "OPTConfig", ("k_proj", "v_proj", "fc2"), ("fc2",), **_DECODER, ffn_dim=64, word_embed_proj_dim=32
         ),
@@ -187,11 +196,12 @@ class FamilyBench:
         repository.mkdir(parents=True, exist_ok=True)
         self.engine = Engine(ServeConfig(base_model=str(base_dir), adapter_repository=str(repository)))
 
-    def run(self, adapter_type: str) -> Cell:
-        """Make the adapter with PEFT, load it in the engine, compare; never raises."""
+    def run(self, adapter_type: str, config: PeftConfig | None = None) -> Cell:
+        """Make the adapter with PEFT (``config``, or the type's usual one), load it in the engine, compare;
+        never raises."""
         cell = lambda outcome, note="": Cell(self.family.model_type, adapter_type, outcome, note)  # noqa: E731
         try:
-            adapter_dir = self._make_adapter(adapter_type)
+            adapter_dir = self.make_adapter(adapter_type, config)
         except Exception as exc:  # noqa: BLE001 - whatever PEFT raises, it cannot make this adapter
             return cell("peft-cannot", _first_line(exc))
         try:
@@ -211,9 +221,11 @@ class FamilyBench:
         self.loaded[adapter_type] = (adapter_dir, weights)
         return cell("exact")
 
-    def _make_adapter(self, adapter_type: str) -> Path:
+    def make_adapter(self, adapter_type: str, config: PeftConfig | None = None) -> Path:
+        """Make one adapter of ``adapter_type`` with PEFT (random, non-trivial weights) and save it; returns its
+        version directory."""
         torch.manual_seed(1)
-        config = ADAPTER_TYPES[adapter_type](self.family)
+        config = config or ADAPTER_TYPES[adapter_type](self.family)
         config.task_type = TaskType.CAUSAL_LM
         peft_model = get_peft_model(copy.deepcopy(self.base), config)
         with torch.no_grad():  # away from every identity init (lora_B = 0, IA3 = 1, AdaLoRA's E = 0)
@@ -349,6 +361,7 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # tiny matmuls: more threads only wait for each other on a busy machine
     warnings.filterwarnings("ignore")
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
