@@ -96,6 +96,11 @@ def _module_tensors(tensors: dict[str, torch.Tensor], base: BaseModelShape) -> d
                 f"tensor {key!r} targets {module!r}, which is not a linear layer of the base model (peftserve "
                 "applies adapters to nn.Linear layers, their subclasses and Conv1D)"
             )
+        if ".experts." in f".{module}.":
+            raise UnsupportedAdapterError(
+                f"tensor {key!r} targets {module!r}, a routed MoE expert: it sees only the tokens routed to it, which "
+                "peftserve cannot map back to requests; adapt the attention or shared layers instead"
+            )
         grouped.setdefault(module, {})[match["param"]] = tensor
     if not grouped:
         raise AdapterLoadError("adapter weights hold no tensors")

@@ -66,10 +66,12 @@ class AdapterLinear(nn.Module):
         rows = self.rows
         if rows is None:
             return self.base(x)
-        if x.dim() == 2:  # OPT and MoE shared experts flatten (batch, sequence) before their MLPs
+        # OPT and MoE shared experts flatten (batch, sequence) before their MLPs; routed experts, which see a
+        # subset of the tokens, are refused at load (adapter_types).
+        if x.dim() == 2:
             if x.shape[0] % rows.batch:
                 raise RuntimeError(f"{x.shape[0]} flattened tokens cannot be split into {rows.batch} batch rows")
-            return self._forward_rows(x.view(rows.batch, -1, x.shape[-1]), rows).view(x.shape[0], -1)
+            return self._forward_rows(x.reshape(rows.batch, -1, x.shape[-1]), rows).reshape(x.shape[0], -1)
         return self._forward_rows(x, rows)
 
     def _forward_rows(self, x: torch.Tensor, rows: RowDeltas) -> torch.Tensor:

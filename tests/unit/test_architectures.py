@@ -11,7 +11,10 @@ import torch
 import transformers
 from peft import LoraConfig
 
+from peftserve.adapter_types import convert_adapter
+from peftserve.adapter_weights import BaseModelShape
 from peftserve.architectures import TESTED_FAMILIES
+from peftserve.errors import UnsupportedAdapterError
 from tools.support_matrix import (
     ADAPTER_TYPES,
     FAILURES,
@@ -109,6 +112,20 @@ def test_moe_lora_on_attention_layers_serves(bench, family: str, use_dora: bool)
         warnings.simplefilter("ignore")
         cell = family_bench.run(f"attention-{'dora' if use_dora else 'lora'}", config)
     assert cell.outcome == "exact", cell.note
+
+
+def test_routed_expert_linears_are_refused_they_see_only_their_tokens() -> None:
+    """Older MoE layouts keep one nn.Linear per expert; its input rows are routed tokens, not batch rows."""
+    module = "model.layers.0.mlp.experts.3.w1"
+    shape = BaseModelShape({module: (8, 8)}, 1, 1, 8, 8, torch.float32, torch.device("cpu"))
+    tensors = {
+        f"base_model.model.{module}.lora_A.weight": torch.ones(2, 8),
+        f"base_model.model.{module}.lora_B.weight": torch.ones(8, 2),
+    }
+    with pytest.raises(
+        UnsupportedAdapterError, match=r"targets 'model.layers.0.mlp.experts.3.w1', a routed MoE expert"
+    ):
+        convert_adapter({"peft_type": "LORA", "r": 2, "lora_alpha": 2}, tensors, shape)
 
 
 def test_committed_table_is_what_the_tool_renders(committed) -> None:
