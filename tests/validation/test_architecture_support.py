@@ -55,6 +55,14 @@ def test_moe_expert_parameters_are_refused_before_serving(benches) -> None:
     assert any(category == "serving" and "target_parameters" in message for category, message in errors(report))
 
 
+def test_prefix_on_multi_query_falcon_is_refused_saying_why(benches) -> None:
+    bench = benches(FAMILIES["falcon"])
+    report = validate_adapter(bench.make_adapter("prefix"), str(bench.directory / "base"))
+    assert report.compatibility_level == Level.INCOMPATIBLE
+    hints = [i.hint for i in report.issues if i.severity == Severity.ERROR]
+    assert hints and all("caches 1 key/value heads (multi-query attention)" in hint for hint in hints), hints
+
+
 def test_targets_that_are_not_linear_layers_are_named(benches, tmp_path: Path) -> None:
     bench = benches(FAMILIES["llama"])
     model = AutoModelForCausalLM.from_pretrained(bench.directory / "base")

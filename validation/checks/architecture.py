@@ -106,13 +106,18 @@ def _check_prompt_learning_dimensions(ctx: ValidationContext, config: dict[str, 
         expected |= {"token_dim": shape.num_kv_heads * shape.head_dim, "num_attention_heads": shape.num_kv_heads}
     else:
         expected |= {"token_dim": shape.hidden_size}
+    hint = "this prompt-learning adapter was made for a model of another size"
+    attention_heads = ctx.base.config.get_text_config().num_attention_heads
+    if ctx.peft_type == "PREFIX_TUNING" and config.get("num_attention_heads") == attention_heads != shape.num_kv_heads:
+        hint = (
+            f"PEFT sized this prefix for all {attention_heads} attention heads, but this model caches "
+            f"{shape.num_kv_heads} key/value heads (multi-query attention): PEFT cannot run it either; "
+            "prefix tuning does not work on this model"
+        )
     for field, value in expected.items():
         if config.get(field) is not None and config[field] != value:
             ctx.add(
-                Severity.ERROR,
-                CATEGORY,
-                f"{field} = {config[field]} in the adapter, the base model has {value}",
-                "this prompt-learning adapter was made for a model of another size",
+                Severity.ERROR, CATEGORY, f"{field} = {config[field]} in the adapter, the base model has {value}", hint
             )
 
 
