@@ -93,8 +93,8 @@ def _module_tensors(tensors: dict[str, torch.Tensor], base: BaseModelShape) -> d
         module = match["module"]
         if module not in base.linear_shapes:
             raise AdapterLoadError(
-                f"tensor {key!r} targets {module!r}, which is not a linear layer of the base model (peftserve "
-                "applies adapters to nn.Linear layers, their subclasses and Conv1D)"
+                f"the adapter targets {module!r}, which is not a linear layer of the base model (peftserve applies "
+                "adapters to nn.Linear layers, subclasses that compute the same, and Conv1D)"
             )
         if ".experts." in f".{module}.":
             raise UnsupportedAdapterError(
@@ -245,6 +245,11 @@ def _convert_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], ba
     embeddings = _prompt_embeddings(tensors)
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise UnsupportedAdapterError("prefix tuning with num_transformer_submodules != 1 (encoder-decoder)")
+    if base.latent_attention:
+        raise UnsupportedAdapterError(
+            "prefix tuning on multi-head latent attention (DeepSeek): the KV cache holds compressed latents, not "
+            "per-head keys and values, so a key/value prefix has nowhere to go"
+        )
     virtual_tokens = embeddings.shape[0]
     width = base.num_layers * 2 * base.num_kv_heads * base.head_dim
     if embeddings.shape[-1] != width and embeddings.shape[-1] % (base.num_layers * 2 * base.head_dim) == 0:

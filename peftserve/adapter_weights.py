@@ -38,6 +38,7 @@ class BaseModelShape:
     dtype: torch.dtype
     device: torch.device
     linear_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # references, not copies
+    latent_attention: bool = False  # DeepSeek's MLA: the KV cache holds compressed latents, not heads
 
     @classmethod
     def describe(cls, model: torch.nn.Module) -> BaseModelShape:
@@ -55,13 +56,35 @@ class BaseModelShape:
             dtype=parameter.dtype,
             device=parameter.device,
             linear_weights={name: linear_weight(module) for name, module in linears.items()},
+            latent_attention=bool(getattr(text_config, "kv_lora_rank", None)),
         )
 
 
 def is_linear_like(module: torch.nn.Module) -> bool:
-    """Layers the engine can wrap: ``nn.Linear`` and its subclasses (Falcon's ``FalconLinear``), and
-    transformers' ``Conv1D`` (GPT-2 and its descendants), a linear layer that stores its weight transposed."""
-    return isinstance(module, (torch.nn.Linear, Conv1D))
+    """Layers the engine can wrap: transformers' ``Conv1D`` (GPT-2 and its descendants: a linear layer that
+    stores its weight transposed), ``nn.Linear``, and subclasses of it whose own ``forward`` still computes
+    ``x W^T + b`` (Falcon's ``FalconLinear``), but not those that compute something else with their weight
+    (Phi-MoE's router returns routing decisions)."""
+    if isinstance(module, Conv1D):
+        return True
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    return type(module).forward is torch.nn.Linear.forward or _computes_linear(module)
+
+
+def _computes_linear(module: torch.nn.Linear) -> bool:
+    """Run the layer's own forward on small stand-in parameters (works on ``meta`` modules too)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(3, 5, generator=generator), torch.randn(2, 5, generator=generator)
+    parameters = {"weight": weight}
+    if module.bias is not None:
+        parameters["bias"] = torch.randn(3, generator=generator)
+    try:
+        out = torch.func.functional_call(module, parameters, (x,))
+    except Exception:  # noqa: BLE001 - a forward that cannot take a plain input is not a linear layer
+        return False
+    expected = torch.nn.functional.linear(x, weight, parameters.get("bias"))
+    return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.allclose(out, expected)
 
 
 def linear_features(module: torch.nn.Module) -> tuple[int, int]:

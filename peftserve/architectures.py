@@ -26,4 +26,12 @@ TESTED_FAMILIES: dict[str, str] = {
     "falcon": "Falcon",
     "bloom": "Bloom",
     "starcoder2": "StarCoder2",
+    "gpt_bigcode": "GPT-BigCode (StarCoder 1)",
+    "phi": "Phi-1 / Phi-2",
+    "olmo2": "OLMo 2",
+    "granite": "Granite",
+    "cohere": "Cohere (Command R)",
+    "stablelm": "StableLM",
+    "phimoe": "Phi-3.5-MoE",
+    "deepseek_v3": "DeepSeek-V3 (MLA, MoE)",
 }

@@ -66,12 +66,14 @@ class AdapterLinear(nn.Module):
         rows = self.rows
         if rows is None:
             return self.base(x)
-        # OPT and MoE shared experts flatten (batch, sequence) before their MLPs; routed experts, which see a
+        # Not (batch, sequence, features): OPT and MoE shared experts flatten (batch, sequence), DeepSeek's
+        # latent attention adds a head axis; the batch stays the leading axis. Routed experts, which see a
         # subset of the tokens, are refused at load (adapter_types).
-        if x.dim() == 2:
-            if x.shape[0] % rows.batch:
-                raise RuntimeError(f"{x.shape[0]} flattened tokens cannot be split into {rows.batch} batch rows")
-            return self._forward_rows(x.reshape(rows.batch, -1, x.shape[-1]), rows).reshape(x.shape[0], -1)
+        if x.dim() != 3:
+            if x.dim() < 2 or x.shape[0] % rows.batch:
+                raise RuntimeError(f"input of shape {tuple(x.shape)} cannot be split into {rows.batch} batch rows")
+            out = self._forward_rows(x.reshape(rows.batch, -1, x.shape[-1]), rows)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
         return self._forward_rows(x, rows)
 
     def _forward_rows(self, x: torch.Tensor, rows: RowDeltas) -> torch.Tensor:

@@ -71,6 +71,23 @@ _SIZES = {"initializer_range": 0.2, "vocab_size": VOCAB, "bos_token_id": 1, "eos
 _DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 _GQA = {**_DECODER, "num_key_value_heads": 2}
 _MOE = {**_GQA, "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2, "head_dim": 8}
+_GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 4}
+# Multi-head latent attention (compressed key/values) and a dense first layer, then routed experts.
+_DEEPSEEK = {
+    **_DECODER,
+    "num_key_value_heads": 4,
+    "moe_intermediate_size": 16,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
+    "first_k_dense_replace": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -111,7 +128,7 @@ FAMILIES: dict[str, Family] = {
         _family("gemma2", "Gemma2Config", **_GQA, head_dim=8, sliding_window=4),
         _family("gemma3_text", "Gemma3TextConfig", **_GQA, head_dim=8, sliding_window=4),
         _family("phi3", "Phi3Config", ("qkv_proj", "down_proj"), ("down_proj",), **_GQA),
-        _family("gpt2", "GPT2Config", ("c_attn", "mlp.c_proj"), ("mlp.c_proj",), n_embd=32, n_layer=2, n_head=4),
+        _family("gpt2", "GPT2Config", ("c_attn", "mlp.c_proj"), ("mlp.c_proj",), **_GPT2),
         _family("gpt_neox", "GPTNeoXConfig", *_FUSED, **_DECODER),
         _family(
             "gptj",
@@ -129,6 +146,14 @@ FAMILIES: dict[str, Family] = {
         _family("falcon", "FalconConfig", *_FUSED, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
         _family("bloom", "BloomConfig", *_FUSED, hidden_size=32, n_layer=2, n_head=4),
         _family("starcoder2", "Starcoder2Config", ("k_proj", "v_proj", "c_proj"), ("c_proj",), **_GQA),
+        _family("gpt_bigcode", "GPTBigCodeConfig", ("c_attn", "mlp.c_proj"), ("mlp.c_proj",), **_GPT2),
+        _family("phi", "PhiConfig", ("k_proj", "v_proj", "fc2"), ("fc2",), **_DECODER),
+        _family("olmo2", "Olmo2Config", **_GQA),
+        _family("granite", "GraniteConfig", **_GQA),
+        _family("cohere", "CohereConfig", **_GQA),
+        _family("stablelm", "StableLmConfig", **_GQA),
+        _family("phimoe", "PhimoeConfig", *_MOE_ATTENTION, **_GQA, num_local_experts=4, num_experts_per_tok=2),
+        _family("deepseek_v3", "DeepseekV3Config", *_MOE_ATTENTION, **_DEEPSEEK),
     ]
 }
 

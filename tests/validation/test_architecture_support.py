@@ -79,10 +79,13 @@ def test_targets_that_are_not_linear_layers_are_named(benches, tmp_path: Path) -
 def test_a_family_outside_the_matrix_is_a_warning(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(transformers.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=4))
+        config = transformers.OlmoConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+        )
+        model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(tmp_path / "base")
-    adapter = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    adapter = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     adapter.save_pretrained(tmp_path / "adapter")
     report = validate_adapter(tmp_path / "adapter", str(tmp_path / "base"))
     assert report.compatibility_level == Level.PARTIAL, report.render()
-    assert report.facts["architecture"] == "gpt_bigcode (not in the support matrix)"
+    assert report.facts["architecture"] == "olmo (not in the support matrix)"

@@ -95,7 +95,7 @@ def _check_support(ctx: ValidationContext) -> None:
             CATEGORY,
             f"{len(refused)} targeted layers are not linear layers peftserve can adapt, "
             f"e.g. {', '.join(refused[:_SHOWN])}",
-            "peftserve applies adapters to nn.Linear (and subclasses) and Conv1D layers: retrain without these targets",
+            "peftserve adapts nn.Linear layers (and subclasses computing the same) and Conv1D: retrain without these",
         )
 
 
