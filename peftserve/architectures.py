@@ -34,4 +34,5 @@ TESTED_FAMILIES: dict[str, str] = {
     "stablelm": "StableLM",
     "phimoe": "Phi-3.5-MoE",
     "deepseek_v3": "DeepSeek-V3 (MLA, MoE)",
+    "gpt_oss": "GPT-OSS (MoE)",
 }

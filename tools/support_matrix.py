@@ -154,6 +154,16 @@ FAMILIES: dict[str, Family] = {
         _family("stablelm", "StableLmConfig", **_GQA),
         _family("phimoe", "PhimoeConfig", *_MOE_ATTENTION, **_GQA, num_local_experts=4, num_experts_per_tok=2),
         _family("deepseek_v3", "DeepseekV3Config", *_MOE_ATTENTION, **_DEEPSEEK),
+        _family(
+            "gpt_oss",
+            "GptOssConfig",
+            *_MOE_ATTENTION,
+            **_GQA,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            sliding_window=4,
+        ),
     ]
 }
 

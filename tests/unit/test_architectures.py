@@ -81,12 +81,15 @@ def test_cell_equals_peft_or_is_refused_as_the_readme_says(bench, committed, fam
 
 
 # Known, left to the generation rewrite: a prefix row whose prompt is shorter than another row's gets left
-# padding between its prefix and its prompt; a sliding window (Gemma 2's; 4 here, 4096 in the real models)
-# counts those slots, so the prefix leaves the window too early. Solo rows are exact (the cells above).
+# padding between its prefix and its prompt; a sliding window (Gemma 2's and GPT-OSS's; 4 here, 4096 and 128
+# in the released models) counts those slots, so the prefix leaves the window too early. Solo rows are exact
+# (the cells above).
 SLIDING_WINDOW_PREFIX_GAP = pytest.mark.xfail(
     strict=True, reason="prefix + left padding + sliding window in a mixed batch (generation.py)"
 )
-MIXED_FAMILIES = [pytest.param(f, marks=SLIDING_WINDOW_PREFIX_GAP) if f == "gemma2" else f for f in FAMILIES]
+MIXED_FAMILIES = [
+    pytest.param(f, marks=SLIDING_WINDOW_PREFIX_GAP) if f in {"gemma2", "gpt_oss"} else f for f in FAMILIES
+]
 
 
 @pytest.mark.parametrize("family", MIXED_FAMILIES)
