@@ -254,10 +254,10 @@ def _convert_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], ba
     width = base.num_layers * 2 * base.num_kv_heads * base.head_dim
     if embeddings.shape[-1] != width and embeddings.shape[-1] % (base.num_layers * 2 * base.head_dim) == 0:
         heads = embeddings.shape[-1] // (base.num_layers * 2 * base.head_dim)
+        why = " (multi-query attention: PEFT makes such prefixes for Falcon-7B and cannot run them either)"
         raise UnsupportedAdapterError(
             f"prefix tuning: prompt_embeddings hold key/values for {heads} heads per layer, the base model caches "
-            f"{base.num_kv_heads}; PEFT gives multi-query models (Falcon-7B) such prefixes and cannot run them "
-            "either; retrain for this model's key/value heads"
+            f"{base.num_kv_heads}{why if base.num_kv_heads == 1 else ''}; retrain for this model's key/value heads"
         )
     _expect_shape("prompt_embeddings", embeddings, (virtual_tokens, width))
     # PEFT's layout: (tokens, layers * 2, heads, head_dim), keys at even and values at odd positions.

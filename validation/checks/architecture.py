@@ -108,7 +108,8 @@ def _check_prompt_learning_dimensions(ctx: ValidationContext, config: dict[str, 
         expected |= {"token_dim": shape.hidden_size}
     hint = "this prompt-learning adapter was made for a model of another size"
     attention_heads = ctx.base.config.get_text_config().num_attention_heads
-    if ctx.peft_type == "PREFIX_TUNING" and config.get("num_attention_heads") == attention_heads != shape.num_kv_heads:
+    multi_query = shape.num_kv_heads == 1 < attention_heads
+    if ctx.peft_type == "PREFIX_TUNING" and multi_query and config.get("num_attention_heads") == attention_heads:
         hint = (
             f"PEFT sized this prefix for all {attention_heads} attention heads, but this model caches "
             f"{shape.num_kv_heads} key/value heads (multi-query attention): PEFT cannot run it either; "
