@@ -32,10 +32,18 @@ _MODULE_KEY = re.compile(
     r"base_model\.model\.(?P<module>.+)\.(?P<param>lora_[AB]\.weight|lora_[ABE]|lora_magnitude_vector|ia3_l"
     r"|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)"
 )
+_ANY_MODULE_KEY = re.compile(r"base_model\.model\.(?P<module>.+?)\.(?:lora_|ia3_|hada_|lokr_)")
 # Singular values below this fraction of the largest are float noise when refactoring a delta weight.
 _SVD_RELATIVE_TOLERANCE = 1e-6
 
 Converter = Callable[[dict[str, Any], dict[str, torch.Tensor], BaseModelShape], AdapterWeights]
+
+
+def targeted_module(key: str) -> str | None:
+    """The base-model module a PEFT tensor key belongs to, also for tensors the engine cannot apply (LoRA on
+    an embedding: ``lora_embedding_A``); ``None`` for keys of no module (prompt learning)."""
+    match = _ANY_MODULE_KEY.match(key)
+    return match["module"] if match else None
 
 
 def check_servable(config: dict[str, Any]) -> None:
@@ -49,7 +57,15 @@ def check_servable(config: dict[str, Any]) -> None:
         raise UnsupportedAdapterError(
             f"modules_to_save {config['modules_to_save']} would replace whole base modules per request; not supported"
         )
-    for option in ("lora_bias", "fan_in_fan_out", "trainable_token_indices", "layer_replication"):
+    if config.get("target_parameters"):
+        raise UnsupportedAdapterError(
+            f"{peft_type} target_parameters {sorted(config['target_parameters'])} puts deltas on raw weight tensors "
+            "(fused MoE experts, routers), which peftserve cannot apply per request; it serves adapters on linear "
+            "layers only: train with target_modules naming linear layers and without target_parameters"
+        )
+    # fan_in_fan_out is not refused: PEFT decides the layout by the layer's type whatever the config says
+    # (transposed for Conv1D, plain for nn.Linear), and so does the engine.
+    for option in ("lora_bias", "trainable_token_indices", "layer_replication"):
         if config.get(option):
             raise UnsupportedAdapterError(f"{peft_type} option {option}={config[option]!r} is not supported")
 
@@ -76,7 +92,15 @@ def _module_tensors(tensors: dict[str, torch.Tensor], base: BaseModelShape) -> d
             raise UnsupportedAdapterError(f"unexpected tensor {key!r} in adapter weights")
         module = match["module"]
         if module not in base.linear_shapes:
-            raise AdapterLoadError(f"tensor {key!r} targets {module!r}, which is not a linear layer of the base model")
+            raise AdapterLoadError(
+                f"the adapter targets {module!r}, which is not a linear layer of the base model (peftserve applies "
+                "adapters to nn.Linear layers, subclasses that compute the same, and Conv1D)"
+            )
+        if ".experts." in f".{module}.":
+            raise UnsupportedAdapterError(
+                f"tensor {key!r} targets {module!r}, a routed MoE expert: it sees only the tokens routed to it, which "
+                "peftserve cannot map back to requests; adapt the attention or shared layers instead"
+            )
         grouped.setdefault(module, {})[match["param"]] = tensor
     if not grouped:
         raise AdapterLoadError("adapter weights hold no tensors")
@@ -221,8 +245,20 @@ def _convert_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], ba
     embeddings = _prompt_embeddings(tensors)
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise UnsupportedAdapterError("prefix tuning with num_transformer_submodules != 1 (encoder-decoder)")
+    if base.latent_attention:
+        raise UnsupportedAdapterError(
+            "prefix tuning on multi-head latent attention (DeepSeek): the KV cache holds compressed latents, not "
+            "per-head keys and values, so a key/value prefix has nowhere to go"
+        )
     virtual_tokens = embeddings.shape[0]
     width = base.num_layers * 2 * base.num_kv_heads * base.head_dim
+    if embeddings.shape[-1] != width and embeddings.shape[-1] % (base.num_layers * 2 * base.head_dim) == 0:
+        heads = embeddings.shape[-1] // (base.num_layers * 2 * base.head_dim)
+        why = " (multi-query attention: PEFT makes such prefixes for Falcon-7B and cannot run them either)"
+        raise UnsupportedAdapterError(
+            f"prefix tuning: prompt_embeddings hold key/values for {heads} heads per layer, the base model caches "
+            f"{base.num_kv_heads}{why if base.num_kv_heads == 1 else ''}; retrain for this model's key/value heads"
+        )
     _expect_shape("prompt_embeddings", embeddings, (virtual_tokens, width))
     # PEFT's layout: (tokens, layers * 2, heads, head_dim), keys at even and values at odd positions.
     kv = embeddings.view(virtual_tokens, base.num_layers, 2, base.num_kv_heads, base.head_dim)

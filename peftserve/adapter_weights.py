@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers.pytorch_utils import Conv1D
 
 from peftserve.errors import AdapterLoadError
 
@@ -37,6 +38,7 @@ class BaseModelShape:
     dtype: torch.dtype
     device: torch.device
     linear_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # references, not copies
+    latent_attention: bool = False  # DeepSeek's MLA: the KV cache holds compressed latents, not heads
 
     @classmethod
     def describe(cls, model: torch.nn.Module) -> BaseModelShape:
@@ -44,17 +46,74 @@ class BaseModelShape:
         text_config = model.config.get_text_config()
         heads = text_config.num_attention_heads
         parameter = next(model.parameters())
-        linears = {name: module for name, module in model.named_modules() if type(module) is torch.nn.Linear}
+        linears = {name: module for name, module in model.named_modules() if is_linear_like(module)}
         return cls(
-            linear_shapes={name: (module.in_features, module.out_features) for name, module in linears.items()},
+            linear_shapes={name: linear_features(module) for name, module in linears.items()},
             num_layers=text_config.num_hidden_layers,
-            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+            num_kv_heads=_num_kv_heads(text_config),
             head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
             hidden_size=text_config.hidden_size,
             dtype=parameter.dtype,
             device=parameter.device,
-            linear_weights={name: module.weight for name, module in linears.items()},
+            linear_weights={name: linear_weight(module) for name, module in linears.items()},
+            latent_attention=bool(getattr(text_config, "kv_lora_rank", None)),
         )
+
+
+def is_linear_like(module: torch.nn.Module) -> bool:
+    """Layers the engine can wrap: transformers' ``Conv1D`` (GPT-2 and its descendants: a linear layer that
+    stores its weight transposed), ``nn.Linear``, and subclasses of it whose own ``forward`` still computes
+    ``x W^T + b`` (Falcon's ``FalconLinear``), but not those that compute something else with their weight
+    (Phi-MoE's router returns routing decisions)."""
+    if isinstance(module, Conv1D):
+        return True
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    return type(module).forward is torch.nn.Linear.forward or _computes_linear(module)
+
+
+def _computes_linear(module: torch.nn.Linear) -> bool:
+    """Run the layer's own forward on small stand-in parameters (works on ``meta`` modules too)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(3, 5, generator=generator), torch.randn(2, 5, generator=generator)
+    parameters = {"weight": weight}
+    if module.bias is not None:
+        parameters["bias"] = torch.randn(3, generator=generator)
+    try:
+        out = torch.func.functional_call(module, parameters, (x,))
+    except Exception:  # noqa: BLE001 - a forward that cannot take a plain input is not a linear layer
+        return False
+    expected = torch.nn.functional.linear(x, weight, parameters.get("bias"))
+    return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.allclose(out, expected)
+
+
+def linear_features(module: torch.nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like layer."""
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+def linear_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight as ``(out, in)``, as PEFT reads it; a transposed view (no copy) for ``Conv1D``."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def _num_kv_heads(text_config: Any) -> int:
+    """Key/value heads per layer in the KV cache, which is what prefix tuning fills.
+
+    Falcon's layouts say it in flags: ``new_decoder_architecture`` (Falcon-40B) caches keys broadcast to
+    every attention head; ``multi_query`` (Falcon-7B, GPT-BigCode) caches one head without setting
+    ``num_key_value_heads``.
+    """
+    if getattr(text_config, "new_decoder_architecture", False):
+        return int(text_config.num_attention_heads)
+    if getattr(text_config, "multi_query", False):
+        return 1
+    for name in ("num_key_value_heads", "num_kv_heads"):
+        if getattr(text_config, name, None):
+            return int(getattr(text_config, name))
+    return int(text_config.num_attention_heads)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Apply a different adapter to each row of a batch inside the base model's linear layers.
 
 PEFT's ``adapter_names`` mixed batches are exact for LoRA only and silently apply the active adapter to
-every row for IA3 and the others. Here every targeted ``nn.Linear`` is wrapped once by
+every row for IA3 and the others. Here every targeted linear-like layer (``nn.Linear`` and subclasses,
+transformers' ``Conv1D``) is wrapped once by
 :class:`AdapterLinear`; for the batch in flight it holds per-row tensors, so a batch mixing adapters and
 types is one batched computation: the base matmul for all rows, low-rank pairs gathered per row, and
 broadcast multiplies for scaling vectors.
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftserve.adapter_weights import AdapterWeights, ModuleDelta
+from peftserve.adapter_weights import AdapterWeights, ModuleDelta, linear_features, linear_weight
 
 _SMALLEST_RANK_BUCKET = 8
 # Up to this many adapters whose rows are contiguous (the generator sorts rows by adapter) get one slice
@@ -41,6 +42,7 @@ class LowRankGroup:
 class RowDeltas:
     """Per-row tensors of one module for the batch in flight (``B`` = batch rows)."""
 
+    batch: int
     low_rank: list[LowRankGroup] = field(default_factory=list)
     in_scale: torch.Tensor | None = None  # (B, 1, in), ones for rows without input scaling
     out_scale: torch.Tensor | None = None  # (B, 1, out), ones for rows without output scaling
@@ -48,22 +50,34 @@ class RowDeltas:
 
 
 class AdapterLinear(nn.Module):
-    """A base ``nn.Linear`` plus whatever per-row deltas the current batch installed.
+    """A base linear-like layer plus whatever per-row deltas the current batch installed.
 
     Per row: ``(W (x * in_scale) + x A B) * out_scale + bias * bias_scale``; each row belongs to one adapter,
     so at most one of the terms differs from the identity for it.
     """
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
+        self.in_features, self.out_features = linear_features(base)
         self.rows: RowDeltas | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.rows
         if rows is None:
             return self.base(x)
-        out = F.linear(x if rows.in_scale is None else x * rows.in_scale, self.base.weight)
+        # Not (batch, sequence, features): OPT and MoE shared experts flatten (batch, sequence), DeepSeek's
+        # latent attention adds a head axis; the batch stays the leading axis. Routed experts, which see a
+        # subset of the tokens, are refused at load (adapter_types).
+        if x.dim() != 3:
+            if x.dim() < 2 or x.shape[0] % rows.batch:
+                raise RuntimeError(f"input of shape {tuple(x.shape)} cannot be split into {rows.batch} batch rows")
+            out = self._forward_rows(x.reshape(rows.batch, -1, x.shape[-1]), rows)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        return self._forward_rows(x, rows)
+
+    def _forward_rows(self, x: torch.Tensor, rows: RowDeltas) -> torch.Tensor:
+        out = F.linear(x if rows.in_scale is None else x * rows.in_scale, linear_weight(self.base))
         for group in rows.low_rank:
             # bmm, also for one shared pair (expanded): measured cheaper than matmul's broadcasting dispatch;
             # baddbmm adds into the base output in the same call when the group spans the whole batch.
@@ -120,22 +134,22 @@ class BatchDeltas:
         self.per_module: dict[str, RowDeltas] = {}
         touched = {name for adapter in row_adapters if adapter for name in adapter.modules}
         for name in touched:
-            self.per_module[name] = _gather(name, row_adapters, self.layers.wrapped[name].base)
+            self.per_module[name] = _gather(name, row_adapters, self.layers.wrapped[name])
 
     def install(self) -> None:
         for name, layer in self.layers.wrapped.items():
             layer.rows = self.per_module.get(name)
 
 
-def _gather(name: str, row_adapters: Sequence[AdapterWeights | None], base: nn.Linear) -> RowDeltas:
-    weight = base.weight
+def _gather(name: str, row_adapters: Sequence[AdapterWeights | None], layer: AdapterLinear) -> RowDeltas:
+    weight = layer.base.weight
     deltas = [adapter.modules.get(name) if adapter else None for adapter in row_adapters]
     batch = len(deltas)
-    result = RowDeltas(low_rank=_low_rank_groups(deltas, weight))
-    result.in_scale = _row_vectors(deltas, "in_scale", batch, base.in_features, weight)
-    result.out_scale = _row_vectors(deltas, "out_scale", batch, base.out_features, weight)
-    if base.bias is not None and any(d is not None and d.scales_bias for d in deltas):
-        result.bias_scale = weight.new_ones(batch, 1, base.out_features)
+    result = RowDeltas(batch, low_rank=_low_rank_groups(deltas, weight))
+    result.in_scale = _row_vectors(deltas, "in_scale", batch, layer.in_features, weight)
+    result.out_scale = _row_vectors(deltas, "out_scale", batch, layer.out_features, weight)
+    if layer.base.bias is not None and any(d is not None and d.scales_bias for d in deltas):
+        result.bias_scale = weight.new_ones(batch, 1, layer.out_features)
         for row, delta in enumerate(deltas):
             if delta is not None and delta.scales_bias:
                 result.bias_scale[row, 0] = delta.out_scale

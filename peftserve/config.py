@@ -47,7 +47,9 @@ class ServeConfig(BaseModel):
     adapter_poll_seconds: float = Field(
         1.0, ge=0, description="how often to look for new adapter versions (hot-swap); 0 turns watching off"
     )
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="auto: what the model supports (sdpa where it can, else eager)"
+    )
     adapter_limits: AdapterLimits = Field(
         default_factory=AdapterLimits, description="limits applied to every adapter id (and the base model)"
     )

@@ -36,8 +36,8 @@ from peftserve.errors import (
     InvalidRequestError,
     PeftServeError,
 )
-from peftserve.generation import GenerationRow, ModelRunner, SamplingParams
-from peftserve.kv_cache import PagedKVCache
+from peftserve.generation import GenerationRow, ModelRunner, SamplingParams, cache_argument
+from peftserve.kv_cache import PagedKVCache, probe_layer_shapes
 from peftserve.metrics import EngineMetrics
 from peftserve.requests import Completion, CompletionRequest
 from peftserve.smoke_check import smoke_check
@@ -83,7 +83,7 @@ class Engine:
         )
         eos = _eos_token_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos)
-        self.kv_cache = _paged_cache(config, self.base_shape, self.device)
+        self.kv_cache = _paged_cache(config, self.model, self.base_shape.dtype, self.device)
         self.runner = ModelRunner(self.model, self.layers, self.kv_cache, eos_token_ids=eos, pad_token_id=pad)
         self.batcher = ContinuousBatcher(
             self,
@@ -374,11 +374,11 @@ def _not_ready() -> AdapterWeights:
     raise AdapterNotReady("adapter evicted")
 
 
-def _paged_cache(config: ServeConfig, shape: BaseModelShape, device: torch.device) -> PagedKVCache:
-    """The KV cache sized by ``kv_cache_memory_mb`` (or, when 0, a share of free device memory)."""
-    per_token = PagedKVCache.bytes_per_token(
-        num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=shape.dtype
-    )
+def _paged_cache(config: ServeConfig, model: PreTrainedModel, dtype: torch.dtype, device: torch.device) -> PagedKVCache:
+    """The KV cache sized by ``kv_cache_memory_mb`` (or, when 0, what a full batch can use, within free memory),
+    laid out as the model's layers actually cache (probed with one token)."""
+    shapes = probe_layer_shapes(model, cache_argument(model))
+    per_token = PagedKVCache.token_bytes(shapes, dtype)
     budget = config.kv_cache_memory_mb * 1024 * 1024
     if not budget:  # automatic: what a full batch of the longest requests can use, within the memory there is
         if device.type == "cuda":
@@ -401,13 +401,7 @@ def _paged_cache(config: ServeConfig, shape: BaseModelShape, device: torch.devic
         blocks * config.kv_block_size * per_token / 2**20,
     )
     return PagedKVCache(
-        num_layers=shape.num_layers,
-        num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        num_blocks=blocks,
-        block_size=config.kv_block_size,
-        dtype=shape.dtype,
-        device=device,
+        layer_shapes=shapes, num_blocks=blocks, block_size=config.kv_block_size, dtype=dtype, device=device
     )
 
 
@@ -422,7 +416,8 @@ def _load_base_model(config: ServeConfig, device: torch.device) -> tuple[AutoTok
             dtype=dtype,
             trust_remote_code=False,
             local_files_only=True,
-            attn_implementation=config.attn_implementation,
+            # None lets transformers pick what the model supports (sdpa where it can, eager for Gemma2, Bloom).
+            attn_implementation=None if config.attn_implementation == "auto" else config.attn_implementation,
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(

@@ -112,8 +112,7 @@ class ModelRunner:
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self.embed = model.get_input_embeddings()
-        # transformers 5.x renames the forward argument ``past_key_values`` to ``cache`` model by model.
-        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_argument = cache_argument(model)
 
     def start(self, state: SequenceState) -> None:
         """Take the KV blocks of a new sequence (the caller checked they are free) and write its prefix."""
@@ -236,6 +235,12 @@ class ModelRunner:
             result.finish_reason = "stop"
             return False
         return len(result.token_ids) < row.max_new_tokens
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The forward argument that takes the cache: transformers 5.x renames ``past_key_values`` to ``cache``
+    model by model."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _sampler(sampling: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -28,6 +28,56 @@ from typing import Any
 import torch
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """What one attention layer caches per token: (heads, width) of its keys and of its values. Most models
+    cache ``num_key_value_heads`` x ``head_dim`` for both; latent attention (DeepSeek) caches other shapes."""
+
+    keys: tuple[int, int]
+    values: tuple[int, int]
+
+    def elements(self) -> int:
+        return self.keys[0] * self.keys[1] + self.values[0] * self.values[1]
+
+
+class _ShapeProbe:
+    """A stand-in cache for one forward pass of one token: records what each layer would store."""
+
+    is_compileable = False
+
+    def __init__(self) -> None:
+        self.shapes: dict[int, LayerShape] = {}
+
+    def update(self, key_states, value_states, layer_idx: int, *args: Any, **kwargs: Any):
+        self.shapes[layer_idx] = LayerShape(
+            (key_states.shape[1], key_states.shape[-1]), (value_states.shape[1], value_states.shape[-1])
+        )
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
+
+
+@torch.inference_mode()
+def probe_layer_shapes(model: torch.nn.Module, cache_argument: str) -> dict[int, LayerShape]:
+    """Run one token through ``model`` to learn what every layer caches (layers that cache nothing, such as
+    linear-attention layers, are absent). Reading the config instead gets latent and multi-query caches wrong."""
+    probe = _ShapeProbe()
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids), use_cache=True,
+          logits_to_keep=1, **{cache_argument: probe})  # fmt: skip
+    if not probe.shapes:
+        raise ValueError(f"{type(model).__name__} cached no keys or values in a forward pass")
+    return probe.shapes
+
+
 @dataclass
 class _Sequence:
     blocks: list[int]
@@ -49,8 +99,9 @@ class _Plan:
 class PagedKVCache:
     """Block pool for every layer of one model; sequences are identified by an integer the caller picks.
 
-    Slot ``s`` of a layer lives at ``storage[layer][0 or 1][s]`` (keys, values). Block 0 is never handed out:
-    its slots stay zero and serve as the padding that right-aligned reads point at.
+    Slot ``s`` of a layer lives at ``storage[layer][0][s]`` (keys) and ``storage[layer][1][s]`` (values).
+    Block 0 is never handed out: its slots stay zero and serve as the padding that right-aligned reads
+    point at.
     """
 
     is_compileable = False
@@ -58,9 +109,7 @@ class PagedKVCache:
     def __init__(
         self,
         *,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
+        layer_shapes: dict[int, LayerShape],
         num_blocks: int,
         block_size: int,
         dtype: torch.dtype,
@@ -70,12 +119,12 @@ class PagedKVCache:
             raise ValueError(f"a paged KV cache needs at least 2 blocks, got {num_blocks}")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
+        self.bytes_per_token = self.token_bytes(layer_shapes, dtype)
         slots = num_blocks * block_size
-        self.storage = [
-            torch.zeros(2, slots, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
-        ]
+        self.storage = {
+            layer: tuple(torch.zeros(slots, *side, dtype=dtype, device=device) for side in (shape.keys, shape.values))
+            for layer, shape in layer_shapes.items()
+        }
         self.device = device
         self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low blocks first
         self._sequences: dict[int, _Sequence] = {}
@@ -83,8 +132,9 @@ class PagedKVCache:
         self.bytes_written = 0  # every byte a layer wrote into the storage (tests count it per step)
 
     @staticmethod
-    def bytes_per_token(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def token_bytes(layer_shapes: dict[int, LayerShape], dtype: torch.dtype) -> int:
+        """Bytes one token takes in the cache, over every layer."""
+        return sum(shape.elements() for shape in layer_shapes.values()) * torch.empty((), dtype=dtype).element_size()
 
     @property
     def free_blocks(self) -> int:
@@ -128,10 +178,11 @@ class PagedKVCache:
             raise ValueError("a prefix goes before every other token of its sequence")
         tokens = prefix_kv.shape[3]
         slots = sequence.slots[:tokens]
-        for layer, storage in enumerate(self.storage):
-            storage[:, slots] = prefix_kv[layer].permute(0, 2, 1, 3).to(storage.dtype)
+        for layer, (keys, values) in self.storage.items():
+            keys[slots] = prefix_kv[layer, 0].transpose(0, 1).to(keys.dtype)
+            values[slots] = prefix_kv[layer, 1].transpose(0, 1).to(values.dtype)
         sequence.length = tokens
-        self.bytes_written += tokens * sum(s[:, 0].numel() * s.element_size() for s in self.storage)
+        self.bytes_written += tokens * self.bytes_per_token
 
     def plan(self, rows: list[tuple[int, int]], query_length: int) -> torch.Tensor:
         """Prepare a forward pass in which row ``b`` = ``(sequence_id, n)`` adds ``n`` tokens, right-aligned in
@@ -176,18 +227,19 @@ class PagedKVCache:
         """Write the new keys/values ``(rows, heads, query_length, head_dim)`` of ``layer_idx`` into their slots
         and return every row's keys/values so far, right-aligned: ``(rows, heads, kv_length, head_dim)``."""
         plan, storage = self._plan, self.storage[layer_idx]
-        rows, heads, query_length, head_dim = key_states.shape
-        if (heads, head_dim) != tuple(storage.shape[2:]):
-            raise ValueError(
-                f"layer {layer_idx} produced keys with {heads} heads of {head_dim}, the KV cache was sized for "
-                f"{tuple(storage.shape[2:])}"
-            )
-        for side, states in enumerate((key_states, value_states)):
-            new = states.transpose(1, 2).reshape(rows * query_length, heads, head_dim).index_select(0, plan.valid)
-            storage[side].index_copy_(0, plan.write, new.to(storage.dtype))
-        self.bytes_written += 2 * plan.write.numel() * heads * head_dim * storage.element_size()
-        keys, values = storage[:, plan.read].to(key_states.dtype).permute(0, 1, 3, 2, 4)
-        return keys, values
+        rows, _, query_length, _ = key_states.shape
+        read = []
+        for states, cached in zip((key_states, value_states), storage, strict=True):
+            if (states.shape[1], states.shape[-1]) != tuple(cached.shape[1:]):
+                raise ValueError(
+                    f"layer {layer_idx} produced states of shape {tuple(states.shape)}; the KV cache holds "
+                    f"{tuple(cached.shape[1:])} per token"
+                )
+            new = states.transpose(1, 2).reshape(rows * query_length, *cached.shape[1:]).index_select(0, plan.valid)
+            cached.index_copy_(0, plan.write, new.to(cached.dtype))
+            self.bytes_written += new.numel() * cached.element_size()
+            read.append(cached[plan.read].to(states.dtype).transpose(1, 2))
+        return read[0], read[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         plan = self._plan

@@ -16,7 +16,6 @@ from peftserve.continuous import Work
 from peftserve.engine import Engine
 from peftserve.errors import CancelledError, InvalidRequestError
 from peftserve.generation import GenerationRow
-from peftserve.kv_cache import PagedKVCache
 from peftserve.requests import Completion, CompletionRequest
 from tests.conftest import DEMO_PHRASES, demo_config
 
@@ -93,10 +92,9 @@ def test_chunked_prefill_gives_the_logits_of_a_whole_prefill(model_dir: Path, en
 
 def test_kv_storage_is_written_per_new_token_and_never_reallocated(engine: Engine) -> None:
     cache = engine.kv_cache
-    pointers = [storage.data_ptr() for storage in cache.storage]
-    per_token = PagedKVCache.bytes_per_token(
-        num_layers=len(cache.storage), num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim, dtype=torch.float32
-    )
+    pointers = [side.data_ptr() for sides in cache.storage.values() for side in sides]
+    per_token = cache.bytes_per_token
+    assert per_token == 4 * 2 * 2 * 32 * 4  # 4 layers, keys and values, 2 heads of 32, float32
     written: list[int] = []
     started = threading.Event()
 
@@ -122,7 +120,7 @@ def test_kv_storage_is_written_per_new_token_and_never_reallocated(engine: Engin
     assert most < 60
     assert all(step == int(step) and 1 <= step <= most for step in steps), f"{most} {steps}"
     assert steps[-1] == 1 and max(steps) > 1
-    assert [storage.data_ptr() for storage in cache.storage] == pointers
+    assert [side.data_ptr() for sides in cache.storage.values() for side in sides] == pointers
 
 
 def test_a_request_that_does_not_fit_the_kv_cache_waits_then_runs(model_dir: Path) -> None:

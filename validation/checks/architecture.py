@@ -1,4 +1,5 @@
-"""Architecture: which base the adapter was made for, and whether every tensor fits this base.
+"""Architecture: which base the adapter was made for, whether peftserve's support matrix covers the base,
+whether the layers the adapter targets are ones the engine can wrap, and whether every tensor fits.
 
 PEFT itself builds the expected adapter on a ``meta``-device copy of the base (no weights, no memory);
 its state dict gives the exact keys and shapes the adapter must hold, for every PEFT type.
@@ -6,6 +7,7 @@ its state dict gives the exact keys and shapes the adapter must hold, for every 
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import PurePath
 from typing import Any
 
@@ -13,6 +15,9 @@ import torch
 from peft import PeftConfig, PeftType, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from peftserve.adapter_types import targeted_module
+from peftserve.adapter_weights import is_linear_like
+from peftserve.architectures import TESTED_FAMILIES
 from validation.checks.schema import PROMPT_LEARNING
 from validation.context import ValidationContext
 from validation.report import Severity
@@ -28,6 +33,7 @@ def check_architecture(ctx: ValidationContext) -> None:
     if base is None:
         return
     _check_identity(ctx, ctx.config)
+    _check_support(ctx)
     if ctx.peft_type in PROMPT_LEARNING:
         _check_prompt_learning_dimensions(ctx, ctx.config)
     expected = _expected_shapes(ctx, ctx.config)
@@ -58,6 +64,41 @@ def _check_identity(ctx: ValidationContext, config: dict[str, Any]) -> None:
         )
 
 
+def _check_support(ctx: ValidationContext) -> None:
+    """The family against the support matrix (README), the layers the engine recognises, and the adapter's
+    target layers that it cannot wrap (PEFT adapts embeddings and convolutions too; peftserve does not)."""
+    model = ctx.base.meta_model
+    model_type = ctx.base.config.get_text_config().model_type
+    family = TESTED_FAMILIES.get(ctx.base.model_type) or TESTED_FAMILIES.get(model_type)
+    ctx.report.facts["architecture"] = f"{model_type} ({family or 'not in the support matrix'})"
+    ctx.report.facts["attn_implementation"] = model.config._attn_implementation
+    kinds = Counter(type(module).__name__ for module in model.modules() if is_linear_like(module))
+    ctx.report.facts["linear_layers"] = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+    if family is None:
+        ctx.add(
+            Severity.WARNING,
+            CATEGORY,
+            f"the {model_type} family is not in peftserve's support matrix: serving it is not verified against PEFT",
+            "check with --load, or add the family to tools/support_matrix.py (README: Supported architectures)",
+        )
+    modules = dict(model.named_modules())
+    refused = sorted(
+        {
+            f"{name} ({type(modules[name]).__name__})"
+            for name in filter(None, map(targeted_module, ctx.tensor_shapes))
+            if name in modules and not is_linear_like(modules[name])
+        }
+    )
+    if refused:
+        ctx.add(
+            Severity.ERROR,
+            CATEGORY,
+            f"{len(refused)} targeted layers are not linear layers peftserve can adapt, "
+            f"e.g. {', '.join(refused[:_SHOWN])}",
+            "peftserve adapts nn.Linear layers (and subclasses computing the same) and Conv1D: retrain without these",
+        )
+
+
 def _check_prompt_learning_dimensions(ctx: ValidationContext, config: dict[str, Any]) -> None:
     shape = ctx.base.shape
     expected = {"num_layers": shape.num_layers}
@@ -65,13 +106,19 @@ def _check_prompt_learning_dimensions(ctx: ValidationContext, config: dict[str, 
         expected |= {"token_dim": shape.num_kv_heads * shape.head_dim, "num_attention_heads": shape.num_kv_heads}
     else:
         expected |= {"token_dim": shape.hidden_size}
+    hint = "this prompt-learning adapter was made for a model of another size"
+    attention_heads = ctx.base.config.get_text_config().num_attention_heads
+    multi_query = shape.num_kv_heads == 1 < attention_heads
+    if ctx.peft_type == "PREFIX_TUNING" and multi_query and config.get("num_attention_heads") == attention_heads:
+        hint = (
+            f"PEFT sized this prefix for all {attention_heads} attention heads, but this model caches "
+            f"{shape.num_kv_heads} key/value heads (multi-query attention): PEFT cannot run it either; "
+            "prefix tuning does not work on this model"
+        )
     for field, value in expected.items():
         if config.get(field) is not None and config[field] != value:
             ctx.add(
-                Severity.ERROR,
-                CATEGORY,
-                f"{field} = {config[field]} in the adapter, the base model has {value}",
-                "this prompt-learning adapter was made for a model of another size",
+                Severity.ERROR, CATEGORY, f"{field} = {config[field]} in the adapter, the base model has {value}", hint
             )
 
 
