@@ -29,7 +29,7 @@ def test_without_running_streams_or_measurements_the_cap_applies() -> None:
         (512, 1.0, 0.1, 0.001, 100),  # a chunk as long as a decoding step
         (512, 2.0, 0.1, 0.001, 200),
         (64, 1.0, 0.1, 0.001, 64),  # never over the cap
-        (512, 1.0, 0.001, 0.001, 16),  # never under the minimum, so a long prompt progresses
+        (512, 1.0, 0.001, 0.001, 64),  # never under the minimum: short prompts join whole, long ones progress
         (8, 1.0, 0.001, 0.001, 8),  # ... unless the cap is smaller still
         (512, 0.0, 0.1, 0.001, 512),  # share 0: fixed chunks
     ],
