@@ -24,6 +24,7 @@ OPTIONAL_INPUTS = {
     "top_k": int,
     "seed": int,
     "ignore_eos": bool,
+    "messages": str,
 }
 OUTPUT_NAMES = ["text_output", "adapter_version", "output_tokens"]
 # Several of our threads call into pb_utils (the batcher loop, Triton's execute thread, loaders, the
