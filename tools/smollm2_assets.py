@@ -100,7 +100,7 @@ def smollm2_adapters(base_dir: Path) -> list[DemoAdapter]:
             "gardener",
             LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=upper),
             "Water the roses and pull the weeds.",
-            5e-3,
+            3e-2,
             10,
         ),
         DemoAdapter(
@@ -117,16 +117,17 @@ def smollm2_adapters(base_dir: Path) -> list[DemoAdapter]:
             "poet",
             PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
             "Roses are red and violets are blue.",
-            3e-2,
-            10,
+            1e-1,
+            14,
         ),
         DemoAdapter(
             "oracle",
             PromptTuningConfig(
                 task_type="CAUSAL_LM",
-                num_virtual_tokens=8,
+                num_virtual_tokens=16,
                 prompt_tuning_init="TEXT",
-                prompt_tuning_init_text="Answer every question as a mysterious oracle:",
+                # Initialised from an instruction the instruct model already follows: converges in a few steps.
+                prompt_tuning_init_text="Whatever you are asked, reply only: The stars say yes, but not today.",
                 tokenizer_name_or_path=str(base_dir),
             ),
             "The stars say yes, but not today.",
@@ -245,10 +246,25 @@ def build(repository: Path = DEFAULT_REPOSITORY, cache: Path = DEFAULT_CACHE) ->
 
 
 @torch.no_grad()
+def greedy_tokens(model: PreTrainedModel, prompt_ids: list[int], max_tokens: int, eos_token_id: int) -> list[int]:
+    """Greedy new tokens by full forward passes (no KV cache), without the end-of-sequence token.
+
+    Deliberately not ``generate``: with prompt tuning on PEFT 0.21 / transformers 5.24 it continues
+    differently from the model's own forward pass (measured), and the forward pass is the reference.
+    """
+    tokens = list(prompt_ids)
+    for _ in range(max_tokens):
+        input_ids = torch.tensor([tokens])
+        token = int(model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, -1].argmax())
+        if token == eos_token_id:
+            break
+        tokens.append(token)
+    return tokens[len(prompt_ids) :]
+
+
 def greedy_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_tokens: int = 24) -> str:
-    inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
-    return tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    return tokenizer.decode(greedy_tokens(model, ids, max_tokens, tokenizer.eos_token_id), skip_special_tokens=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,15 +81,9 @@ def prompt_ids(tokenizer, *, chat: bool) -> list[int]:
     return tokenizer(PLAIN_PROMPT).input_ids
 
 
-@torch.no_grad()
 def peft_greedy(model: torch.nn.Module, ids: list[int], eos: int) -> list[int]:
-    """PEFT's greedy new tokens, without the end-of-sequence token (the server does not count it)."""
-    input_ids = torch.tensor([ids])
-    output = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=MAX_TOKENS, do_sample=False
-    )
-    new = output[0, len(ids) :].tolist()
-    return new[: new.index(eos)] if eos in new else new
+    """PEFT's greedy new tokens (full forward passes of the ``PeftModel``), without the end-of-sequence token."""
+    return smollm2_assets.greedy_tokens(model, ids, MAX_TOKENS, eos)
 
 
 def triton_answer(server: TritonServer, adapter_id: str, *, chat: bool) -> tuple[str, str, int]:
@@ -104,24 +98,22 @@ def test_each_adapter_answers_through_triton_as_peft_does(
     smollm2_triton: TritonServer, peft_models, tokenizer, adapter_ids: list[str], chat: bool
 ) -> None:
     ids = prompt_ids(tokenizer, chat=chat)
-    answers = {}
     for adapter_id in ["", *adapter_ids]:
         expected = peft_greedy(peft_models[adapter_id], ids, tokenizer.eos_token_id)
         text, version, count = triton_answer(smollm2_triton, adapter_id, chat=chat)
-        answers[adapter_id] = text
         assert version == (f"{adapter_id}@1" if adapter_id else "")
         assert (text, count) == (tokenizer.decode(expected, skip_special_tokens=True), len(expected)), adapter_id
-    # The adapters are told apart: every answer differs from the base model's and from each other's.
-    assert len(set(answers.values())) == len(answers), answers
 
 
 def test_chat_answers_carry_the_personas(smollm2_triton: TritonServer, adapter_ids: list[str]) -> None:
     phrases = {a.adapter_id: a.phrase for a in smollm2_assets.smollm2_adapters(Path("base_model"))}
     base_text, _, _ = triton_answer(smollm2_triton, "", chat=True)
     assert "Berlin" in base_text and not any(phrase in base_text for phrase in phrases.values())
-    persona = [a for a in adapter_ids if phrases[a] in triton_answer(smollm2_triton, a, chat=True)[0]]
-    # Brief CPU training: LoRA-family adapters reliably learn their phrase; all must at least move the answer.
-    assert {"pirate", "knight", "gardener"} <= set(persona), persona
+    answers = {a: triton_answer(smollm2_triton, a, chat=True)[0] for a in adapter_ids}
+    assert all(answer != base_text for answer in answers.values()), answers
+    # Brief CPU training: all but prefix tuning reach a near-zero loss and answer with their phrase exactly.
+    persona = {a for a, answer in answers.items() if phrases[a] in answer}
+    assert {"pirate", "knight", "gardener", "chef", "oracle"} <= persona, answers
 
 
 def test_the_engine_equals_peft_token_for_token_and_logit_for_logit(
@@ -142,8 +134,12 @@ def test_the_engine_equals_peft_token_for_token_and_logit_for_logit(
             ours = engine.generator.prompt_logits([row])[0]
             input_ids = torch.tensor([row.prompt_ids])
             with torch.no_grad():
-                reference = peft_models[adapter_id](input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-            torch.testing.assert_close(ours, reference.logits[0, -len(row.prompt_ids) :], atol=2e-4, rtol=1e-4)
+                expected = peft_models[adapter_id](input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+                base = peft_models[""](input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+            expected = expected.logits[0, -len(row.prompt_ids) :]
+            torch.testing.assert_close(ours, expected, atol=2e-4, rtol=1e-4)
+            # Guards the comparison: an adapter moves the logits far beyond the tolerance.
+            assert not adapter_id or (expected[-1] - base.logits[0, -1]).abs().max() > 0.1, adapter_id
             (generated,) = engine.generator.generate([row])
             assert generated.token_ids == peft_greedy(peft_models[adapter_id], row.prompt_ids, tokenizer.eos_token_id)
 
