@@ -18,8 +18,14 @@ ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 256
 
 
-def parse_messages(text: str) -> list[dict[str, str]]:
-    """The messages of a request, or :class:`InvalidRequestError` saying what is wrong with them."""
+def parse_messages(text: str, *, max_bytes: int) -> list[dict[str, str]]:
+    """The messages of a request, or :class:`InvalidRequestError` saying what is wrong with them.
+
+    JSON above ``max_bytes`` (the prompt's byte limit) is refused before it is parsed.
+    """
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidRequestError(f"messages has {size} bytes, more than max_prompt_bytes ({max_bytes})")
     try:
         messages: Any = json.loads(text)
     except json.JSONDecodeError as exc:

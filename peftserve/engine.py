@@ -314,12 +314,8 @@ class Engine:
             return self._encode_prompt(request.text)
         if request.text:
             raise InvalidRequestError("text_input must be empty when messages is set: send the prompt in one of them")
-        size = len(request.messages.encode("utf-8"))
-        if size > self.config.max_prompt_bytes:
-            raise InvalidRequestError(
-                f"messages has {size} bytes, more than max_prompt_bytes ({self.config.max_prompt_bytes})"
-            )
-        rendered = render_messages(self.tokenizer, parse_messages(request.messages))
+        messages = parse_messages(request.messages, max_bytes=self.config.max_prompt_bytes)
+        rendered = render_messages(self.tokenizer, messages)
         return self._encode_prompt(rendered, what="the rendered messages", add_special_tokens=False)
 
     def _encode_prompt(
