@@ -8,6 +8,7 @@ saved base; the engine's token ids and logits are compared with PEFT's in-proces
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import urllib.error
 import urllib.request
@@ -81,9 +82,17 @@ def prompt_ids(tokenizer, *, chat: bool) -> list[int]:
     return tokenizer(PLAIN_PROMPT).input_ids
 
 
-def peft_greedy(model: torch.nn.Module, ids: list[int], eos: int) -> list[int]:
-    """PEFT's greedy new tokens (full forward passes of the ``PeftModel``), without the end-of-sequence token."""
-    return smollm2_assets.greedy_tokens(model, ids, MAX_TOKENS, eos)
+@pytest.fixture(scope="module")
+def peft_answer(peft_models, tokenizer):
+    """PEFT's greedy new tokens for (adapter id, chat?), by full forward passes of the ``PeftModel``, without
+    the end-of-sequence token (the server does not count it); each computed once."""
+
+    @functools.cache
+    def answer(adapter_id: str, chat: bool) -> list[int]:
+        ids = prompt_ids(tokenizer, chat=chat)
+        return smollm2_assets.greedy_tokens(peft_models[adapter_id], ids, MAX_TOKENS, tokenizer.eos_token_id)
+
+    return answer
 
 
 def triton_answer(server: TritonServer, adapter_id: str, *, chat: bool) -> tuple[str, str, int]:
@@ -95,11 +104,10 @@ def triton_answer(server: TritonServer, adapter_id: str, *, chat: bool) -> tuple
 
 @pytest.mark.parametrize("chat", [False, True], ids=["text_input", "messages"])
 def test_each_adapter_answers_through_triton_as_peft_does(
-    smollm2_triton: TritonServer, peft_models, tokenizer, adapter_ids: list[str], chat: bool
+    smollm2_triton: TritonServer, peft_answer, tokenizer, adapter_ids: list[str], chat: bool
 ) -> None:
-    ids = prompt_ids(tokenizer, chat=chat)
     for adapter_id in ["", *adapter_ids]:
-        expected = peft_greedy(peft_models[adapter_id], ids, tokenizer.eos_token_id)
+        expected = peft_answer(adapter_id, chat)
         text, version, count = triton_answer(smollm2_triton, adapter_id, chat=chat)
         assert version == (f"{adapter_id}@1" if adapter_id else "")
         assert (text, count) == (tokenizer.decode(expected, skip_special_tokens=True), len(expected)), adapter_id
@@ -117,7 +125,7 @@ def test_chat_answers_carry_the_personas(smollm2_triton: TritonServer, adapter_i
 
 
 def test_the_engine_equals_peft_token_for_token_and_logit_for_logit(
-    repository: Path, peft_models, tokenizer, adapter_ids: list[str]
+    repository: Path, peft_models, peft_answer, tokenizer, adapter_ids: list[str]
 ) -> None:
     engine = Engine(read_model_config(repository / "peft_llm"))
     for adapter_id in ["", *adapter_ids]:
@@ -141,7 +149,7 @@ def test_the_engine_equals_peft_token_for_token_and_logit_for_logit(
             # Guards the comparison: an adapter moves the logits far beyond the tolerance.
             assert not adapter_id or (expected[-1] - base.logits[0, -1]).abs().max() > 0.1, adapter_id
             (generated,) = engine.generator.generate([row])
-            assert generated.token_ids == peft_greedy(peft_models[adapter_id], row.prompt_ids, tokenizer.eos_token_id)
+            assert generated.token_ids == peft_answer(adapter_id, chat)
 
 
 def post_generate(server: TritonServer, body: dict) -> tuple[int, dict]:
@@ -155,10 +163,10 @@ def post_generate(server: TritonServer, body: dict) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def test_chat_through_the_generate_endpoint(smollm2_triton: TritonServer, peft_models, tokenizer) -> None:
+def test_chat_through_the_generate_endpoint(smollm2_triton: TritonServer, peft_answer, tokenizer) -> None:
     body = {"text_input": "", "messages": json.dumps(CHAT), "adapter_id": "pirate", "max_tokens": MAX_TOKENS}
     status, answer = post_generate(smollm2_triton, body)
-    expected = peft_greedy(peft_models["pirate"], prompt_ids(tokenizer, chat=True), tokenizer.eos_token_id)
+    expected = peft_answer("pirate", True)
     assert status == 200 and answer["text_output"] == tokenizer.decode(expected, skip_special_tokens=True)
     assert answer["adapter_version"] == "pirate@1"
     bad = [
