@@ -15,7 +15,7 @@ MODEL ?= demo
 ifeq ($(MODEL),smollm2)
 SERVE_REPOSITORY := $(SMOLLM2_REPOSITORY)
 SERVE_ASSETS := $(SMOLLM2)
-SERVE_ARGS := --chat "What is the capital of France?"
+SERVE_ARGS := --chat --prompt "What is the capital of France?"
 else ifeq ($(MODEL),demo)
 SERVE_REPOSITORY := model_repository
 SERVE_ASSETS := $(DEMO)
