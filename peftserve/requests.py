@@ -22,6 +22,7 @@ class CompletionRequest:
     seed: int | None = None
     ignore_eos: bool | None = None  # generate exactly max_tokens (benchmarks compare equal work)
     stop: tuple[str, ...] = ()  # generation ends at the first of these; the match is not returned
+    messages: str | None = None  # chat: JSON list of {role, content}, rendered with the chat template
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Send one completion request to peft_llm over HTTP or gRPC with ``tritonclient``.
 
 ``python -m tools.client [--url HOST:PORT] [--protocol http|grpc] [--adapter ID] [--max-tokens N]
-[--stop S] [--header NAME=VALUE] [--stream] PROMPT`` prints the generated text and which adapter version
+[--stop S] [--header NAME=VALUE] [--stream] [--chat] PROMPT`` prints the generated text and which adapter version
 served it; ``--json`` prints all outputs as JSON; ``--stream`` prints tokens as they arrive (gRPC, from
-peft_llm_stream).
+peft_llm_stream); ``--chat`` sends PROMPT as a user message in the model's chat template.
 """
 
 from __future__ import annotations
@@ -29,14 +29,18 @@ def build_inputs(
     always_send_adapter: bool = False,
     ignore_eos: bool = False,
     stop: Sequence[str] = (),
+    messages: Sequence[dict[str, str]] | None = None,
 ) -> list:
     """InferInput list (``module``: tritonclient.http or .grpc) for one prompt; optional inputs are sent when set.
 
     ``always_send_adapter`` sends ``adapter_id`` even when empty (the base model): Triton's dynamic batcher
-    only batches requests that carry the same set of inputs.
+    only batches requests that carry the same set of inputs. ``messages`` (chat, rendered with the model's
+    chat template) goes as JSON; ``prompt`` must then be empty.
     """
     raw = prompt if isinstance(prompt, bytes) else prompt.encode()
     values = [("text_input", np.array([[raw]], dtype=np.object_), "BYTES")]
+    if messages is not None:
+        values.append(("messages", np.array([[json.dumps(list(messages)).encode()]], dtype=np.object_), "BYTES"))
     if adapter_id or always_send_adapter:
         values.append(("adapter_id", np.array([[adapter_id.encode()]], dtype=np.object_), "BYTES"))
     if max_tokens is not None:
@@ -64,14 +68,16 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", help="e.g. an API key")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (gRPC, peft_llm_stream)")
+    parser.add_argument("--chat", action="store_true", help="send PROMPT as a user message (the chat template)")
     parser.add_argument("--json", action="store_true", help="print all outputs as JSON")
     args = parser.parse_args(argv)
     headers = dict(header.split("=", 1) for header in args.header)
+    prompt, messages = ("", [{"role": "user", "content": args.prompt}]) if args.chat else (args.prompt, None)
     if args.stream:
-        return stream(args.url, args.prompt, args.adapter, args.max_tokens, args.stop, headers)
+        return stream(args.url, prompt, args.adapter, args.max_tokens, args.stop, headers, messages)
     module = grpcclient if args.protocol == "grpc" else httpclient
     client = module.InferenceServerClient(args.url)
-    inputs = build_inputs(module, args.prompt, args.adapter, args.max_tokens, stop=args.stop)
+    inputs = build_inputs(module, prompt, args.adapter, args.max_tokens, stop=args.stop, messages=messages)
     result = client.infer(args.model, inputs, headers=headers)
     answer = {
         "text_output": result.as_numpy("text_output")[0, 0].decode(),
@@ -82,7 +88,15 @@ def run(argv: list[str]) -> dict:
     return answer
 
 
-def stream(url: str, prompt: str, adapter_id: str, max_tokens: int | None, stop: list[str], headers: dict) -> dict:
+def stream(
+    url: str,
+    prompt: str,
+    adapter_id: str,
+    max_tokens: int | None,
+    stop: list[str],
+    headers: dict,
+    messages: list[dict[str, str]] | None = None,
+) -> dict:
     """Stream one answer from peft_llm_stream over gRPC, printing each piece as it arrives."""
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue = queue.Queue()
@@ -90,7 +104,8 @@ def stream(url: str, prompt: str, adapter_id: str, max_tokens: int | None, stop:
     flag = grpcclient.InferInput("stream", [1, 1], "BOOL")
     flag.set_data_from_numpy(np.array([[True]]))
     client.async_stream_infer(
-        "peft_llm_stream", [*build_inputs(grpcclient, prompt, adapter_id, max_tokens, stop=stop), flag]
+        "peft_llm_stream",
+        [*build_inputs(grpcclient, prompt, adapter_id, max_tokens, stop=stop, messages=messages), flag],
     )
     pieces = []
     try:

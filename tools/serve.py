@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import tritonclient.http as httpclient
 
 from peftserve.adapter_repository import AdapterRepository
+from tools.client import build_inputs
 from tools.deployment import DEFAULT_PATH, Deployment, DeploymentError, load_deployment
 from tools.triton_server import TritonServer, TritonStartError, stop_on_signals
 
@@ -46,16 +46,18 @@ Metrics: curl -s localhost:{metrics_port}/metrics    Stop: Ctrl-C
 """
 
 
-def show_adapters(server: TritonServer, adapter_ids: list[str], headers: dict[str, str]) -> None:
-    """Send the same prompt once per adapter and print what each answered."""
+def show_adapters(
+    server: TritonServer, adapter_ids: list[str], headers: dict[str, str], prompt: str = DEMO_PROMPT, chat: bool = False
+) -> None:
+    """Send the same prompt (as a chat message with ``chat``) once per adapter and print what each answered."""
     client = httpclient.InferenceServerClient(server.http_url)
-    print(f"\nprompt: {DEMO_PROMPT!r}")
+    print(f"\n{'chat message' if chat else 'prompt'}: {prompt!r}")
+    messages = [{"role": "user", "content": prompt}] if chat else None
     for adapter_id in ["", *adapter_ids]:
-        text = httpclient.InferInput("text_input", [1, 1], "BYTES")
-        text.set_data_from_numpy(np.array([[DEMO_PROMPT.encode()]], dtype=np.object_))
-        adapter = httpclient.InferInput("adapter_id", [1, 1], "BYTES")
-        adapter.set_data_from_numpy(np.array([[adapter_id.encode()]], dtype=np.object_))
-        result = client.infer("peft_llm", [text, adapter], headers=headers)
+        inputs = build_inputs(
+            httpclient, "" if chat else prompt, adapter_id, always_send_adapter=True, messages=messages
+        )
+        result = client.infer("peft_llm", inputs, headers=headers)
         answer = result.as_numpy("text_output")[0, 0].decode()
         served_by = result.as_numpy("adapter_version")[0, 0].decode() or "base model"
         print(f"  {served_by:<12} -> {answer!r}")
@@ -83,6 +85,8 @@ def check_bind_address(address: str, deployment: Deployment) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--prompt", default=DEMO_PROMPT, help="what each adapter is asked at start-up")
+    parser.add_argument("--chat", action="store_true", help="ask it as a chat message (the model's chat template)")
     parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help="deployment config: API keys to require")
     parser.add_argument(
         "--bind",
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
         adapter_ids = AdapterRepository(args.repository / "peft_llm" / "adapters").adapter_ids()
-        show_adapters(server, adapter_ids, deployment.inference_headers())
+        show_adapters(server, adapter_ids, deployment.inference_headers(), args.prompt, args.chat)
         print(first_request_help(**ports))
         while not stop.is_set() and server.process.poll() is None:
             time.sleep(0.5)

@@ -6,7 +6,7 @@ without allocating memory; no code from the model repository runs (``trust_remot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ class BaseModelInfo:
     shape: BaseModelShape
     tokenizer_vocab: int | None
     special_tokens: dict[str, Any]
+    chat_template: str | dict[str, str] | None = None
+    token_ids: dict[str, int] = field(default_factory=dict)  # the base tokenizer's vocabulary
 
     @property
     def model_type(self) -> str:
@@ -49,20 +51,24 @@ def inspect_base_model(name_or_path: str) -> BaseModelInfo:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise BaseModelUnavailable(f"cannot read base model {name_or_path!r}: {exc}") from exc
-    vocab, special = _tokenizer_facts(name_or_path)
-    return BaseModelInfo(
+    info = BaseModelInfo(
         name=str(name_or_path),
         config=config,
         meta_model=model,
         shape=BaseModelShape.describe(model),
-        tokenizer_vocab=vocab,
-        special_tokens=special,
+        tokenizer_vocab=None,
+        special_tokens={},
     )
+    _add_tokenizer_facts(info, name_or_path)
+    return info
 
 
-def _tokenizer_facts(name_or_path: str | Path) -> tuple[int | None, dict[str, Any]]:
+def _add_tokenizer_facts(info: BaseModelInfo, name_or_path: str | Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError):
-        return None, {}
-    return len(tokenizer), dict(tokenizer.special_tokens_map)
+        return
+    info.tokenizer_vocab = len(tokenizer)
+    info.special_tokens = dict(tokenizer.special_tokens_map)
+    info.chat_template = tokenizer.chat_template or None
+    info.token_ids = tokenizer.get_vocab()

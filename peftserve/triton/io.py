@@ -23,6 +23,7 @@ OPTIONAL_INPUTS = {
     "top_k": int,
     "seed": int,
     "ignore_eos": bool,
+    "messages": str,
 }
 OUTPUT_NAMES = ["text_output", "adapter_version", "output_tokens"]
 

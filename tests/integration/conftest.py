@@ -20,9 +20,14 @@ from tools.triton_server import TritonServer, TritonStartError, free_port
 def triton(
     model_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[TritonServer]:
-    log_path = tmp_path_factory.mktemp("triton") / "server.log"
+    yield from running_server(MODEL_REPOSITORY, tmp_path_factory.mktemp("triton") / "server.log", request)
+
+
+def running_server(repository: Path, log_path: Path, request: pytest.FixtureRequest) -> Iterator[TritonServer]:
+    """A tritonserver on ``repository`` (free loopback ports) for a fixture to yield; its log tail is shown
+    when tests failed."""
     server = TritonServer(
-        MODEL_REPOSITORY,
+        repository,
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),

@@ -30,6 +30,7 @@ CONTRACT_INPUTS = {
     "seed": "INT64",
     "ignore_eos": "BOOL",
     "stop": "BYTES",
+    "messages": "BYTES",
 }
 CONTRACT_OUTPUTS = {"text_output": "BYTES", "adapter_version": "BYTES", "output_tokens": "INT32"}
 

@@ -346,3 +346,55 @@ def test_tokenizer_shipped_with_the_adapter_is_compared(model_dir: Path, base_mo
     vocabulary = len(tokenizer) - 2
     assert ("tokenizer", f"the adapter's tokenizer has {vocabulary + 2} tokens, the base's {vocabulary} (+2)") in errors
     assert ("tokenizer", "special token eos_token is '<tool_result>' in the adapter, '</s>' in the base") in warnings
+
+
+CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def test_chat_template_shipped_with_the_adapter_is_compared(model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dir / "base_model", base)
+    base_tokenizer = AutoTokenizer.from_pretrained(base)
+    adapter = copy_adapter(model_dir, tmp_path)
+    (adapter / "chat_template.jinja").write_text(CHATML)  # a template alone, without tokenizer files
+    warnings = findings(validate_adapter(adapter, str(base)), Severity.WARNING)
+    assert any("the adapter ships a chat template, the base model's tokenizer has none" in m for _, m in warnings)
+
+    base_tokenizer.chat_template = CHATML
+    base_tokenizer.save_pretrained(base)
+    same = findings(validate_adapter(adapter, str(base)), Severity.WARNING)
+    assert [m for c, m in same if c == "tokenizer"] == []  # the same template
+    (adapter / "chat_template.jinja").unlink()
+    shipped = AutoTokenizer.from_pretrained(base)
+    shipped.chat_template = CHATML.replace("<|im_start|>", "### ")
+    shipped.save_pretrained(adapter)
+    report = validate_adapter(adapter, str(base))
+    assert ("tokenizer", "the adapter's chat template differs from the base model's") in [
+        (c, m.split(";")[0]) for c, m in findings(report, Severity.WARNING)
+    ], report.render()
+
+
+def test_added_tokens_must_keep_the_base_models_ids(model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dir / "base_model", base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(["<tool_call>", "<tool_result>"])
+    tokenizer.save_pretrained(base)
+    adapter = copy_adapter(model_dir, tmp_path)
+    swapped = AutoTokenizer.from_pretrained(model_dir / "base_model")
+    swapped.add_tokens(["<tool_result>", "<tool_call>"])  # the same tokens, added in another order
+    swapped.save_pretrained(adapter)
+    errors = findings(validate_adapter(adapter, str(base)), Severity.ERROR)
+    first = len(tokenizer) - 2
+    assert (
+        "tokenizer",
+        f"added token '<tool_result>' has id {first} in the adapter's tokenizer, {first + 1} in the base's",
+    ) in errors
+    assert (
+        "tokenizer",
+        f"added token '<tool_call>' has id {first + 1} in the adapter's tokenizer, {first} in the base's",
+    ) in errors
