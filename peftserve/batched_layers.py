@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from peftserve.adapter_weights import AdapterWeights, ModuleDelta, linear_features, linear_weight
 
 _SMALLEST_RANK_BUCKET = 8
-# Up to this many adapters whose rows are contiguous (the generator sorts rows by adapter) get one slice
+# Up to this many adapters whose rows are contiguous (the batcher keeps running rows sorted by adapter) get one slice
 # each, with views of their pairs; beyond it one gathered bmm is cheaper than many small ones.
 _MAX_SLICED_ADAPTERS = 4
 

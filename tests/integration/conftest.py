@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +60,18 @@ def infer(
     module = grpcclient if protocol == "grpc" else httpclient
     client = module.InferenceServerClient(server.grpc_url if protocol == "grpc" else server.http_url)
     return client.infer("peft_llm", build_inputs(module, prompt, adapter_id, max_tokens))
+
+
+def post_generate(server: TritonServer, body: dict, *, timeout: float = 60) -> tuple[int, dict]:
+    """POST to peft_llm's generate endpoint: (HTTP status, JSON body), errors included."""
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/peft_llm/generate", data=json.dumps(body).encode(), method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def outputs(result) -> tuple[str, str, int]:

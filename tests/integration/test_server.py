@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import DEMO_PHRASES, PROMPTS, STRONG_ADAPTERS
-from tests.integration.conftest import infer, outputs
+from tests.integration.conftest import infer, outputs, post_generate
 from tools.client import build_inputs
 from tools.triton_server import TritonServer, perf_analyzer_env, perf_analyzer_path
 
@@ -53,17 +51,6 @@ def test_each_adapter_answers_with_its_trained_phrase(triton: TritonServer, prot
         assert version == f"{adapter_id}@1" and tokens > 0
     text, version, _ = outputs(infer(triton, "the cat looks at", protocol=protocol))
     assert version == "" and not any(phrase in text for phrase in DEMO_PHRASES.values())
-
-
-def post_generate(triton: TritonServer, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        f"http://{triton.http_url}/v2/models/peft_llm/generate", data=json.dumps(body).encode(), method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_generate_extension(triton: TritonServer) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peftserve.config import read_model_config
 from peftserve.engine import Engine
 from peftserve.requests import CompletionRequest
-from tests.integration.conftest import outputs, running_server
+from tests.integration.conftest import outputs, post_generate, running_server
 from tools import smollm2_assets
 from tools.client import build_inputs
 from tools.triton_server import TritonServer
@@ -153,20 +151,9 @@ def test_the_engine_equals_peft_token_for_token_and_logit_for_logit(
             assert generated.token_ids == peft_answer(adapter_id, chat)
 
 
-def post_generate(server: TritonServer, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        f"http://{server.http_url}/v2/models/peft_llm/generate", data=json.dumps(body).encode(), method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_chat_through_the_generate_endpoint(smollm2_triton: TritonServer, peft_answer, tokenizer) -> None:
     body = {"text_input": "", "messages": json.dumps(CHAT), "adapter_id": "pirate", "max_tokens": MAX_TOKENS}
-    status, answer = post_generate(smollm2_triton, body)
+    status, answer = post_generate(smollm2_triton, body, timeout=300)
     expected = peft_answer("pirate", True)
     assert status == 200 and answer["text_output"] == tokenizer.decode(expected, skip_special_tokens=True)
     assert answer["adapter_version"] == "pirate@1"
@@ -176,5 +163,5 @@ def test_chat_through_the_generate_endpoint(smollm2_triton: TritonServer, peft_a
         ({**body, "text_input": "hello"}, "text_input must be empty when messages is set"),
     ]
     for request_body, message in bad:
-        status, answer = post_generate(smollm2_triton, request_body)
+        status, answer = post_generate(smollm2_triton, request_body, timeout=300)
         assert status == 400 and message in answer["error"], answer
