@@ -289,6 +289,7 @@ class ContinuousBatcher:
                 break
             chunks.append((state, take))
             budget -= take
+        chunks.sort(key=lambda chunk: id(chunk[0].row.adapter))  # one adapter's rows stay one slice
         started = time.perf_counter()
         completed = self._isolating_failures(
             chunks, lambda part: self.runner.prefill(part, self._deltas([s for s, _ in part]))
