@@ -147,9 +147,6 @@ class PagedKVCache:
     def blocks_for(self, tokens: int) -> int:
         return max(1, math.ceil(tokens / self.block_size))
 
-    def can_reserve(self, tokens: int) -> bool:
-        return self.blocks_for(tokens) <= len(self._free)
-
     def reserve(self, sequence_id: int, tokens: int) -> None:
         """Hand ``sequence_id`` the blocks for ``tokens`` tokens (its whole life); raises if they are not free."""
         needed = self.blocks_for(tokens)

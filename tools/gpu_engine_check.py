@@ -136,7 +136,7 @@ def prompt(length: int, seed: int) -> str:
     return " ".join(f"w{3 + (seed * 7919 + i * 104729) % 100000}" for i in range(length))
 
 
-def check_kv_budget(base_dir: Path, model, tokenizer, device: str, tiny: bool) -> dict:
+def check_kv_budget(base_dir: Path, model, tokenizer, device: str) -> dict:
     """Requests that cannot all fit at once wait for blocks, then all succeed."""
     config = model.config
     per_token = (
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         with torch.device(args.device):
             model = LlamaForCausalLM(llama_shape(args.tiny)).to(torch.bfloat16).eval()
-        report["kv_budget"] = check_kv_budget(base_dir, model, tokenizer, args.device, args.tiny)
+        report["kv_budget"] = check_kv_budget(base_dir, model, tokenizer, args.device)
         print(json.dumps(report["kv_budget"]), flush=True)
         report["throughput"] = check_throughput(base_dir, model, tokenizer, args.device, args.batch)
         print(json.dumps(report["throughput"]), flush=True)
