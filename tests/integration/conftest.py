@@ -1,4 +1,8 @@
-"""One real tritonserver on free loopback ports for the integration tests; always torn down."""
+"""One real tritonserver on free loopback ports for the integration tests; always torn down.
+
+A failed test's report carries the log tail of every server running at the time, so a CI failure shows
+what the server said (a crashed Python stub prints its stacks there: the models enable faulthandler).
+"""
 
 from __future__ import annotations
 
@@ -20,15 +24,16 @@ from tools.triton_server import TritonServer, TritonStartError, free_port
 
 
 @pytest.fixture(scope="session")
-def triton(
-    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[TritonServer]:
-    yield from running_server(MODEL_REPOSITORY, tmp_path_factory.mktemp("triton") / "server.log", request)
+def triton(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from running_server(MODEL_REPOSITORY, tmp_path_factory.mktemp("triton") / "server.log")
 
 
-def running_server(repository: Path, log_path: Path, request: pytest.FixtureRequest) -> Iterator[TritonServer]:
-    """A tritonserver on ``repository`` (free loopback ports) for a fixture to yield; its log tail is shown
-    when tests failed."""
+RUNNING_SERVERS: list[TritonServer] = []
+
+
+def running_server(repository: Path, log_path: Path, *, extra_args: tuple[str, ...] = ()) -> Iterator[TritonServer]:
+    """A tritonserver on ``repository`` (free loopback ports) for a fixture to yield; failed tests show its
+    log tail while it runs."""
     server = TritonServer(
         repository,
         http_port=free_port(),
@@ -36,17 +41,32 @@ def running_server(repository: Path, log_path: Path, request: pytest.FixtureRequ
         metrics_port=free_port(),
         log_path=log_path,
         address="127.0.0.1",
+        extra_args=extra_args,
     )
+    yield from serving(server)
+
+
+def serving(server: TritonServer) -> Iterator[TritonServer]:
+    """Start ``server``, yield it while listed in ``RUNNING_SERVERS``, stop it whatever happened."""
     try:
         server.start(timeout=240)
     except TritonStartError as exc:
         pytest.fail(f"tritonserver did not start: {exc}")
+    RUNNING_SERVERS.append(server)
     try:
         yield server
     finally:
+        RUNNING_SERVERS.remove(server)
         server.stop()
-        if request.session.testsfailed:
-            print(f"\n--- tritonserver log tail ({log_path}) ---\n{server.log_tail()}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.failed:
+        for server in RUNNING_SERVERS:
+            report.sections.append((f"tritonserver log tail ({server.log_path})", server.log_tail()))
+    return report
 
 
 def infer(

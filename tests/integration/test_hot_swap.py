@@ -25,12 +25,12 @@ from tritonclient.utils import InferenceServerException
 from peftserve.smoke_check import GOLDEN_FILE
 from peftserve.swap_history import SwapHistory
 from tests.conftest import DEMO_PHRASES, REPO_ROOT
-from tests.integration.conftest import private_repository
+from tests.integration.conftest import private_repository, serving
 from tools.adapter_release import publish, rollback
 from tools.client import build_inputs
 from tools.deployment import Deployment, ReleaseError, load_deployment
 from tools.model_release import rollback_model, swap_model
-from tools.triton_server import TritonServer, TritonStartError, free_port
+from tools.triton_server import TritonServer, free_port
 
 SWAPPED = "pirate"  # the adapter whose versions change; robot and chef keep serving beside it
 CONTENTS = {"pirate": DEMO_PHRASES["pirate"], "robot": DEMO_PHRASES["robot"]}  # source of each version
@@ -56,14 +56,8 @@ def swap_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         f"    grpc: {server.grpc_url}\n    metrics: 127.0.0.1:{server.metrics_port}\n"
         "limits: {swap_timeout_seconds: 60}\n"
     )
-    try:
-        server.start(timeout=240)
-    except TritonStartError as exc:
-        pytest.fail(f"tritonserver did not start: {exc}")
-    try:
-        yield server, load_deployment(config)
-    finally:
-        server.stop()
+    for running in serving(server):
+        yield running, load_deployment(config)
 
 
 @dataclass

@@ -25,11 +25,11 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import DEMO_PHRASES
-from tests.integration.conftest import private_repository
+from tests.integration.conftest import private_repository, serving
 from tools.client import build_inputs
 from tools.deployment import Deployment, load_deployment
 from tools.server_probe import scrape_metrics
-from tools.triton_server import TritonServer, TritonStartError, free_port
+from tools.triton_server import TritonServer, free_port
 
 ADMIN_KEY, CLIENT_KEY = "admin-secret-for-tests", "client-secret-for-tests"
 PIRATE_RATE = 4  # requests per second, burst 4
@@ -99,14 +99,8 @@ credentials:
         address="127.0.0.1",
         extra_args=("--model-control-mode=explicit", "--load-model=*", *deployment.credentials.triton_args()),
     )
-    try:
-        server.start(timeout=240)
-    except TritonStartError as exc:
-        pytest.fail(f"tritonserver did not start: {exc}")
-    try:
-        yield server, deployment, marker
-    finally:
-        server.stop()
+    for running in serving(server):
+        yield running, deployment, marker
 
 
 def infer(server: TritonServer, adapter_id: str, prompt: str = "the cat looks at", **kwargs) -> tuple[str, str]:

@@ -51,10 +51,8 @@ def adapter_ids(repository: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def smollm2_triton(
-    repository: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[TritonServer]:
-    yield from running_server(repository, tmp_path_factory.mktemp("smollm2") / "server.log", request)
+def smollm2_triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from running_server(repository, tmp_path_factory.mktemp("smollm2") / "server.log")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ message across the BLS hop, which loses them in 24.10).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
 from peftserve.triton.io import FORWARDED_PARAMETER, OUTPUT_NAMES, untag_error
-from peftserve.triton.response_loop import ResponseLoop
 
 logger = logging.getLogger("peftserve.triton")
 ENGINE_MODEL = "peft_llm_stream"
@@ -27,22 +27,21 @@ FORWARDING_THREADS = 64
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        faulthandler.enable()  # a crash of this stub prints every thread's Python stack into the server log
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.pool = ThreadPoolExecutor(max_workers=FORWARDING_THREADS, thread_name_prefix="bls-forward")
-        self.responses = ResponseLoop(final_flag=FINAL)
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            self.pool.submit(_forward, self.responses, request)
+            self.pool.submit(_forward, request)
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=True)
-        self.responses.close()
 
 
-def _forward(responses: ResponseLoop, request) -> None:
-    """Forward on a pool thread (BLS calls block until the engine answers); the reply goes out through the
-    response thread."""
+def _forward(request) -> None:
+    """Forward on a pool thread (BLS calls block until the engine answers) and reply from it, while
+    ``request`` is still alive: every pb_utils object of one forward lives and dies on one thread."""
     sender = request.get_response_sender()
     try:
         forwarded = pb_utils.InferenceRequest(
@@ -67,4 +66,4 @@ def _forward(responses: ResponseLoop, request) -> None:
         reply = pb_utils.InferenceResponse(
             output_tensors=[], error=pb_utils.TritonError(f"forwarding failed: {exc}", pb_utils.TritonError.INTERNAL)
         )
-    responses.send(sender, reply, FINAL)
+    sender.send(reply, flags=FINAL)

@@ -7,6 +7,7 @@ disconnects) is noticed at the next decoding step and its row leaves the batch.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import threading
@@ -41,6 +42,7 @@ SERVED_MODEL = "peft_llm"
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        faulthandler.enable()  # a crash of this stub prints every thread's Python stack into the server log
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         parameters = json.loads(args["model_config"]).get("parameters", {})
         model_dir = Path(args["model_repository"])
