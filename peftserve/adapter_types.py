@@ -183,7 +183,7 @@ def _matrix(module: str, params: dict[str, torch.Tensor], param: str) -> torch.T
     return tensor
 
 
-def _factor_device(module: str, base: BaseModelShape) -> tuple[torch.device, torch.dtype]:
+def _factor_placement(module: str, base: BaseModelShape) -> tuple[torch.device, torch.dtype]:
     """Where and how factor products are computed: on the module's own weight device (``meta`` in
     validation), in at least fp32 so that a bf16 base does not round the intermediate products."""
     weight = base.linear_weights.get(module)
@@ -203,7 +203,7 @@ def _convert_loha(config: dict[str, Any], tensors: dict[str, torch.Tensor], base
         for name, factor, expected in zip(names, factors, [(out_features, rank), (rank, in_features)] * 2, strict=True):
             _expect_shape(f"{module}.{name}", factor, expected)
         alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("alpha", rank)))
-        device, dtype = _factor_device(module, base)
+        device, dtype = _factor_placement(module, base)
         left, right = hadamard_pair(*(factor.to(device=device, dtype=dtype) for factor in factors))
         weights.modules[module] = _low_rank_pair(right, left * (alpha / rank), base)
     return weights
@@ -246,7 +246,7 @@ def _convert_lokr(config: dict[str, Any], tensors: dict[str, torch.Tensor], base
             )
         rank = int(_pattern_value(module, config.get("rank_pattern"), config.get("r", 8)))
         alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("alpha", rank)))
-        device, dtype = _factor_device(module, base)
+        device, dtype = _factor_placement(module, base)
         left, right = kronecker_pair(*([t.to(device=device, dtype=dtype) for t in chain] for chain in (w1, w2)))
         weights.modules[module] = _low_rank_pair(right, left * (alpha / rank), base)
     return weights

@@ -8,8 +8,9 @@ which then is served as ``(I, delta)`` or ``(delta, I)``. No function looks at t
 so the rank is decided without moving data, also on the ``meta`` device.
 
 An SVD could find a lower numerical rank only for degenerate factors (a zero or rank-deficient Kronecker
-factor, e.g. an untrained adapter), at the price of a dense decomposition per module (minutes for an 8B
-model on a CPU), so none is done.
+factor, e.g. an untrained adapter), at the price of a dense decomposition per module: 45-85 s for one
+Llama-3-8B-shaped module (4096x4096 or 4096x14336) on this project's 2-core CPU, against 0.01-0.15 s for
+these pairs. So none is done.
 """
 
 from __future__ import annotations
