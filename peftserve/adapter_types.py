@@ -6,9 +6,11 @@ What each type becomes, so that one batch can mix them all in one forward pass:
 - DoRA: the LoRA pair plus an output scale ``magnitude / ||W + scaling·B·A||`` per output feature,
   computed once at load (PEFT treats the norm as a constant too); the bias is not scaled.
 - AdaLoRA: A·diag(E) and B·scaling/rank, i.e. a plain low-rank pair.
-- LoHa, LoKr: their delta weight (Hadamard or Kronecker product of factors) is rebuilt and factored
-  exactly by SVD into a low-rank pair of its numerical rank. A full-rank delta (e.g. LoKr with two full
-  Kronecker factors) then costs two dense matmuls per row, but still shares the pass.
+- LoHa, LoKr: an exact low-rank pair built from their factors (:mod:`peftserve.exact_factors`): LoHa's
+  Hadamard product as a face-splitting product of rank r1·r2, LoKr's Kronecker product as the Kronecker
+  product of its factors' pairs, computed on the base weights' device. Where no factor form is below
+  ``min(out, in)`` (LoKr with two full factors, LoHa with r² above it) the pair is the dense delta beside an
+  identity: two dense matmuls per row, but it still shares the pass.
 - IA3: an input (feed-forward modules) or output scaling vector.
 - Prefix tuning: key/value prefixes per layer. Prompt tuning, P-tuning: virtual token embeddings (the
   saved embeddings are already the P-tuning encoder's output).
@@ -27,14 +29,13 @@ import torch
 
 from peftserve.adapter_weights import AdapterWeights, BaseModelShape, ModuleDelta
 from peftserve.errors import AdapterLoadError, UnsupportedAdapterError
+from peftserve.exact_factors import hadamard_pair, kronecker_pair
 
 _MODULE_KEY = re.compile(
     r"base_model\.model\.(?P<module>.+)\.(?P<param>lora_[AB]\.weight|lora_[ABE]|lora_magnitude_vector|ia3_l"
     r"|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)"
 )
 _ANY_MODULE_KEY = re.compile(r"base_model\.model\.(?P<module>.+?)\.(?:lora_|ia3_|hada_|lokr_)")
-# Singular values below this fraction of the largest are float noise when refactoring a delta weight.
-_SVD_RELATIVE_TOLERANCE = 1e-6
 
 Converter = Callable[[dict[str, Any], dict[str, torch.Tensor], BaseModelShape], AdapterWeights]
 
@@ -130,15 +131,6 @@ def _low_rank_pair(a: torch.Tensor, b: torch.Tensor, base: BaseModelShape) -> Mo
     return ModuleDelta(lora_a=_cast(a.t(), base), lora_b=_cast(b.t(), base))
 
 
-def _factor_delta(name: str, delta: torch.Tensor, base: BaseModelShape, module: str) -> ModuleDelta:
-    """An exact low-rank pair for a dense delta weight (out, in) of ``module``, of its numerical rank."""
-    in_features, out_features = base.linear_shapes[module]
-    _expect_shape(name, delta, (out_features, in_features))
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    rank = max(1, int((s > s[0] * _SVD_RELATIVE_TOLERANCE).sum())) if s.numel() and s[0] > 0 else 1
-    return _low_rank_pair(vh[:rank], u[:, :rank] * s[:rank], base)
-
-
 def _convert_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
     weights = AdapterWeights(peft_type="LORA")
     use_dora = bool(config.get("use_dora"))
@@ -181,17 +173,59 @@ def _convert_adalora(config: dict[str, Any], tensors: dict[str, torch.Tensor], b
     return weights
 
 
+def _matrix(module: str, params: dict[str, torch.Tensor], param: str) -> torch.Tensor:
+    tensor = params[param]
+    if tensor.dim() != 2:
+        raise AdapterLoadError(
+            f"tensor {module}.{param} has shape {tuple(tensor.shape)}; a factor of an adapter on a linear layer is a "
+            "matrix (convolution layouts are not served)"
+        )
+    return tensor
+
+
+def _factor_placement(module: str, base: BaseModelShape) -> tuple[torch.device, torch.dtype]:
+    """Where and how factor products are computed: on the module's own weight device (``meta`` in
+    validation), in at least fp32 so that a bf16 base does not round the intermediate products."""
+    weight = base.linear_weights.get(module)
+    device = weight.device if weight is not None else base.device
+    return device, torch.promote_types(base.dtype, torch.float32)
+
+
 def _convert_loha(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
     weights = AdapterWeights(peft_type="LOHA")
-    names = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
+    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     for module, params in _module_tensors(tensors, base).items():
-        if set(params) != names:
+        if set(params) != set(names):
             raise AdapterLoadError(f"LoHa module {module!r} needs {sorted(names)}, found {sorted(params)}")
-        rank = params["hada_w1_a"].shape[1]
+        factors = [_matrix(module, params, name) for name in names]
+        in_features, out_features = base.linear_shapes[module]
+        rank = factors[0].shape[1]
+        for name, factor, expected in zip(names, factors, [(out_features, rank), (rank, in_features)] * 2, strict=True):
+            _expect_shape(f"{module}.{name}", factor, expected)
         alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("alpha", rank)))
-        delta = (params["hada_w1_a"] @ params["hada_w1_b"]) * (params["hada_w2_a"] @ params["hada_w2_b"])
-        weights.modules[module] = _factor_delta(f"{module} LoHa delta", delta * (alpha / rank), base, module)
+        device, dtype = _factor_placement(module, base)
+        left, right = hadamard_pair(*(factor.to(device=device, dtype=dtype) for factor in factors))
+        weights.modules[module] = _low_rank_pair(right, left * (alpha / rank), base)
     return weights
+
+
+def _lokr_chain(module: str, params: dict[str, torch.Tensor], side: str) -> list[torch.Tensor]:
+    """One Kronecker factor of a LoKr module: ``[lokr_w1]`` (full) or ``[lokr_w1_a, lokr_w1_b]`` (low rank)."""
+    full, low_rank = f"lokr_{side}", (f"lokr_{side}_a", f"lokr_{side}_b")
+    present = {full, *low_rank} & set(params)
+    if present == {full}:
+        return [_matrix(module, params, full)]
+    if present != set(low_rank):
+        raise AdapterLoadError(
+            f"LoKr module {module!r} needs either {full} or both {' and '.join(low_rank)}, found {sorted(params)}"
+        )
+    a, b = (_matrix(module, params, name) for name in low_rank)
+    if b.shape[0] != a.shape[1]:
+        raise AdapterLoadError(
+            f"tensor {module}.{low_rank[1]} has shape {tuple(b.shape)}; its rows must match the rank "
+            f"{a.shape[1]} of {module}.{low_rank[0]} {tuple(a.shape)}"
+        )
+    return [a, b]
 
 
 def _convert_lokr(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelShape) -> AdapterWeights:
@@ -200,18 +234,21 @@ def _convert_lokr(config: dict[str, Any], tensors: dict[str, torch.Tensor], base
         _expect_params(
             "LoKr", module, params, {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
         )
-        factors = []
-        for side in ("w1", "w2"):
-            if f"lokr_{side}" in params:
-                factors.append(params[f"lokr_{side}"])
-            elif {f"lokr_{side}_a", f"lokr_{side}_b"} <= set(params):
-                factors.append(params[f"lokr_{side}_a"] @ params[f"lokr_{side}_b"])
-            else:
-                raise AdapterLoadError(f"LoKr module {module!r} lacks its {side} factor, found {sorted(params)}")
+        w1, w2 = (_lokr_chain(module, params, side) for side in ("w1", "w2"))
+        # PEFT reshapes kron(W1, W2) to the weight's shape; for its own linear layers that is a no-op, and
+        # a product of another shape would be a different layer, so it is refused.
+        (a, c), (b, d) = ((chain[0].shape[0], chain[-1].shape[1]) for chain in (w1, w2))
+        in_features, out_features = base.linear_shapes[module]
+        if (a * b, c * d) != (out_features, in_features):
+            raise AdapterLoadError(
+                f"LoKr module {module!r}: the Kronecker product of its w1 factor {(a, c)} and w2 factor {(b, d)} "
+                f"has shape {(a * b, c * d)}, the base model needs {(out_features, in_features)}"
+            )
         rank = int(_pattern_value(module, config.get("rank_pattern"), config.get("r", 8)))
         alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("alpha", rank)))
-        delta = torch.kron(factors[0], factors[1]) * (alpha / rank)
-        weights.modules[module] = _factor_delta(f"{module} LoKr delta", delta, base, module)
+        device, dtype = _factor_placement(module, base)
+        left, right = kronecker_pair(*([t.to(device=device, dtype=dtype) for t in chain] for chain in (w1, w2)))
+        weights.modules[module] = _low_rank_pair(right, left * (alpha / rank), base)
     return weights
 
 
