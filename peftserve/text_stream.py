@@ -6,7 +6,8 @@ depend on the tokens before it (SentencePiece drops the leading space of the fir
 byte-level BPE spreads one UTF-8 character over several tokens), so the window starts at a *prefix offset*
 one step back: the text of the window minus the text of its prefix is the text of the new tokens. Text that
 ends in U+FFFD may be an incomplete character, so it stays unconfirmed (the window grows) until a later
-token completes it or follows it.
+token completes it or follows it (bytes that never form a character keep the window growing until one does,
+as in other serving engines).
 
 A piece is sent only when it cannot change any more: confirmed text that could still turn into a stop string
 is held back (the longest stop string, minus one character). Stop strings end the answer and are not part of
@@ -90,7 +91,7 @@ class TextStream:
         new = window[len(self._prefix_text) :]
         if not new.endswith(REPLACEMENT_CHARACTER):
             prefix_text = self.tokenizer.decode(token_ids[self._read_offset :], skip_special_tokens=True)
-            if prefix_text:  # else (special tokens only) the next window would start with no text before it
+            if prefix_text:  # else (e.g. special tokens only) the next window would start with no text before it
                 self._prefix_offset, self._prefix_text = self._read_offset, prefix_text
             else:
                 self._prefix_text = window
