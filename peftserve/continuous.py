@@ -276,7 +276,9 @@ class ContinuousBatcher:
         work.loaded = None
         if version is not None:
             work.label, work.version = version.adapter_id, version
-        work.text = TextStream(self.engine.tokenizer, work.request.stop, self.engine.refuse_blocked)
+        work.text = TextStream(self.engine.tokenizer, work.request.stop, self.engine.blocked)
+        if work.text.stops:
+            work.row.should_stop = work.text.reached_stop
         return work.row
 
     def _prefill_step(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -25,13 +24,13 @@ from peftserve.adapter_repository import AdapterRepository, AdapterVersion, cont
 from peftserve.adapter_types import convert_adapter
 from peftserve.adapter_weights import AdapterWeights, BaseModelShape, read_adapter_files
 from peftserve.batched_layers import AdapterLayers
+from peftserve.blocked_content import BlockedContent
 from peftserve.chat import parse_messages, render_messages
 from peftserve.config import ServeConfig
 from peftserve.continuous import ContinuousBatcher, Work
 from peftserve.errors import (
     AdapterLoadError,
     AdapterNotReady,
-    BlockedContentError,
     CacheFullError,
     ConfigError,
     InvalidRequestError,
@@ -93,7 +92,7 @@ class Engine:
             prefill_chunk_tokens=config.prefill_chunk_tokens,
             prefill_step_share=config.prefill_step_share,
         )
-        self._blocked = [re.compile(pattern) for pattern in config.blocked_patterns]
+        self.blocked = BlockedContent(config.blocked_patterns)
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
         for adapter_id in config.preload:
             self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
@@ -272,13 +271,8 @@ class Engine:
             raise TimeoutError(f"{missing[0]} of {len(requests)} requests unanswered after {timeout} s")
         return results  # type: ignore[return-value]
 
-    def refuse_blocked(self, text: str, what: str) -> None:
-        """Operators' blocked-content patterns; the message gives the pattern's index, not the pattern."""
-        for index, pattern in enumerate(self._blocked):
-            if pattern.search(text):
-                raise BlockedContentError(f"{what}: it matches blocked-content pattern #{index} (blocked_patterns)")
-
-    def _stop_condition(self, stops: tuple[str, ...]):
+    def _check_stops(self, stops: tuple[str, ...]) -> None:
+        """Stop strings are searched by the batcher's :class:`TextStream`, which also ends the row at one."""
         limit = self.config.max_stop_strings
         if len(stops) > limit:
             raise InvalidRequestError(f"stop has {len(stops)} strings, at most {limit} allowed (max_stop_strings)")
@@ -288,9 +282,6 @@ class Engine:
                     f"each stop string must have 1 to {self.config.max_stop_string_bytes} bytes "
                     f"(max_stop_string_bytes), got {len(stop.encode())}"
                 )
-        if not stops:
-            return None
-        return lambda ids: any(stop in self.tokenizer.decode(ids, skip_special_tokens=True) for stop in stops)
 
     def lease(
         self,
@@ -322,18 +313,17 @@ class Engine:
         return row, self.resolve(request.adapter_id) if request.adapter_id else None
 
     def check_request(self, request: CompletionRequest) -> GenerationRow:
-        """Check one request and turn it into a generation row (its adapter is attached by :meth:`lease`)."""
+        """Check one request and turn it into a generation row (its adapter is attached by :meth:`lease`, its
+        stop strings by the batcher, whose text stream of the row searches them)."""
         prompt_ids = self._prompt_ids(request)
-        should_stop = self._stop_condition(tuple(request.stop))
+        self._check_stops(tuple(request.stop))
         max_tokens = self.config.default_max_tokens if request.max_tokens is None else request.max_tokens
         if not 1 <= max_tokens <= self.config.max_tokens_limit:
             raise InvalidRequestError(
                 f"max_tokens must be between 1 and {self.config.max_tokens_limit} (max_tokens_limit), got {max_tokens}"
             )
         sampling = _sampling_params(request)
-        return GenerationRow(
-            prompt_ids, None, max_tokens, sampling, ignore_eos=bool(request.ignore_eos), should_stop=should_stop
-        )
+        return GenerationRow(prompt_ids, None, max_tokens, sampling, ignore_eos=bool(request.ignore_eos))
 
     def _prompt_ids(self, request: CompletionRequest) -> list[int]:
         """``text_input`` as sent, or ``messages`` rendered with the chat template (``text_input`` then empty).
@@ -361,7 +351,7 @@ class Engine:
             raise InvalidRequestError(
                 f"{what} has {size} bytes, more than max_prompt_bytes ({self.config.max_prompt_bytes})"
             )
-        self.refuse_blocked(text, f"{what} refused")
+        self.blocked.refuse(text, f"{what} refused")
         ids = self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         if not ids:  # an empty prompt still needs one position to start from
             ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.runner.pad_token_id]
