@@ -46,7 +46,7 @@ from peftserve.kv_cache import PagedKVCache
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL
 from peftserve.prefill_budget import PrefillBudget
 from peftserve.requests import Completion, CompletionRequest
-from peftserve.response_cache import BASE_MODEL_MARKER, CachedAnswer, ResponseCache, request_digest, serves
+from peftserve.response_cache import CachedAnswer, ResponseCache, adapter_key, request_digest, serves
 from peftserve.text_stream import TextStream
 
 if TYPE_CHECKING:
@@ -128,8 +128,9 @@ class ContinuousBatcher:
 
     def submit(self, *works: Work) -> None:
         """Queue client requests (thread-safe), together: requests submitted in one call are admitted in one
-        group. Over-limit requests are refused at once; requests whose adapter must be loaded first are
-        queued after the load, which runs beside the decoding loop."""
+        group. Over-limit requests are refused at once, and repeats the response cache holds are answered at
+        once; requests whose adapter must be loaded first are queued after the load, which runs beside the
+        decoding loop."""
         ready = [work for work in works if self._check(work)]
         with self._wakeup:
             self._waiting.extend(ready)
@@ -175,9 +176,8 @@ class ContinuousBatcher:
         work.response_key = request_digest(work.row, work.request.stop)
         adapter_id = work.request.adapter_id
         version = self.engine.current_version(adapter_id) if adapter_id else None
-        found = None
-        if version is not None or not adapter_id:  # an adapter not served yet has no digest to look up
-            found = self.response_cache.get(version.digest if version else BASE_MODEL_MARKER, work.response_key)
+        content = adapter_key(adapter_id, version)
+        found = self.response_cache.get(content, work.response_key) if content else None
         self.engine.metrics.response_cache_event("miss" if found is None else "hit", work.label)
         if found is None:
             return False
@@ -189,11 +189,9 @@ class ContinuousBatcher:
         """Keep a computed answer under the content of the version that computed it (batching loop)."""
         if self.response_cache is None or work.response_key is None:
             return
-        adapter = work.version.digest if work.version else BASE_MODEL_MARKER
-        if not adapter or (work.request.adapter_id and work.version is None):
-            return
+        content = adapter_key(work.request.adapter_id, work.version)
         stored = CachedAnswer(answer.text, answer.output_tokens, answer.finish_reason)
-        if self.response_cache.put(adapter, work.response_key, stored):
+        if content and self.response_cache.put(content, work.response_key, stored):
             self.engine.metrics.response_cache_bytes(self.response_cache.nbytes)
 
     def run_rows(self, rows: Sequence[GenerationRow], timeout: float = 600.0) -> list[GeneratedSequence]:

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from peftserve.adapter_repository import AdapterVersion
     from peftserve.generation import GenerationRow, SamplingParams
 
 BASE_MODEL_MARKER = "(base model)"  # the adapter part of the key for requests without an adapter
@@ -64,6 +65,15 @@ def is_determined(sampling: SamplingParams) -> bool:
 def serves(row: GenerationRow, *, streaming: bool) -> bool:
     """Whether a request may be answered from, and stored in, the cache (see the module's rules)."""
     return not streaming and not row.keep_logits and not row.keep_prompt_logits and is_determined(row.sampling)
+
+
+def adapter_key(adapter_id: str, version: AdapterVersion | None) -> str:
+    """The adapter part of a key: the content digest of ``version`` (the one serving, or the one that
+    computed the answer), :data:`BASE_MODEL_MARKER` without an adapter, or "" when there is nothing to key by
+    (an adapter that has not served yet): such requests neither hit nor store."""
+    if not adapter_id:
+        return BASE_MODEL_MARKER
+    return version.digest if version is not None else ""
 
 
 def request_digest(row: GenerationRow, stop: Sequence[str]) -> bytes:
