@@ -74,6 +74,12 @@ class ServeConfig(BaseModel):
         description="while streams decode, a prefill chunk takes about this many decoding steps' time (measured); "
         "0: always prefill_chunk_tokens",
     )
+    response_cache_mb: float = Field(
+        0.0,
+        ge=0,
+        description="memory for answers of greedy or seeded non-streaming requests, served again to identical "
+        "requests (peftserve/response_cache.py); 0: off",
+    )
     max_stop_strings: int = Field(4, ge=0, le=64)
     max_stop_string_bytes: int = Field(256, ge=1)
     blocked_patterns: tuple[str, ...] = Field((), description="regular expressions refused in prompts and answers")
@@ -119,6 +125,10 @@ class ServeConfig(BaseModel):
     @property
     def max_adapter_memory_bytes(self) -> int:
         return int(self.max_adapter_memory_mb * 1024 * 1024)
+
+    @property
+    def response_cache_bytes(self) -> int:
+        return int(self.response_cache_mb * 1024 * 1024)
 
 
 def from_parameters(parameters: dict[str, Any], *, model_dir: Path) -> ServeConfig:

@@ -46,6 +46,7 @@ from peftserve.kv_cache import PagedKVCache
 from peftserve.metrics import BASE_LABEL, UNKNOWN_LABEL
 from peftserve.prefill_budget import PrefillBudget
 from peftserve.requests import Completion, CompletionRequest
+from peftserve.response_cache import CachedAnswer, ResponseCache, adapter_key, request_digest, serves
 from peftserve.text_stream import TextStream
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class Work:
     first_token_at: float | None = None
     admitted: bool = False
     loaded: tuple[AdapterVersion, AdapterWeights] | None = None  # read by a loader while the cache was full
+    response_key: bytes | None = None  # request_digest, for requests the response cache may serve
 
 
 class ContinuousBatcher:
@@ -105,6 +107,8 @@ class ContinuousBatcher:
         self.join_group = join_group
         self.join_every = join_every
         self.admission = Admission(engine.config.adapter_limits, engine.config.adapter_limit_overrides)
+        cache_bytes = engine.config.response_cache_bytes
+        self.response_cache = ResponseCache(max_bytes=cache_bytes) if cache_bytes else None
         self._waiting: deque[Work] = deque()
         self._prefilling: list[SequenceState] = []
         self._running: list[SequenceState] = []
@@ -124,8 +128,9 @@ class ContinuousBatcher:
 
     def submit(self, *works: Work) -> None:
         """Queue client requests (thread-safe), together: requests submitted in one call are admitted in one
-        group. Over-limit requests are refused at once; requests whose adapter must be loaded first are
-        queued after the load, which runs beside the decoding loop."""
+        group. Over-limit requests are refused at once, and repeats the response cache holds are answered at
+        once; requests whose adapter must be loaded first are queued after the load, which runs beside the
+        decoding loop."""
         ready = [work for work in works if self._check(work)]
         with self._wakeup:
             self._waiting.extend(ready)
@@ -151,12 +156,43 @@ class ContinuousBatcher:
                 return False
             work.admitted = True
             self.engine.metrics.inflight({work.label: self.admission.inflight(work.label)})
+            if self._answer_from_cache(work):
+                return False
             if adapter_id:
                 self.engine.metrics.cache_event("hit" if loaded else "miss", adapter_id)
         if loaded is False:
             self._loaders.submit(self._load_then_queue, work)
             return False
         return True
+
+    def _answer_from_cache(self, work: Work) -> bool:
+        """Answer a request from the response cache, on the caller's thread; False if it must run the model.
+
+        Called after admission: a cached answer counts against its adapter's rate and in-flight limits like a
+        computed one, since the limits meter clients, and a repeat is no cheaper to send than to parse.
+        """
+        if self.response_cache is None or not serves(work.row, streaming=work.on_text is not None):
+            return False
+        work.response_key = request_digest(work.row, work.request.stop)
+        adapter_id = work.request.adapter_id
+        version = self.engine.current_version(adapter_id) if adapter_id else None
+        content = adapter_key(adapter_id, version)
+        found = self.response_cache.get(content, work.response_key) if content else None
+        self.engine.metrics.response_cache_event("miss" if found is None else "hit", work.label)
+        if found is None:
+            return False
+        label = version.label if version else ""
+        self._finish(work, Completion(found.text, label, found.output_tokens, found.finish_reason))
+        return True
+
+    def _store_answer(self, work: Work, answer: Completion) -> None:
+        """Keep a computed answer under the content of the version that computed it (batching loop)."""
+        if self.response_cache is None or work.response_key is None:
+            return
+        content = adapter_key(work.request.adapter_id, work.version)
+        stored = CachedAnswer(answer.text, answer.output_tokens, answer.finish_reason)
+        if content and self.response_cache.put(content, work.response_key, stored):
+            self.engine.metrics.response_cache_bytes(self.response_cache.nbytes)
 
     def run_rows(self, rows: Sequence[GenerationRow], timeout: float = 600.0) -> list[GeneratedSequence]:
         """Generate for ready rows through the running batch and wait (never call from the loop thread).
@@ -394,7 +430,9 @@ class ContinuousBatcher:
             work.on_text(piece)
         reason = "stop" if work.text.stopped else state.result.finish_reason
         label = work.version.label if work.version else ""
-        self._finish(work, Completion(text, label, len(state.result.token_ids), reason))
+        answer = Completion(text, label, len(state.result.token_ids), reason)
+        self._store_answer(work, answer)
+        self._finish(work, answer)
 
     def _release_lease(self, work: Work) -> None:
         if work.version is not None:

@@ -166,6 +166,10 @@ class Engine:
         """The serving version of every adapter used so far (a snapshot)."""
         return dict(self._serving)
 
+    def current_version(self, adapter_id: str) -> AdapterVersion | None:
+        """The version new requests for ``adapter_id`` get now; None if it has not served yet or was removed."""
+        return self._serving.get(adapter_id)
+
     def resolve(self, adapter_id: str) -> AdapterVersion:
         """The version that serves ``adapter_id``; the first request for an id accepts its latest version."""
         version = self._serving.get(adapter_id)

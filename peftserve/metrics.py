@@ -21,6 +21,13 @@ class EngineMetrics:
     def cache_event(self, event: str, adapter: str) -> None:
         """``event`` is ``hit``, ``miss`` or ``eviction``."""
 
+    def response_cache_event(self, event: str, adapter: str) -> None:
+        """``event`` is ``hit`` (answered from the response cache) or ``miss`` (a request the cache could serve
+        ran the model)."""
+
+    def response_cache_bytes(self, nbytes: int) -> None:
+        """Bytes the response cache holds, after each answer it stores."""
+
     def adapter_loaded(self, adapter: str, *, seconds: float, nbytes: int) -> None:
         """An adapter version was read, checked and converted."""
 

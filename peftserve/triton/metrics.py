@@ -41,6 +41,12 @@ FAMILIES = {
     "peftserve_requests_in_flight": ("GAUGE", "Requests inside the model (running or waiting for a load)"),
     "peftserve_time_to_first_token_seconds": ("HISTOGRAM", "Arrival to first generated token, by adapter"),
     "peftserve_time_per_output_token_seconds": ("HISTOGRAM", "Mean time between tokens after the first"),
+    "peftserve_response_cache_hits_total": ("COUNTER", "Requests answered from the response cache, by adapter"),
+    "peftserve_response_cache_misses_total": (
+        "COUNTER",
+        "Requests the response cache could serve that ran the model, by adapter",
+    ),
+    "peftserve_response_cache_bytes": ("GAUGE", "Bytes held by the response cache (answers and keys)"),
 }
 TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 _BUCKETS = {
@@ -60,11 +66,17 @@ ZERO_INITIALIZED = [
     "peftserve_over_limit_total",
     "peftserve_time_to_first_token_seconds",
     "peftserve_time_per_output_token_seconds",
+    "peftserve_response_cache_hits_total",
+    "peftserve_response_cache_misses_total",
 ]
 _CACHE_FAMILIES = {
     "hit": "peftserve_adapter_cache_hits_total",
     "miss": "peftserve_adapter_cache_misses_total",
     "eviction": "peftserve_adapter_cache_evictions_total",
+}
+_RESPONSE_CACHE_FAMILIES = {
+    "hit": "peftserve_response_cache_hits_total",
+    "miss": "peftserve_response_cache_misses_total",
 }
 
 
@@ -115,6 +127,14 @@ class TritonMetrics(EngineMetrics):
     @_on_response_loop
     def cache_event(self, event: str, adapter: str) -> None:
         self._metric(_CACHE_FAMILIES[event], adapter=adapter).increment(1)
+
+    @_on_response_loop
+    def response_cache_event(self, event: str, adapter: str) -> None:
+        self._metric(_RESPONSE_CACHE_FAMILIES[event], adapter=adapter).increment(1)
+
+    @_on_response_loop
+    def response_cache_bytes(self, nbytes: int) -> None:
+        self._metric("peftserve_response_cache_bytes").set(nbytes)
 
     @_on_response_loop
     def adapter_loaded(self, adapter: str, *, seconds: float, nbytes: int) -> None:
