@@ -24,8 +24,11 @@ from torch.nn import functional as F
 from peftserve.adapter_weights import AdapterWeights, ModuleDelta, linear_features, linear_weight
 
 _SMALLEST_RANK_BUCKET = 8
-# Up to this many adapters whose rows are contiguous (the batcher keeps running rows sorted by adapter) get one slice
-# each, with views of their pairs; beyond it one gathered bmm is cheaper than many small ones.
+# A rank bucket whose rows are all one adapter's uses that pair (expanded view). A bucket spanning every row
+# gathers its pairs for one batched call that also adds the base output (measured on CPU with 4 LoRA over
+# 16 rows: 0.82x base against 0.61x for four slices). A bucket over some rows only gets one slice per
+# adapter, up to this many (the batcher keeps running rows sorted by adapter), since its gathered form
+# would also index rows in and out (measured: 8 mixed types 0.55x sliced against 0.47x gathered).
 _MAX_SLICED_ADAPTERS = 4
 
 
@@ -167,7 +170,7 @@ def _low_rank_groups(deltas: list[ModuleDelta | None], like: torch.Tensor) -> li
     for rows in buckets.values():
         members = [deltas[row] for row in rows]
         runs = _contiguous_runs(rows, members)
-        if len(runs) <= _MAX_SLICED_ADAPTERS:
+        if len(runs) == 1 or (len(rows) < len(deltas) and len(runs) <= _MAX_SLICED_ADAPTERS):
             for start, stop, member in runs:
                 group_rows = None if stop - start == len(deltas) else slice(start, stop)
                 a, b = member.lora_a.expand(stop - start, -1, -1), member.lora_b.expand(stop - start, -1, -1)
