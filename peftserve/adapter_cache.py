@@ -2,7 +2,10 @@
 
 Pinned adapters are never evicted; an adapter leased by a batch in flight is never evicted under it. A
 retired adapter (a version replaced by a newer one) leaves as soon as its last lease is released. The
-cache is an explicit object owned by the engine (one per model instance), never module state.
+cache is an explicit object owned by the engine (one per model instance), never module state. The engine
+keeps two: the device cache that batches lease from, and the host tier (:mod:`peftserve.host_tier`) that
+device misses copy from, which uses only :meth:`AdapterCache.get`, :meth:`AdapterCache.add` and
+:meth:`AdapterCache.retire`.
 """
 
 from __future__ import annotations
@@ -72,6 +75,17 @@ class AdapterCache(Generic[K, V]):
                 self._retired.add(key)
             else:
                 self._entries.pop(key, None)
+
+    def get(self, key: K) -> V | None:
+        """The cached value, touched as most recently used, without a lease; None on a miss (nothing loaded)."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.stats.misses += 1
+                return None
+            self.stats.hits += 1
+            self._entries.move_to_end(key)
+            return value
 
     def acquire(self, key: K, load: Callable[[], V]) -> V:
         """Return the cached value (loading it on a miss) and lease it until :meth:`release`."""

@@ -8,7 +8,7 @@ virtual token embeddings.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,31 @@ class AdapterWeights:
         for delta in self.modules.values():
             parts += [delta.lora_a, delta.lora_b, delta.in_scale, delta.out_scale]
         return [t for t in parts if t is not None]
+
+    def copied_to(self, device: torch.device, *, pin: bool = False, non_blocking: bool = False) -> AdapterWeights:
+        """A copy of this adapter on ``device``; ``pin`` puts a CPU copy in page-locked memory, from which a
+        ``non_blocking`` copy to a CUDA device does not stall the copying thread."""
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            if pin:  # strides kept, like ``to``
+                return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
+            return tensor.to(device, non_blocking=non_blocking, copy=True)
+
+        modules = {
+            name: replace(
+                delta,
+                lora_a=move(delta.lora_a),
+                lora_b=move(delta.lora_b),
+                in_scale=move(delta.in_scale),
+                out_scale=move(delta.out_scale),
+            )
+            for name, delta in self.modules.items()
+        }
+        return AdapterWeights(
+            self.peft_type, modules, prefix_kv=move(self.prefix_kv), virtual_embeddings=move(self.virtual_embeddings)
+        )
 
     @cached_property
     def nbytes(self) -> int:

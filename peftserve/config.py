@@ -43,6 +43,13 @@ class ServeConfig(BaseModel):
     max_prompt_bytes: int = Field(65536, ge=1)
     max_loaded_adapters: int = Field(16, ge=1)
     max_adapter_memory_mb: float = Field(1024.0, gt=0)
+    host_adapter_cache_mb: float = Field(
+        4096.0,
+        ge=0,
+        description="host memory for converted adapters, so that one evicted from the adapter cache comes back as "
+        "a copy instead of a file read and conversion (peftserve/host_tier.py); on CPU it shares the adapter "
+        "cache's tensors; 0: off",
+    )
     preload: tuple[str, ...] = ()
     adapter_poll_seconds: float = Field(
         1.0, ge=0, description="how often to look for new adapter versions (hot-swap); 0 turns watching off"
@@ -125,6 +132,10 @@ class ServeConfig(BaseModel):
     @property
     def max_adapter_memory_bytes(self) -> int:
         return int(self.max_adapter_memory_mb * 1024 * 1024)
+
+    @property
+    def host_adapter_cache_bytes(self) -> int:
+        return int(self.host_adapter_cache_mb * 1024 * 1024)
 
     @property
     def response_cache_bytes(self) -> int:

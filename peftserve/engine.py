@@ -37,6 +37,7 @@ from peftserve.errors import (
     PeftServeError,
 )
 from peftserve.generation import GenerationRow, ModelRunner, SamplingParams, cache_argument
+from peftserve.host_tier import HostAdapterTier
 from peftserve.kv_cache import PagedKVCache, probe_layer_shapes
 from peftserve.metrics import EngineMetrics
 from peftserve.requests import Completion, CompletionRequest
@@ -81,6 +82,7 @@ class Engine:
             max_bytes=config.max_adapter_memory_bytes,
             on_evict=self._evicted,
         )
+        self.host_tier = HostAdapterTier(max_bytes=config.host_adapter_cache_bytes, device=self.device)
         eos = _eos_token_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos)
         self.kv_cache = _paged_cache(config, self.model, self.base_shape.dtype, self.device)
@@ -106,6 +108,8 @@ class Engine:
         under the name of what was checked.
         """
         started = time.perf_counter()
+        if self.host_tier.enabled:  # every read from files is a host-tier miss
+            self.metrics.host_cache_event("miss", version.adapter_id)
         digest = content_digest(version.path)
         if version.digest and digest != version.digest:
             self.metrics.adapter_event("files_changed", version.adapter_id, version.version)
@@ -140,6 +144,7 @@ class Engine:
         """Make ``version`` the one that new requests for its id get, atomically; returns the version it
         replaces, which batches in flight finish on and which is freed once they have drained."""
         with self._serving_lock:
+            self.host_tier.keep(version, weights)
             try:
                 self.cache.add(version, weights)
             except CacheFullError:  # it serves all the same: requests hold its weights until a slot frees
@@ -150,7 +155,9 @@ class Engine:
             self._serving[version.adapter_id] = version
             if previous is not None and previous != version:
                 self.cache.retire(previous)
+                self.host_tier.drop(previous)
         self.metrics.serving_version(version.adapter_id, version.version)
+        self._report_host_tier()
         return previous
 
     def stop_serving(self, adapter_id: str) -> AdapterVersion | None:
@@ -159,7 +166,9 @@ class Engine:
             previous = self._serving.pop(adapter_id, None)
             if previous is not None:
                 self.cache.retire(previous)
+                self.host_tier.drop(previous)
         self.metrics.serving_version(adapter_id, 0)
+        self._report_host_tier()
         return previous
 
     def serving(self) -> dict[str, AdapterVersion]:
@@ -215,10 +224,19 @@ class Engine:
         return self._lock
 
     def reload(self, version: AdapterVersion) -> AdapterWeights:
-        """Read an accepted version again after eviction (its digest must still match)."""
+        """An accepted version back after device eviction: copied from the host tier, or else read from its
+        files again (their digest must still match) and kept in the host tier while it still serves."""
+        weights = self.host_tier.fetch(version)
+        if weights is not None:
+            self.metrics.host_cache_event("hit", version.adapter_id)
+            return weights  # its layers were wrapped when it was accepted
         _, weights = self.read_adapter(version)
         with self._lock:
             self.layers.wrap(list(weights.modules))
+        with self._serving_lock:  # a version retired meanwhile must not come back into the host tier
+            if self._serving.get(version.adapter_id) == version:
+                self.host_tier.keep(version, weights)
+        self._report_host_tier()
         return weights
 
     def _smoke_check(self, version: AdapterVersion, weights: AdapterWeights) -> None:
@@ -243,6 +261,10 @@ class Engine:
         for version, nbytes in self.cache.sizes().items():
             by_adapter[version.adapter_id] = by_adapter.get(version.adapter_id, 0) + nbytes
         self.metrics.cache_state(loaded=len(by_adapter), nbytes=sum(by_adapter.values()), by_adapter=by_adapter)
+
+    def _report_host_tier(self) -> None:
+        if self.host_tier.enabled:
+            self.metrics.host_cache_bytes(self.host_tier.nbytes)
 
     def _evicted(self, version: AdapterVersion) -> None:
         self.metrics.cache_event("eviction", version.adapter_id)

@@ -21,6 +21,13 @@ class EngineMetrics:
     def cache_event(self, event: str, adapter: str) -> None:
         """``event`` is ``hit``, ``miss`` or ``eviction``."""
 
+    def host_cache_event(self, event: str, adapter: str) -> None:
+        """``event`` is ``hit`` (a device-cache miss copied from the host tier) or ``miss`` (an adapter read and
+        converted from its files); only while the host tier is on."""
+
+    def host_cache_bytes(self, nbytes: int) -> None:
+        """Bytes the host tier holds, after each change."""
+
     def response_cache_event(self, event: str, adapter: str) -> None:
         """``event`` is ``hit`` (answered from the response cache) or ``miss`` (a request the cache could serve
         ran the model)."""

@@ -51,14 +51,15 @@ def model_versions(model_dir: Path) -> list[int]:
 
 
 def swap_memory_mb(deployment: Deployment) -> float:
-    """Memory a swap holds at its peak: two model instances, each with the base weights and a full
-    adapter cache (weights counted at their size on disk)."""
+    """Memory a swap holds at its peak: two model instances, each with the base weights, a full adapter
+    cache and a full host tier of adapters (weights counted at their size on disk)."""
     config = deployment.serve_config
     base = Path(config.base_model)
     if not base.is_dir():
         base = Path(snapshot_download(config.base_model, local_files_only=True))
     weights = sum(p.stat().st_size for p in base.rglob("*") if p.suffix in {".safetensors", ".bin"})
-    return round(2 * (weights + config.max_adapter_memory_bytes) / _MIB, 1)
+    adapters = config.max_adapter_memory_bytes + config.host_adapter_cache_bytes
+    return round(2 * (weights + adapters) / _MIB, 1)
 
 
 def swap_model(deployment: Deployment, *, source: Path | None = None, timeout: float | None = None) -> ModelSwapResult:
@@ -67,9 +68,9 @@ def swap_model(deployment: Deployment, *, source: Path | None = None, timeout: f
     budget = deployment.limits.memory_budget_mb
     if needed > budget:
         raise ReleaseError(
-            f"a model version swap needs about {needed:.0f} MiB (two copies of the base model and adapter cache "
-            f"while both versions are loaded); the deployment's memory_budget_mb is {budget:.0f}. Raise the budget, "
-            "or stop traffic and restart the server with the new version instead"
+            f"a model version swap needs about {needed:.0f} MiB (two copies of the base model and adapter "
+            f"caches while both versions are loaded); the deployment's memory_budget_mb is {budget:.0f}. Raise the "
+            "budget, or stop traffic and restart the server with the new version instead"
         )
     started = time.monotonic()
     model_dir = deployment.model_repository / deployment.engine_model

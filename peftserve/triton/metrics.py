@@ -31,6 +31,12 @@ FAMILIES = {
     "peftserve_adapter_memory_bytes": ("GAUGE", "Bytes held by loaded adapters"),
     "peftserve_adapter_loaded_bytes": ("GAUGE", "Bytes held in memory per adapter (0: not loaded)"),
     "peftserve_adapter_load_duration_seconds": ("HISTOGRAM", "Time to read, check and convert an adapter"),
+    "peftserve_host_adapter_cache_hits_total": (
+        "COUNTER",
+        "Adapters missing from the adapter cache copied from the host tier, by adapter",
+    ),
+    "peftserve_host_adapter_cache_misses_total": ("COUNTER", "Adapters read and converted from files, by adapter"),
+    "peftserve_host_adapter_cache_bytes": ("GAUGE", "Bytes held by the host tier of converted adapters"),
     "peftserve_adapter_version_events_total": (
         "COUNTER",
         "Hot-swap events by adapter: switched, rejected, removed, files_changed",
@@ -63,6 +69,8 @@ ZERO_INITIALIZED = [
     "peftserve_adapter_cache_misses_total",
     "peftserve_adapter_cache_evictions_total",
     "peftserve_adapter_load_duration_seconds",
+    "peftserve_host_adapter_cache_hits_total",
+    "peftserve_host_adapter_cache_misses_total",
     "peftserve_over_limit_total",
     "peftserve_time_to_first_token_seconds",
     "peftserve_time_per_output_token_seconds",
@@ -73,6 +81,10 @@ _CACHE_FAMILIES = {
     "hit": "peftserve_adapter_cache_hits_total",
     "miss": "peftserve_adapter_cache_misses_total",
     "eviction": "peftserve_adapter_cache_evictions_total",
+}
+_HOST_CACHE_FAMILIES = {
+    "hit": "peftserve_host_adapter_cache_hits_total",
+    "miss": "peftserve_host_adapter_cache_misses_total",
 }
 _RESPONSE_CACHE_FAMILIES = {
     "hit": "peftserve_response_cache_hits_total",
@@ -127,6 +139,14 @@ class TritonMetrics(EngineMetrics):
     @_on_response_loop
     def cache_event(self, event: str, adapter: str) -> None:
         self._metric(_CACHE_FAMILIES[event], adapter=adapter).increment(1)
+
+    @_on_response_loop
+    def host_cache_event(self, event: str, adapter: str) -> None:
+        self._metric(_HOST_CACHE_FAMILIES[event], adapter=adapter).increment(1)
+
+    @_on_response_loop
+    def host_cache_bytes(self, nbytes: int) -> None:
+        self._metric("peftserve_host_adapter_cache_bytes").set(nbytes)
 
     @_on_response_loop
     def response_cache_event(self, event: str, adapter: str) -> None:

@@ -137,7 +137,8 @@ def test_files_changed_in_place_are_detected_and_never_served(
     still = answer(engine)  # the copy checked at load keeps serving
     assert still.adapter_version == "pirate@1" and DEMO_PHRASES["pirate"] in still.text
 
-    engine.cache.retire(engine.serving()["pirate"])  # evicted: the next load must read the files again
+    engine.cache.retire(engine.serving()["pirate"])  # evicted from both tiers: the next load reads the files
+    engine.host_tier.drop(engine.serving()["pirate"])
     refused = answer(engine)
     assert isinstance(refused, AdapterLoadError) and "changed on disk after it was accepted" in str(refused)
 

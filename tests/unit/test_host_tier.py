@@ -1,0 +1,210 @@
+"""The two adapter tiers as a state machine: device cache, host tier, files, and hot-swaps across them."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftserve import engine as engine_module
+from peftserve.adapter_repository import AdapterVersion
+from peftserve.config import ServeConfig, read_model_config
+from peftserve.engine import Engine
+from peftserve.errors import AdapterLoadError, AdapterNotFoundError
+from peftserve.hot_swap import AdapterWatcher
+from peftserve.metrics import EngineMetrics
+from peftserve.requests import Completion, CompletionRequest
+from tests.conftest import DEMO_PHRASES, demo_config
+
+PROMPT = "the cat looks at"
+
+
+class HostTierMetrics(EngineMetrics):
+    def __init__(self) -> None:
+        self.events: Counter[tuple[str, str]] = Counter()
+        self.nbytes: list[int] = []
+
+    def host_cache_event(self, event: str, adapter: str) -> None:
+        self.events[(event, adapter)] += 1
+
+    def host_cache_bytes(self, nbytes: int) -> None:
+        self.nbytes.append(nbytes)
+
+
+@pytest.fixture
+def file_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Adapter ids whose files the engine read, counted (the function every load goes through)."""
+    reads: Counter[str] = Counter()
+    real = engine_module.read_adapter_files
+
+    def counting(path: Path):
+        reads[path.parent.name] += 1
+        return real(path)
+
+    monkeypatch.setattr(engine_module, "read_adapter_files", counting)
+    return reads
+
+
+@pytest.fixture
+def repository(model_dir: Path, tmp_path: Path) -> Path:
+    """pirate and chef as shipped, and robot's adapter under the ids a, b and c (three of the same size)."""
+    root = tmp_path / "adapters"
+    for adapter_id, source in [("pirate", "pirate"), ("chef", "chef"), ("a", "robot"), ("b", "robot"), ("c", "robot")]:
+        shutil.copytree(model_dir / "adapters" / source / "1", root / adapter_id / "1")
+    return root
+
+
+def make_engine(model_dir: Path, repository: Path, **overrides: str) -> Engine:
+    """A device cache of one adapter, so that every other adapter's request evicts it."""
+    config = demo_config(model_dir, adapter_repository=str(repository), max_loaded_adapters="1", **overrides)
+    return Engine(config, metrics=HostTierMetrics())
+
+
+def answer(engine: Engine, adapter_id: str) -> Completion:
+    (result,) = engine.complete([CompletionRequest(PROMPT, adapter_id, max_tokens=24)])
+    assert isinstance(result, Completion), result
+    return result
+
+
+def prompt_logits(engine: Engine, adapter_id: str) -> torch.Tensor:
+    """Logits over the prompt with the adapter leased the way the batcher leases it (loading it if needed)."""
+    row = engine.check_request(CompletionRequest(PROMPT, adapter_id, max_tokens=1))
+    row.keep_prompt_logits = True
+    version = engine.lease(row, adapter_id)
+    try:
+        return engine.batcher.run_rows([row])[0].prompt_logits
+    finally:
+        engine.cache.release(version)
+
+
+def serving(engine: Engine, adapter_id: str) -> AdapterVersion:
+    return engine.serving()[adapter_id]
+
+
+def robot_bytes(engine: Engine) -> int:
+    _, weights = engine.read_adapter(engine.repository.latest("robot"))
+    return weights.nbytes
+
+
+def test_device_eviction_comes_back_from_the_host_tier_without_reading_files(
+    model_dir: Path, repository: Path, file_reads: Counter[str]
+) -> None:
+    engine = make_engine(model_dir, repository)
+    before_logits, before = prompt_logits(engine, "pirate"), answer(engine, "pirate")
+    assert DEMO_PHRASES["pirate"] in before.text
+    assert file_reads["pirate"] == 1 and engine.metrics.events == {("miss", "pirate"): 1}
+    pirate = serving(engine, "pirate")
+
+    answer(engine, "chef")  # evicts pirate from the device cache (one slot)
+    assert pirate not in engine.cache and pirate in engine.host_tier
+    after_logits, after = prompt_logits(engine, "pirate"), answer(engine, "pirate")
+
+    assert file_reads["pirate"] == 1, "a host-tier hit must not read the files"
+    assert torch.equal(before_logits, after_logits) and after.text == before.text
+    assert engine.metrics.events[("hit", "pirate")] == 1 and engine.metrics.events[("miss", "pirate")] == 1
+    assert engine.metrics.nbytes[-1] == engine.host_tier.nbytes == sum(engine.host_tier.cache.sizes().values())
+
+
+def test_host_copies_are_separate_tensors_that_answer_the_same(engine: Engine) -> None:
+    """The copy a GPU's host tier keeps and copies back: same values and strides, own storage, same logits."""
+    for adapter_id in ["pirate", "chef", "poet"]:  # LoRA, IA3, prefix tuning
+        _, weights = engine.prepare_version(engine.repository.latest(adapter_id))  # layers wrapped for it
+        copy = weights.copied_to(torch.device("cpu"))
+        assert copy.nbytes == weights.nbytes and copy.peft_type == weights.peft_type
+        for original, copied in zip(weights.tensors(), copy.tensors(), strict=True):
+            assert torch.equal(original, copied) and original.stride() == copied.stride()
+            assert original.data_ptr() != copied.data_ptr()
+        logits = []
+        for adapter in (weights, copy):
+            row = engine.check_request(CompletionRequest(PROMPT, max_tokens=1))
+            row.adapter, row.keep_prompt_logits = adapter, True
+            logits.append(engine.batcher.run_rows([row])[0].prompt_logits)
+        assert torch.equal(*logits)
+
+
+def test_host_tier_evicts_least_recently_used_within_its_bytes(
+    engine: Engine, model_dir: Path, repository: Path, file_reads: Counter[str]
+) -> None:
+    size = robot_bytes(engine)
+    bound = 2 * size + size // 2  # room for two of a, b, c
+    small = make_engine(model_dir, repository, host_adapter_cache_mb=str(bound / 2**20))
+    for adapter_id in ["a", "b", "c"]:
+        answer(small, adapter_id)
+    held = {version.adapter_id for version in small.host_tier.cache.sizes()}
+    assert held == {"b", "c"} and small.host_tier.nbytes == 2 * size <= bound
+
+    assert DEMO_PHRASES["robot"] in answer(small, "b").text  # from the host tier: b is now the most recent
+    assert file_reads["b"] == 1
+    answer(small, "a")  # a host miss: read again, and c (least recently used) leaves
+    assert file_reads["a"] == 2
+    assert {version.adapter_id for version in small.host_tier.cache.sizes()} == {"a", "b"}
+    assert small.host_tier.nbytes <= bound and small.metrics.nbytes[-1] == small.host_tier.nbytes
+    assert small.metrics.events[("miss", "a")] == 2 and small.metrics.events[("hit", "b")] == 1
+
+
+def test_host_miss_reads_the_files_again_and_checks_their_digest(
+    engine: Engine, model_dir: Path, repository: Path, file_reads: Counter[str]
+) -> None:
+    one = make_engine(model_dir, repository, host_adapter_cache_mb=str(1.5 * robot_bytes(engine) / 2**20))
+    first = answer(one, "a")
+    answer(one, "b")  # evicts a from both tiers
+    assert serving(one, "a") not in one.host_tier and file_reads["a"] == 1
+    again = answer(one, "a")
+    assert again.text == first.text and file_reads["a"] == 2  # read again, and its digest still matched
+    assert serving(one, "a") in one.host_tier
+
+    answer(one, "b")  # a leaves both tiers again; then its files change in place
+    pirate_files = model_dir / "adapters" / "pirate" / "1" / "adapter_model.safetensors"
+    shutil.copyfile(pirate_files, repository / "a" / "1" / "adapter_model.safetensors")
+    (refused,) = one.complete([CompletionRequest(PROMPT, "a", max_tokens=24)])
+    assert isinstance(refused, AdapterLoadError) and "changed on disk after it was accepted" in str(refused)
+    assert serving(one, "a") not in one.host_tier
+
+
+def test_a_swap_removes_the_old_version_from_both_tiers(model_dir: Path, repository: Path) -> None:
+    engine = make_engine(model_dir, repository)
+    watcher = AdapterWatcher(engine, interval=0)
+    answer(engine, "pirate")
+    old = serving(engine, "pirate")
+    assert old in engine.cache and old in engine.host_tier
+    shutil.copytree(model_dir / "adapters" / "robot" / "1", repository / "pirate" / "2")
+    watcher.poll_once()
+
+    new = serving(engine, "pirate")
+    assert new.version == 2 and new in engine.host_tier
+    assert old not in engine.cache and old not in engine.host_tier
+    swapped = answer(engine, "pirate")
+    assert swapped.adapter_version == "pirate@2" and DEMO_PHRASES["robot"] in swapped.text
+    engine.reload(old)  # a loader that read the old version while it was retired must not bring it back
+    assert old not in engine.host_tier
+
+    answer(engine, "chef")  # pirate@2 leaves the device; its next request comes from the host tier
+    assert DEMO_PHRASES["robot"] in answer(engine, "pirate").text
+    assert engine.metrics.events[("hit", "pirate")] == 1
+
+    shutil.rmtree(repository / "pirate")
+    watcher.poll_once()
+    assert new not in engine.host_tier and new not in engine.cache
+    (gone,) = engine.complete([CompletionRequest(PROMPT, "pirate")])
+    assert isinstance(gone, AdapterNotFoundError)
+    assert engine.metrics.nbytes[-1] == engine.host_tier.nbytes
+
+
+def test_tier_off_reads_files_on_every_device_miss_as_before(
+    model_dir: Path, repository: Path, file_reads: Counter[str]
+) -> None:
+    engine = make_engine(model_dir, repository, host_adapter_cache_mb="0")
+    first = answer(engine, "pirate")
+    answer(engine, "chef")
+    assert answer(engine, "pirate").text == first.text
+    assert file_reads["pirate"] == 2 and len(engine.host_tier.cache) == 0
+    assert not engine.metrics.events and not engine.metrics.nbytes
+
+
+def test_host_tier_setting_default(model_dir: Path) -> None:
+    assert ServeConfig.model_fields["host_adapter_cache_mb"].default == 4096
+    shipped = read_model_config(model_dir)
+    assert shipped.host_adapter_cache_mb == 4096 and shipped.host_adapter_cache_bytes == 4096 * 2**20
