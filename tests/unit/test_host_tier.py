@@ -208,3 +208,20 @@ def test_host_tier_setting_default(model_dir: Path) -> None:
     assert ServeConfig.model_fields["host_adapter_cache_mb"].default == 4096
     shipped = read_model_config(model_dir)
     assert shipped.host_adapter_cache_mb == 4096 and shipped.host_adapter_cache_bytes == 4096 * 2**20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: page-locked host copies")
+def test_on_cuda_the_host_copy_is_pinned_and_comes_back_equal(engine: Engine) -> None:
+    from peftserve.host_tier import HostAdapterTier
+
+    tier = HostAdapterTier(max_bytes=2**30, device=torch.device("cuda"))
+    version = engine.repository.latest("pirate")
+    _, weights = engine.read_adapter(version)
+    on_device = weights.copied_to(torch.device("cuda"))
+    tier.keep(version, on_device)
+    host = tier.cache.get(version)
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in host.tensors())
+    fetched = tier.fetch(version)
+    for original, copied in zip(on_device.tensors(), fetched.tensors(), strict=True):
+        assert copied.device == original.device and torch.equal(original, copied)
+        assert copied.data_ptr() != original.data_ptr()
