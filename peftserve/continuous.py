@@ -161,7 +161,7 @@ class ContinuousBatcher:
             if adapter_id:
                 self.engine.metrics.cache_event("hit" if loaded else "miss", adapter_id)
         if loaded is False:
-            self._loaders.submit(self._load_then_queue, work)
+            self._loaders.submit(self._load_then_queue, work, time.perf_counter())
             return False
         return True
 
@@ -219,7 +219,9 @@ class ContinuousBatcher:
         self._thread.join(timeout=60)
         self._loaders.shutdown(wait=True)
 
-    def _load_then_queue(self, work: Work) -> None:
+    def _load_then_queue(self, work: Work, requested_at: float) -> None:
+        """On a loader thread: load the request's adapter, then queue the request. Requests whose adapters are
+        ready never wait behind it: a miss waits here, not in the queue the batch admits from."""
         try:
             work.loaded = self.engine.ensure_loaded(work.request.adapter_id)
         except PeftServeError as exc:
@@ -229,6 +231,7 @@ class ContinuousBatcher:
             logger.exception("background load of adapter %r failed", work.request.adapter_id)
             self._finish(work, PeftServeError(f"loading adapter failed: {type(exc).__name__}"))
             return
+        self.engine.metrics.load_wait(work.label, seconds=time.perf_counter() - requested_at)
         self._queue(work)
 
     def _queue(self, work: Work) -> None:
@@ -279,7 +282,7 @@ class ContinuousBatcher:
             try:
                 row = self._lease_row(work)
             except AdapterNotReady:  # evicted or replaced since it was queued: load it again, off the loop
-                self._loaders.submit(self._load_then_queue, work)
+                self._loaders.submit(self._load_then_queue, work, time.perf_counter())
                 continue
             except CacheFullError as exc:
                 if self.rows or back:  # a running request will release its adapter: wait for it

@@ -35,6 +35,10 @@ class EngineMetrics:
     def response_cache_bytes(self, nbytes: int) -> None:
         """Bytes the response cache holds, after each answer it stores."""
 
+    def load_wait(self, adapter: str, *, seconds: float) -> None:
+        """A request whose adapter was not on the device waited ``seconds`` for its load (queued on a loader
+        thread, then read or copied from the host tier), beside the running batch."""
+
     def adapter_loaded(self, adapter: str, *, seconds: float, nbytes: int) -> None:
         """An adapter version was read, checked and converted."""
 

@@ -31,6 +31,10 @@ FAMILIES = {
     "peftserve_adapter_memory_bytes": ("GAUGE", "Bytes held by loaded adapters"),
     "peftserve_adapter_loaded_bytes": ("GAUGE", "Bytes held in memory per adapter (0: not loaded)"),
     "peftserve_adapter_load_duration_seconds": ("HISTOGRAM", "Time to read, check and convert an adapter"),
+    "peftserve_adapter_load_wait_seconds": (
+        "HISTOGRAM",
+        "Time requests waited for their adapter to reach the device (cache misses), by adapter",
+    ),
     "peftserve_host_adapter_cache_hits_total": (
         "COUNTER",
         "Adapters missing from the adapter cache copied from the host tier, by adapter",
@@ -60,6 +64,7 @@ _BUCKETS = {
     "peftserve_time_to_first_token_seconds": LATENCY_BUCKETS,
     "peftserve_time_per_output_token_seconds": TOKEN_BUCKETS,
     "peftserve_adapter_load_duration_seconds": LOAD_BUCKETS,
+    "peftserve_adapter_load_wait_seconds": LATENCY_BUCKETS,
 }
 ZERO_INITIALIZED = [
     "peftserve_requests_total",
@@ -159,6 +164,11 @@ class TritonMetrics(EngineMetrics):
     @_on_response_loop
     def adapter_loaded(self, adapter: str, *, seconds: float, nbytes: int) -> None:
         self._metric("peftserve_adapter_load_duration_seconds", LOAD_BUCKETS, adapter=adapter).observe(seconds)
+
+    @_on_response_loop
+    def load_wait(self, adapter: str, *, seconds: float) -> None:
+        family = "peftserve_adapter_load_wait_seconds"
+        self._metric(family, _BUCKETS[family], adapter=adapter).observe(seconds)
 
     @_on_response_loop
     def cache_state(self, *, loaded: int, nbytes: int, by_adapter: dict[str, int]) -> None:

@@ -26,12 +26,16 @@ class HostTierMetrics(EngineMetrics):
     def __init__(self) -> None:
         self.events: Counter[tuple[str, str]] = Counter()
         self.nbytes: list[int] = []
+        self.waits: list[tuple[str, float]] = []
 
     def host_cache_event(self, event: str, adapter: str) -> None:
         self.events[(event, adapter)] += 1
 
     def host_cache_bytes(self, nbytes: int) -> None:
         self.nbytes.append(nbytes)
+
+    def load_wait(self, adapter: str, *, seconds: float) -> None:
+        self.waits.append((adapter, seconds))
 
 
 @pytest.fixture
@@ -106,6 +110,16 @@ def test_device_eviction_comes_back_from_the_host_tier_without_reading_files(
     assert torch.equal(before_logits, after_logits) and after.text == before.text
     assert engine.metrics.events[("hit", "pirate")] == 1 and engine.metrics.events[("miss", "pirate")] == 1
     assert engine.metrics.nbytes[-1] == engine.host_tier.nbytes == sum(engine.host_tier.cache.sizes().values())
+
+
+def test_requests_that_wait_for_their_adapter_report_the_wait(model_dir: Path, repository: Path) -> None:
+    engine = make_engine(model_dir, repository)
+    answer(engine, "pirate")  # first use: read from its files on a loader thread
+    answer(engine, "chef")  # evicts pirate from the one device slot
+    answer(engine, "pirate")  # back from the host tier, again on a loader thread
+    answer(engine, "pirate")  # on the device: no wait
+    assert [adapter for adapter, _ in engine.metrics.waits] == ["pirate", "chef", "pirate"]
+    assert all(seconds > 0 for _, seconds in engine.metrics.waits)
 
 
 def test_host_copies_are_separate_tensors_that_answer_the_same(engine: Engine) -> None:
