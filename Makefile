@@ -71,7 +71,7 @@ gpu-engine-check: $(STAMP)
 # Streams' gaps through Triton while a maximum-length prompt joins, whole vs chunked prefill (REPOSITORY=...).
 REPOSITORY ?= model_repository
 bench-stall: $(STAMP) $(DEMO)
-	$(PY) -m tools.bench_stream_stall --repository $(REPOSITORY)
+	$(PY) -m tools.bench_stream_stall --repository $(REPOSITORY) $(STALL_ARGS)
 
 # What peft_llm's BLS hop to peft_llm_stream costs per request.
 bench-forwarding: $(STAMP) $(DEMO)

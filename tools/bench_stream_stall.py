@@ -6,6 +6,10 @@ tokens arrives. For each stream, the gaps between its pieces before the arrival 
 median; the gaps that overlap the long prompt's prefill (until its answer) give the worst. The server runs
 twice, side by side in one command: prompts prefilled whole (``prefill_chunk_tokens`` and
 ``prefill_step_share`` 0) and in chunks (the repository's own settings).
+
+``--cold``: instead of a long prompt, the first requests for every adapter of the repository arrive at once
+(none preloaded, so each is read, converted and smoke-checked while the streams decode), on the repository's
+own settings; the worst gap lasts until the last of them is answered.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +68,32 @@ def stream_inputs(text: str, adapter: str, max_tokens: int) -> list:
     return [*build_inputs(grpcclient, text, adapter, max_tokens, ignore_eos=True), flag]
 
 
-def measure(server: TritonServer, config: ServeConfig, long_prompt: str, adapter: str) -> tuple[float, float]:
-    """(median gap before the long prompt, worst gap while it joined), over all streams, in seconds."""
+def long_prompt_arrives(server: TritonServer, long_prompt: str, adapter: str) -> Callable[[], None]:
+    def arrive() -> None:
+        answer = grpcclient.InferenceServerClient(server.grpc_url).infer(
+            "peft_llm", build_inputs(grpcclient, long_prompt, adapter, 1)
+        )
+        assert answer.as_numpy("output_tokens")[0, 0] == 1
+
+    return arrive
+
+
+def cold_adapters_arrive(server: TritonServer, adapters: list[str]) -> Callable[[], None]:
+    def first_request(adapter: str) -> None:
+        answer = grpcclient.InferenceServerClient(server.grpc_url).infer(
+            "peft_llm", build_inputs(grpcclient, "the cat looks at", adapter, 1)
+        )
+        assert answer.as_numpy("adapter_version")[0, 0].decode().startswith(f"{adapter}@")
+
+    def arrive() -> None:
+        with ThreadPoolExecutor(max_workers=len(adapters)) as pool:
+            list(pool.map(first_request, adapters))
+
+    return arrive
+
+
+def measure(server: TritonServer, config: ServeConfig, arrive: Callable[[], None], adapter: str) -> tuple[float, float]:
+    """(median gap before the arrival, worst gap until ``arrive`` returned), over all streams, in seconds."""
     times: list[list[float]] = [[] for _ in range(STREAMS)]
     finished: queue.Queue = queue.Queue()
     clients = []
@@ -84,11 +114,8 @@ def measure(server: TritonServer, config: ServeConfig, long_prompt: str, adapter
     while min(len(t) for t in times) < 20:
         time.sleep(0.01)
     arrived = time.perf_counter()
-    answer = grpcclient.InferenceServerClient(server.grpc_url).infer(
-        "peft_llm", build_inputs(grpcclient, long_prompt, adapter, 1)
-    )
+    arrive()
     answered = time.perf_counter()
-    assert answer.as_numpy("output_tokens")[0, 0] == 1
     for _ in range(STREAMS):
         error = finished.get(timeout=600)
         if error is not None:
@@ -104,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--adapter", default="", help="adapter of every request (default: the base model)")
+    parser.add_argument("--cold", action="store_true", help="every adapter's first request arrives instead")
     args = parser.parse_args(argv)
     config = read_model_config(args.repository / "peft_llm")
+    if args.cold:
+        return measure_cold(args.repository, config)
     long_prompt = longest_prompt(config)
     runs = {"whole prompt": {"prefill_chunk_tokens": "0", "prefill_step_share": "0"}, "chunked (configured)": {}}
     rows = []
@@ -114,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             repository = repository_with(args.repository, Path(tmp), **settings)
             server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
             with server:
-                median, worst = measure(server, config, long_prompt, args.adapter)
+                median, worst = measure(
+                    server, config, long_prompt_arrives(server, long_prompt, args.adapter), args.adapter
+                )
         rows.append((name, median, worst))
         print(f"{name}: median gap {1000 * median:.1f} ms, worst {1000 * worst:.1f} ms", flush=True)
     print(f"\n{config.max_prompt_tokens}-token prompt joining {STREAMS} streams ({args.repository}, adapter "
@@ -122,6 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'prefill':<24}{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
     for name, median, worst in rows:
         print(f"{name:<24}{1000 * median:>16.1f}{1000 * worst:>16.1f}{worst / median:>13.1f}x")
+    return 0
+
+
+def measure_cold(source: Path, config: ServeConfig) -> int:
+    adapters = sorted(p.name for p in Path(config.adapter_repository).iterdir() if p.is_dir())
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = repository_with(source, Path(tmp), preload="")
+        server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+        with server:
+            median, worst = measure(server, config, cold_adapters_arrive(server, adapters), "")
+    print(f"\n{len(adapters)} cold adapters' first requests arriving while {STREAMS} streams decode ({source})")
+    print(f"{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
+    print(f"{1000 * median:>16.1f}{1000 * worst:>16.1f}{worst / median:>13.1f}x")
     return 0
 
 
