@@ -31,7 +31,7 @@ METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
 .PHONY: serve test unit integration demo smollm2 lint format clean bench-engine bench scale-out bench-continuous \
-	bench-forwarding image-requirements gpu-startup-check gpu-engine-check bench-stall
+	bench-forwarding image-requirements gpu-startup-check gpu-engine-check bench-gpu bench-stall
 
 # Loopback only unless opened deliberately: SERVE_ARGS="--bind 0.0.0.0" with a management key (SECURITY.md).
 serve: $(STAMP) $(SERVE_ASSETS)
@@ -67,6 +67,10 @@ bench-continuous: $(STAMP)
 # On a GPU host: sliding window, KV budget and batch-32 throughput on a Llama-3-8B-shaped bf16 model (JSON).
 gpu-engine-check: $(STAMP)
 	$(PY) -m tools.gpu_engine_check --out loadtests/reports/gpu-engine-check.json
+
+# Decode tokens/s of a Llama-3-8B-shaped model with 16/64 LoRA and 8 mixed adapter types against the bandwidth floor.
+bench-gpu: $(STAMP)
+	$(PY) -m tools.bench_gpu --out loadtests/reports/bench-gpu.json
 
 # Streams' gaps through Triton while a maximum-length prompt joins, whole vs chunked prefill (REPOSITORY=...).
 REPOSITORY ?= model_repository

@@ -78,13 +78,23 @@ def build_assets(root: Path, *, hidden: int, layers: int, lora_count: int) -> tu
     loras = [f"lora{i}" for i in range(lora_count)]
     specs = [(name, MIXED_TYPES[0]) for name in loras] + [(f"mixed{i}", make) for i, make in enumerate(MIXED_TYPES)]
     for name, make in tqdm(specs, desc="building adapters", unit="adapter"):
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), make())
-        with torch.no_grad():  # prompt-learning and IA3 start near identity: make every adapter matter
-            for parameter in model.parameters():
-                if parameter.requires_grad:
-                    parameter.add_(torch.randn_like(parameter) * 0.02)
-        model.save_pretrained(root / "adapters" / name / "1")
+        save_random_adapter(LlamaForCausalLM.from_pretrained(base_dir), make(), root / "adapters" / name / "1")
     return base_dir, loras, [f"mixed{i}" for i in range(len(MIXED_TYPES))]
+
+
+def save_random_adapter(model: LlamaForCausalLM, config: PeftConfig, directory: Path) -> None:
+    """Save a PEFT adapter of ``config`` for ``model`` with random non-zero weights, leaving ``model`` as it was
+    (adapter layers removed again), so one large base can give every adapter without being reloaded."""
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # prompt-learning and IA3 start near identity: make every adapter matter
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.02)
+    peft_model.save_pretrained(directory)
+    if not config.is_prompt_learning:
+        peft_model.unload()
+    if hasattr(model, "peft_config"):  # left by the tuner; PEFT would warn that the model was modified twice
+        del model.peft_config
 
 
 def _write_tokenizer(base_dir: Path) -> None:

@@ -118,16 +118,16 @@ def check_sliding_window(device: str, root: Path) -> dict:
 
 
 def big_engine(base_dir: Path, model, tokenizer, device: str, **settings) -> Engine:
+    defaults = {
+        "dtype": "bfloat16",
+        "max_tokens_limit": 1024,
+        "max_prompt_tokens": 4096,
+        "max_prompt_bytes": 1 << 20,
+        "max_loaded_adapters": 64,
+        "max_adapter_memory_mb": 16384,
+    }
     config = ServeConfig(
-        base_model=str(base_dir),
-        adapter_repository=str(base_dir / "adapters"),
-        dtype="bfloat16",
-        max_tokens_limit=1024,
-        max_prompt_tokens=4096,
-        max_prompt_bytes=1 << 20,
-        max_loaded_adapters=64,
-        max_adapter_memory_mb=16384,
-        **settings,
+        base_model=str(base_dir), adapter_repository=str(base_dir / "adapters"), **{**defaults, **settings}
     )
     return Engine(config, device=device, base=(tokenizer, model))
 

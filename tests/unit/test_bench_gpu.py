@@ -1,0 +1,37 @@
+"""``make bench-gpu`` end to end on the CPU with ``--tiny``: every run and batch reported, exactness per type."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tools.bench_gpu import MIXED_NAMES, main, peak_bandwidth_gbs
+
+
+def test_tiny_run_reports_every_run_batch_and_adapter_type(tmp_path: Path) -> None:
+    out = tmp_path / "reports" / "bench-gpu.json"
+    assert main(["--tiny", "--device", "cpu", "--bandwidth-gbs", "20", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    runs = ["base", "16 LoRA r16 all-linear", "64 LoRA r16 all-linear", "8 mixed types"]
+    assert list(report["runs"]) == runs
+    for name in runs:
+        assert list(report["runs"][name]) == ["1", "8", "32", "64"]
+        for result in report["runs"][name].values():
+            assert result["tokens_per_second"] > 0 and result["floor_ms_per_step"] > 0
+            assert result["fraction_of_floor"] == round(result["floor_ms_per_step"] / result["decode_ms_per_step"], 3)
+    assert report["runs"]["64 LoRA r16 all-linear"]["64"]["distinct_adapters"] == 64
+    assert report["runs"]["base"]["64"]["distinct_adapters"] == 0
+    for name in runs[1:]:
+        assert all(ratio > 0 for ratio in report["ratios"][f"{name} / base"].values())
+    types = report["exactness"]["types"]
+    assert set(types) == {*MIXED_NAMES, "base"}
+    for name in MIXED_NAMES:
+        assert types[name]["passed"] and types[name]["adapter_effect"] > 0, (name, types[name])
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bandwidth_by_device_name() -> None:
+    assert peak_bandwidth_gbs("NVIDIA H200") == 4800.0
+    assert peak_bandwidth_gbs("NVIDIA H100 80GB HBM3") == 3350.0
+    assert peak_bandwidth_gbs("NVIDIA A100-SXM4-80GB") == 2039.0
+    assert peak_bandwidth_gbs("cpu") is None
