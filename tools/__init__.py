@@ -1,1 +1,2 @@
-"""Operator tools for peftserve: demo assets, the Triton launcher and (later) the adapter CLI."""
+"""Operator tools for peftserve: the CLI (``python -m tools``: serve, adapter and model releases, metrics),
+demo and SmolLM2 assets, the Triton launcher, benchmarks and GPU checks."""
