@@ -25,9 +25,9 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
 from peftserve.engine import Engine
-from peftserve.requests import Completion, CompletionRequest
+from peftserve.requests import CompletionRequest
 from tools.bench_engine import MIXED_TYPES, save_random_adapter
-from tools.gpu_engine_check import big_engine, llama_shape, prompt, word_tokenizer, write_lora
+from tools.gpu_engine_check import big_engine, llama_shape, prompt, timed, word_tokenizer, write_lora
 
 MIXED_NAMES = ["lora", "dora", "adalora", "loha", "lokr", "ia3", "prefix", "prompt_tuning"]  # MIXED_TYPES' order
 # Peak memory bandwidth in GB/s by a part of the device name; the first match wins (more specific first).
@@ -65,19 +65,6 @@ def adapter_bytes(directory: Path) -> int:
     """Bytes of an adapter's tensors in bf16, as the engine holds them."""
     with safe_open(directory / "adapter_model.safetensors", framework="pt") as tensors:
         return sum(2 * torch.Size(tensors.get_slice(k).get_shape()).numel() for k in tensors.keys())  # noqa: SIM118 (not iterable)
-
-
-def timed(engine: Engine, requests: list[CompletionRequest], device: str) -> tuple[float, int]:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    results = engine.complete(requests)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    failed = [r for r in results if not isinstance(r, Completion)]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(requests)} requests failed: {failed[0]}")
-    return time.perf_counter() - started, sum(r.output_tokens for r in results)
 
 
 def measure(engine: Engine, adapters: list[str], batch: int, shape: dict, floor_bytes: dict) -> dict:

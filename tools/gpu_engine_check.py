@@ -132,6 +132,20 @@ def big_engine(base_dir: Path, model, tokenizer, device: str, **settings) -> Eng
     return Engine(config, device=device, base=(tokenizer, model))
 
 
+def timed(engine: Engine, requests: list[CompletionRequest], device: str) -> tuple[float, int]:
+    """Seconds to answer ``requests`` (device work included) and tokens generated; any failed request raises."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    results = engine.complete(requests)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    failed = [r for r in results if not isinstance(r, Completion)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(requests)} requests failed: {failed[0]}")
+    return time.perf_counter() - started, sum(r.output_tokens for r in results)
+
+
 def prompt(length: int, seed: int) -> str:
     return " ".join(f"w{3 + (seed * 7919 + i * 104729) % 100000}" for i in range(length))
 
@@ -175,14 +189,7 @@ def check_throughput(base_dir: Path, model, tokenizer, device: str, batch: int) 
             CompletionRequest(prompt(128, i), adapters[i % len(adapters)], 128, ignore_eos=True) for i in range(batch)
         ]
         engine.complete(requests[:2])  # warm-up: adapters loaded, kernels chosen
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        results = engine.complete(requests)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        tokens = sum(r.output_tokens for r in results if isinstance(r, Completion))
+        seconds, tokens = timed(engine, requests, device)
         runs[name] = {"tokens_per_second": round(tokens / seconds, 1), "ms_per_step": round(1000 * seconds / 128, 2)}
     engine.batcher.close()
     runs["ratio_lora_to_base"] = round(
