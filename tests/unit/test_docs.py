@@ -4,12 +4,13 @@ Checked here: every relative link in README.md, SECURITY.md and docs/ reaches a 
 ``#anchor`` links, by GitHub's slug rules); every ``make`` target and every ``python -m`` command of the
 project's own modules shown in a code block or code span exists, down to its subcommands and flags, in the
 Makefile or the module's real argparse parser (``build_parser()``); the architecture page maps every
-engine module; and the pages stay short enough to read.
+engine module and the metrics table every exported family; and the pages stay short enough to read.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import re
 import shlex
@@ -268,6 +269,20 @@ def test_architecture_maps_every_engine_module() -> None:
     modules = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "peftserve").rglob("*.py"))]
     missing = [m for m in modules if Path(m).name != "__init__.py" and f"(../{m})" not in page]
     assert missing == [], "add these modules to the module map of docs/architecture.md"
+
+
+def test_metrics_table_lists_every_family() -> None:
+    """The metrics table of docs/deployment.md names exactly the families the Triton model exports (read from
+    the source: the module imports pb_utils, which exists only inside Triton)."""
+    source = ast.parse((ROOT / "peftserve" / "triton" / "metrics.py").read_text())
+    assignment = next(
+        node
+        for node in source.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "FAMILIES" for t in node.targets)
+    )
+    exported = set(ast.literal_eval(assignment.value))
+    documented = set(re.findall(r"^\| `(peftserve_\w+)` \|", (ROOT / "docs" / "deployment.md").read_text(), re.M))
+    assert documented == exported
 
 
 # --- The checks themselves can fail -----------------------------------------------------------------------
