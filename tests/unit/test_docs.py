@@ -264,6 +264,13 @@ def test_readme_and_pages_stay_short() -> None:
     assert too_long == {}, f"pages of {PAGE_LINES} lines or more: split them"
 
 
+def test_table_of_contents_lists_every_page() -> None:
+    index = ROOT / "docs" / "README.md"
+    listed = {(index.parent / target.partition("#")[0]).resolve() for target in links(index.read_text())}
+    pages = {page.resolve() for page in (ROOT / "docs").rglob("*.md") if page != index}
+    assert sorted(_name(page) for page in pages - listed) == []
+
+
 def test_architecture_maps_every_engine_module() -> None:
     page = (ROOT / "docs" / "architecture.md").read_text()
     modules = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "peftserve").rglob("*.py"))]
