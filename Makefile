@@ -33,7 +33,7 @@ export HTTP_PORT GRPC_PORT METRICS_PORT
 .PHONY: serve test unit integration demo smollm2 lint format clean bench-engine bench scale-out bench-continuous \
 	bench-forwarding image-requirements gpu-startup-check gpu-engine-check bench-gpu bench-stall
 
-# Loopback only unless opened deliberately: SERVE_ARGS="--bind 0.0.0.0" with a management key (SECURITY.md).
+# Loopback only unless opened deliberately: SERVE_ARGS="--bind 0.0.0.0" with a management key (docs/security.md).
 serve: $(STAMP) $(SERVE_ASSETS)
 	$(PY) -m tools.serve --repository $(SERVE_REPOSITORY) $(MODEL_SERVE_ARGS) $(SERVE_ARGS)
 

@@ -142,7 +142,8 @@ def read_csv(path: Path) -> list[SweepPoint]:
         ]  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m loadtests.perf_sweep`` (also read by tests/unit/test_docs.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="127.0.0.1:8000", help="HTTP (or gRPC with --protocol grpc) address")
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
@@ -154,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ignore-eos", action="store_true", help="every request generates exactly max_tokens")
     parser.add_argument("--measurement-ms", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=Path("perf_sweep.csv"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     adapters = tuple(a for a in args.adapters.split(",") if a)
     patterns = [TrafficPattern(kind, () if kind == "base" else adapters) for kind in args.pattern]
     load, levels = (

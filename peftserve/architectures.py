@@ -1,12 +1,12 @@
 """The model families whose serving is measured against PEFT, adapter type by adapter type.
 
 ``tools/support_matrix.py`` builds a tiny model of each family listed here and checks every adapter type
-against PEFT (README, "Supported architectures"); validation tells users whether their base is one of them.
+against PEFT (docs/models.md, "Supported architectures"); validation tells users whether their base is one of them.
 """
 
 from __future__ import annotations
 
-# transformers ``model_type`` -> the family name shown in the README table.
+# transformers ``model_type`` -> the family name shown in the table of docs/models.md.
 TESTED_FAMILIES: dict[str, str] = {
     "llama": "Llama",
     "mistral": "Mistral",

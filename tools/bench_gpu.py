@@ -175,7 +175,8 @@ def print_report(report: dict) -> None:
               f"  effect {r['adapter_effect']:.4f}  {'ok' if r['passed'] else 'FAILED'}")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m tools.bench_gpu`` (also read by tests/unit/test_docs.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="small model and few tokens: a CPU smoke run")
@@ -183,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth-gbs", type=float, help="peak memory bandwidth (default: by device name)")
     parser.add_argument("--logit-tolerance", type=float, default=0.25, help="bf16 max |logit diff| when tokens differ")
     parser.add_argument("--out", type=Path, default=Path("loadtests/reports/bench-gpu.json"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     config = llama_shape(args.tiny)
     shape = {

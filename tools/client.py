@@ -57,7 +57,8 @@ def build_inputs(
     return inputs
 
 
-def run(argv: list[str]) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m tools.client`` (also read by tests/unit/test_docs.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prompt")
     parser.add_argument("--url", default="localhost:8000")
@@ -70,7 +71,11 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (gRPC, peft_llm_stream)")
     parser.add_argument("--chat", action="store_true", help="send PROMPT as a user message (the chat template)")
     parser.add_argument("--json", action="store_true", help="print all outputs as JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(argv: list[str]) -> dict:
+    args = build_parser().parse_args(argv)
     headers = dict(header.split("=", 1) for header in args.header)
     prompt, messages = ("", [{"role": "user", "content": args.prompt}]) if args.chat else (args.prompt, None)
     if args.stream:

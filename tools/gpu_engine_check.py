@@ -200,13 +200,18 @@ def check_throughput(base_dir: Path, model, tokenizer, device: str, batch: int) 
     return runs
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m tools.gpu_engine_check`` (also read by tests/unit/test_docs.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="small models: a CPU smoke run of this script")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("gpu-engine-check.json"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     report: dict = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

@@ -154,7 +154,8 @@ def management_key() -> tuple[str, bool]:
     return (key, False) if key else (secrets.token_hex(32), True)
 
 
-def run(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m tools.gpu_startup_check`` (also read by tests/unit/test_docs.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compose-file", type=Path, default=REPO_ROOT / "docker-compose.yml")
     parser.add_argument("--url", default="127.0.0.1:8000", help="the triton service's HTTP port on this host")
@@ -162,7 +163,11 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-build", action="store_true", help="use the image already built")
     parser.add_argument("--no-restart", action="store_true", help="skip the restart measurement")
     parser.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     preflight(args.compose_file)
     key, generated = management_key()
     if generated:

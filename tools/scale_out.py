@@ -175,13 +175,18 @@ class LocalCluster:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m tools.scale_out`` (also read by tests/unit/test_docs.py)."""
     parser = argparse.ArgumentParser(description="Triton replicas behind the adapter-affinity router, locally.")
     parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help="deployment config (repository, keys)")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--http-port", type=int, default=9000)
     parser.add_argument("--grpc-port", type=int, default=9001)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     deployment = load_deployment(args.config)
     stop = stop_on_signals()
     print(f"starting {args.replicas} replicas and the router ...")

@@ -37,7 +37,7 @@ Send a first request (adapter chosen per request; omit adapter_id for the base m
   .venv/bin/python -m tools.client --url localhost:{http_port} --adapter robot "{DEMO_PROMPT}"
   .venv/bin/python -m tools.client --url localhost:{grpc_port} --protocol grpc --adapter chef "{DEMO_PROMPT}"
 
-Stream tokens as they are generated (server-sent events; gRPC streaming works too, see the README):
+Stream tokens as they are generated (server-sent events; gRPC streaming works too, see docs/streaming.md):
 
   curl -sN -X POST localhost:{http_port}/v2/models/peft_llm_stream/generate_stream \\
        -d '{{"text_input": "{DEMO_PROMPT}", "adapter_id": "knight", "max_tokens": 24, "stream": true}}'
@@ -76,7 +76,7 @@ def check_bind_address(address: str, deployment: Deployment) -> str:
     if management is None or not management.headers():  # an optional key left unset guards nothing
         raise DeploymentError(
             f"refusing to listen on {address} without a management key: set credentials.management in "
-            f"{deployment.path} (header and environment variable, e.g. PEFTSERVE_ADMIN_KEY; see SECURITY.md), "
+            f"{deployment.path} (header and environment variable, e.g. PEFTSERVE_ADMIN_KEY; see docs/security.md), "
             "or keep the default loopback address"
         )
     return f"{address}: {', '.join(management.apis)} need the {management.header} header"

@@ -11,7 +11,7 @@ A cell is
 - ``peft-cannot``: PEFT itself cannot make this adapter on this family (the note gives PEFT's message).
 
 Anything else is a failure: ``mismatch`` (logits differ) or ``error`` (any other exception). The tool prints
-the Markdown table kept in README.md; ``--check README.md`` exits 1 when the committed table differs.
+the Markdown table kept in docs/models.md; ``--check docs/models.md`` exits 1 when the committed table differs.
 ``tests/unit/test_architectures.py`` runs the same cells and compares each with the committed table.
 """
 
@@ -323,7 +323,7 @@ def run_matrix(directory: Path, families: Iterable[str] = FAMILIES) -> list[Cell
 
 
 def render_table(cells: Iterable[Cell]) -> str:
-    """The README section: one row per family, one column per adapter type, numbered notes below."""
+    """The docs/models.md section: one row per family, one column per adapter type, numbered notes below."""
     by_key = {(cell.family, cell.adapter_type): cell for cell in cells}
     notes: list[str] = []
     lines = [
@@ -356,11 +356,11 @@ def _unescape(note: str) -> str:
     return note.replace("&gt;", ">").replace("&lt;", "<").replace("\\|", "|")
 
 
-def committed_section(readme: str) -> str:
-    start, end = readme.find(START), readme.find(END)
+def committed_section(page: str) -> str:
+    start, end = page.find(START), page.find(END)
     if start < 0 or end < start:
-        raise ValueError(f"README holds no support matrix between {START} and {END}")
-    return readme[start : end + len(END)]
+        raise ValueError(f"the page holds no support matrix between {START} and {END}")
+    return page[start : end + len(END)]
 
 
 def parse_table(section: str) -> dict[tuple[str, str], Cell]:
@@ -380,11 +380,16 @@ def parse_table(section: str) -> dict[tuple[str, str], Cell]:
     return cells
 
 
-def run(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m tools.support_matrix`` (also read by tests/unit/test_docs.py)."""
     parser = argparse.ArgumentParser(prog="python -m tools.support_matrix", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", type=Path, metavar="README", help="exit 1 if this file's table differs")
+    parser.add_argument("--check", type=Path, metavar="PAGE", help="exit 1 if this file's table differs")
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these families")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="support-matrix-") as directory:
         cells = run_matrix(Path(directory), args.family or FAMILIES)
     if args.family:

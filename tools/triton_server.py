@@ -1,6 +1,6 @@
 """Start and stop a real ``tritonserver`` from the ``nvidia-pytriton`` wheel, without Docker.
 
-Used by ``make serve`` and by the integration tests. Facts this relies on (measured, see the README):
+Used by ``make serve`` and by the integration tests. Facts this relies on (measured on this project's machines):
 the Python backend's stub must sit next to ``libtriton_python.so``; the stub is an embedded interpreter
 that ignores ``PYTHONPATH`` and takes its ``sys.prefix`` from the first ``python3`` on ``PATH``, so the
 virtual environment's ``bin`` goes first on ``PATH`` and the project is installed into that environment.

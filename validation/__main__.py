@@ -48,7 +48,8 @@ def serving_limits(config_pbtxt: Path) -> dict[str, float]:
     return {"max_adapter_memory_mb": read_model_config(config_pbtxt.parent).max_adapter_memory_mb}
 
 
-def run(argv: list[str]) -> ValidationReport:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m validation`` (also read by tests/unit/test_docs.py)."""
     parser = _Parser(
         prog="python -m validation", description="Check that a PEFT adapter can be served on a base model."
     )
@@ -62,7 +63,11 @@ def run(argv: list[str]) -> ValidationReport:
     parser.add_argument("--max-rank", type=int, help="largest LoRA rank the deployment accepts")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="serving dtype for memory figures")
     parser.add_argument("--rule", action="append", default=[], metavar="MODULE:FUNCTION", help="custom rule")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(argv: list[str]) -> ValidationReport:
+    args = build_parser().parse_args(argv)
     limits = serving_limits(args.serving_config) if args.serving_config else {}
     if args.max_adapter_memory_mb is not None:
         limits["max_adapter_memory_mb"] = args.max_adapter_memory_mb

@@ -18,7 +18,7 @@ from peftserve.metrics import BASE_LABEL, EngineMetrics
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 LOAD_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]
 
-# name -> (kind, description); README's metrics table lists the same families.
+# name -> (kind, description); the metrics table of docs/deployment.md lists the same families.
 FAMILIES = {
     "peftserve_requests_total": ("COUNTER", "Requests answered, by adapter"),
     "peftserve_request_errors_total": ("COUNTER", "Requests refused, by adapter and Triton error code"),

@@ -99,7 +99,7 @@ def test_make_serve_listens_on_loopback_only(tmp_path: Path) -> None:
     with make_serve(tmp_path) as ports:
         for port in ports.values():
             assert reachable("127.0.0.1", port) and not reachable(OTHER_INTERFACE, port)
-        # On loopback the management API is open to local processes (SECURITY.md: local users are out of scope).
+        # On loopback the management API is open to local processes (docs/security.md: local users are out of scope).
         assert post_status("127.0.0.1", ports["http"], "/v2/repository/index") == 200
     assert "listening on loopback only (127.0.0.1)" in (tmp_path / "serve.log").read_text()
 

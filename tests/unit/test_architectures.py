@@ -1,5 +1,5 @@
 """The support matrix: every tested family x every adapter type equals PEFT or is refused clearly, as the
-README's table says (tools/support_matrix.py builds the tiny models and adapters)."""
+the table of docs/models.md says (tools/support_matrix.py builds the tiny models and adapters)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from tools.support_matrix import (
     render_table,
 )
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+MATRIX_PAGE = Path(__file__).resolve().parents[2] / "docs" / "models.md"
 CELLS = [(family, adapter_type) for family in FAMILIES for adapter_type in ADAPTER_TYPES]
 
 
@@ -42,7 +42,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def committed() -> dict[tuple[str, str], Cell]:
-    return parse_table(committed_section(README.read_text()))
+    return parse_table(committed_section(MATRIX_PAGE.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_cell_equals_peft_or_is_refused_as_the_readme_says(bench, committed, fam
     cell = run_cell(bench, family, adapter_type)
     assert cell.outcome not in FAILURES, cell.note
     assert cell == committed[(family, adapter_type)], (
-        "the README's support matrix is out of date: run `python -m tools.support_matrix` and paste its table"
+        "the support matrix of docs/models.md is out of date: run `python -m tools.support_matrix` and paste its table"
     )
 
 
@@ -95,7 +95,7 @@ def test_mixed_batch_of_every_served_type_equals_solo_runs(bench, committed, fam
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_moe_lora_on_attention_layers_serves(bench, family: str, use_dora: bool) -> None:
-    """What the README tells MoE users whose all-linear LoRA is refused: target the attention layers."""
+    """What docs/models.md tells MoE users whose all-linear LoRA is refused: target the attention layers."""
     family_bench, _ = bench(family)
     config = LoraConfig(
         r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False, use_dora=use_dora
@@ -122,7 +122,7 @@ def test_routed_expert_linears_are_refused_they_see_only_their_tokens() -> None:
 
 def test_committed_table_is_what_the_tool_renders(committed) -> None:
     """With the per-cell tests above, the committed section equals a fresh run's rendering."""
-    assert render_table(committed.values()) == committed_section(README.read_text())
+    assert render_table(committed.values()) == committed_section(MATRIX_PAGE.read_text())
     assert set(committed) == set(CELLS)
 
 

@@ -65,7 +65,7 @@ def _check_identity(ctx: ValidationContext, config: dict[str, Any]) -> None:
 
 
 def _check_support(ctx: ValidationContext) -> None:
-    """The family against the support matrix (README), the layers the engine recognises, and the adapter's
+    """The family against the support matrix (docs/models.md), the layers the engine recognises, and the adapter's
     target layers that it cannot wrap (PEFT adapts embeddings and convolutions too; peftserve does not)."""
     model = ctx.base.meta_model
     model_type = ctx.base.config.get_text_config().model_type
@@ -79,7 +79,7 @@ def _check_support(ctx: ValidationContext) -> None:
             Severity.WARNING,
             CATEGORY,
             f"the {model_type} family is not in peftserve's support matrix: serving it is not verified against PEFT",
-            "check with --load, or add the family to tools/support_matrix.py (README: Supported architectures)",
+            "check with --load, or add the family to tools/support_matrix.py (docs/models.md: Supported architectures)",
         )
     modules = dict(model.named_modules())
     refused = sorted(

@@ -29,7 +29,7 @@ def check_serving(ctx: ValidationContext) -> None:
             Severity.ERROR,
             CATEGORY,
             f"peftserve cannot serve it: {exc}",
-            "serve a supported type (see the README's adapter table) or convert the adapter",
+            "serve a supported type (see docs/adapters.md for the supported types) or convert the adapter",
         )
         return
     if ctx.has_errors() or ctx.base is None:
