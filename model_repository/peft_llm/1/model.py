@@ -10,16 +10,15 @@ message across the BLS hop, which loses them in 24.10).
 
 from __future__ import annotations
 
-import faulthandler
 import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
-from peftserve.config import triton_model_config
 from peftserve.contract import OUTPUT_NAMES
 from peftserve.triton.io import FORWARDED_PARAMETER, untag_error
+from peftserve.triton.startup import start_model
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -27,9 +26,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        faulthandler.enable()  # a crash of this stub prints every thread's Python stack into the server log
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        config = triton_model_config(args)
+        config = start_model(args)
         self.forward = functools.partial(_forward, engine_model=config.engine_model)
         self.pool = ThreadPoolExecutor(max_workers=config.forwarding_threads, thread_name_prefix="bls-forward")
 

@@ -7,14 +7,12 @@ disconnects) is noticed at the next decoding step and its row leaves the batch.
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import threading
 from dataclasses import replace
 
 import triton_python_backend_utils as pb_utils
 
-from peftserve.config import triton_model_config
 from peftserve.continuous import Work
 from peftserve.engine import Engine
 from peftserve.errors import InvalidRequestError, PeftServeError
@@ -31,6 +29,7 @@ from peftserve.triton.io import (
 )
 from peftserve.triton.metrics import TritonMetrics
 from peftserve.triton.response_loop import ResponseLoop
+from peftserve.triton.startup import start_model
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -38,9 +37,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        faulthandler.enable()  # a crash of this stub prints every thread's Python stack into the server log
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        config = triton_model_config(args)  # peft_llm's settings (this model's engine_config parameter)
+        config = start_model(args)  # peft_llm's settings (this model's engine_config parameter)
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         logger.info("loading %s on %s", config.base_model, device)
         self.responses = ResponseLoop(final_flag=FINAL)
