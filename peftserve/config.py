@@ -1,4 +1,4 @@
-"""Serving configuration, read from the ``parameters`` of ``config.pbtxt``.
+"""Serving configuration: every setting of both models, read from the ``parameters`` of peft_llm's ``config.pbtxt``.
 
 Triton hands every parameter over as a string; pydantic converts and range-checks them and the errors of
 all keys are reported together, naming the key, the value and what is allowed.
@@ -18,6 +18,8 @@ from peftserve.errors import ConfigError
 
 # Triton's own parameters that live beside ours in config.pbtxt and are not engine settings.
 TRITON_RESERVED_PARAMETERS = frozenset({"EXECUTION_ENV_PATH", "FORCE_CPU_ONLY_INPUT_TENSORS"})
+# peft_llm_stream's only parameter: the model directory (relative to its own) whose config.pbtxt holds the settings.
+SHARED_SETTINGS_PARAMETER = "engine_config"
 
 
 class AdapterLimits(BaseModel):
@@ -189,6 +191,14 @@ class ServeConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _forward_elsewhere(self) -> ServeConfig:
+        if self.served_model == self.engine_model:
+            raise ValueError(
+                f"served_model and engine_model are both {self.engine_model!r}: a model cannot forward to itself"
+            )
+        return self
+
     @property
     def max_adapter_memory_bytes(self) -> int:
         return int(self.max_adapter_memory_mb * 1024 * 1024)
@@ -250,10 +260,6 @@ def read_model_config(model_dir: Path) -> ServeConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     parameters = {key: value.string_value for key, value in parsed.parameters.items()}
     return from_parameters(parameters, model_dir=Path(model_dir))
-
-
-# A parameter of peft_llm_stream: the directory (relative to its own) whose config.pbtxt holds the settings.
-SHARED_SETTINGS_PARAMETER = "engine_config"
 
 
 def triton_model_config(args: dict[str, Any]) -> ServeConfig:

@@ -4,7 +4,6 @@ generated, and one edit of the table reaches the config files, the docs and the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -13,9 +12,7 @@ from google.protobuf import text_format
 from pydantic import BaseModel, Field
 from tritonclient.grpc import model_config_pb2
 
-from peftserve.config import from_parameters, triton_model_config
 from peftserve.contract import INPUTS, MODEL_INPUTS, MODEL_OUTPUTS, OUTPUTS, STREAM, TensorSpec
-from peftserve.errors import ConfigError
 from peftserve.requests import Completion, CompletionRequest
 from tests.conftest import REPO_ROOT
 from tools import reference_docs
@@ -99,37 +96,3 @@ def test_the_request_and_answer_types_are_the_table() -> None:
     ]
     assert STREAM.attribute is None  # one flag per Triton request, not a row field
     assert [f.name for f in dataclasses.fields(Completion)] == [spec.attribute for spec in OUTPUTS] + ["finish_reason"]
-
-
-def _initialize_args(model_dir: Path, **parameters: str) -> dict:
-    """What Triton hands a Python model's initialize(): its config as JSON and its directory."""
-    config = {"parameters": {key: {"string_value": value} for key, value in parameters.items()}}
-    return {"model_config": json.dumps(config), "model_repository": str(model_dir)}
-
-
-def test_both_models_read_the_one_set_of_settings() -> None:
-    forwarder = triton_model_config(_initialize_args(REPO_ROOT / "model_repository" / "peft_llm", **_shipped()))
-    stream = REPO_ROOT / "model_repository" / "peft_llm_stream"
-    engine = triton_model_config(_initialize_args(stream, engine_config="../peft_llm"))
-    assert forwarder == engine
-    assert engine.max_running_rows == int(_shipped()["max_running_rows"])
-    assert (engine.engine_model, engine.served_model, engine.forwarding_threads) == ("peft_llm_stream", "peft_llm", 64)
-
-
-def test_settings_beside_engine_config_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"sets \['max_running_rows'\] beside engine_config"):
-        triton_model_config(_initialize_args(tmp_path, engine_config="../peft_llm", max_running_rows="8"))
-
-
-def test_settings_left_out_take_their_defaults(tmp_path: Path) -> None:
-    config = from_parameters({"base_model": "m"}, model_dir=tmp_path)
-    assert (config.max_running_rows, config.join_group, config.join_every, config.loader_threads) == (32, 4, 8, 2)
-    with pytest.raises(ConfigError, match="loader_threads"):
-        from_parameters({"base_model": "m", "loader_threads": "0"}, model_dir=tmp_path)
-
-
-def _shipped() -> dict[str, str]:
-    parsed = text_format.Parse(
-        (REPO_ROOT / "model_repository" / "peft_llm" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
-    )
-    return {key: value.string_value for key, value in parsed.parameters.items()}
