@@ -57,12 +57,20 @@ class TensorSpec:
     field: str | None = ""  # the request or answer attribute ("": the tensor's name; None: not per row)
     decode: bool = True  # strings: decoded from UTF-8 by the parser (False: handed on as bytes)
 
+    def __post_init__(self) -> None:
+        """An entry the parser and the config files cannot express stops the import, naming the tensor."""
+        if self.data_type not in TRITON_TYPES:
+            raise ValueError(f"tensor {self.name}: data_type {self.data_type} is not one of {sorted(TRITON_TYPES)}")
+        if self.dims not in ((1,), (-1,)):
+            raise ValueError(f"tensor {self.name}: dims {list(self.dims)} are neither [1] nor [-1]")
+
     @property
     def type(self) -> TritonType:
         return TRITON_TYPES[self.data_type]
 
     @property
     def attribute(self) -> str | None:
+        """The request or answer attribute that holds the tensor's value per row (None: not a row value)."""
         return self.name if self.field == "" else self.field
 
     @property

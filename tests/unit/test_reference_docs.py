@@ -96,3 +96,12 @@ def test_the_request_and_answer_types_are_the_table() -> None:
     ]
     assert STREAM.attribute is None  # one flag per Triton request, not a row field
     assert [f.name for f in dataclasses.fields(Completion)] == [spec.attribute for spec in OUTPUTS] + ["finish_reason"]
+
+
+@pytest.mark.parametrize(
+    ("data_type", "dims", "message"),
+    [("TYPE_FP16", (1,), "data_type TYPE_FP16 is not one of"), ("TYPE_INT32", (2,), r"dims \[2\] are neither")],
+)
+def test_a_table_entry_the_parser_cannot_read_is_refused(data_type: str, dims: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TensorSpec("penalty", data_type, dims, "a made-up input", optional=True)
