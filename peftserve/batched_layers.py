@@ -29,6 +29,8 @@ _SMALLEST_RANK_BUCKET = 8
 # 16 rows: 0.82x base against 0.61x for four slices). A bucket over some rows only gets one slice per
 # adapter, up to this many (the batcher keeps running rows sorted by adapter), since its gathered form
 # would also index rows in and out (measured: 8 mixed types 0.55x sliced against 0.47x gathered).
+# Not a ServeConfig setting: both forms compute the same result, so it only picks the faster kernel shape, and
+# its crossover is a property of the device to be measured with the kernels, not a choice for an operator.
 _MAX_SLICED_ADAPTERS = 4
 
 
