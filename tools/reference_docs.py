@@ -235,12 +235,16 @@ def configuration_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(argv: list[str]) -> list[Path]:
-    """Write the generated files (or, with ``--check``, only compare); returns the files that differed."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file differs")
     parser.add_argument("--root", type=Path, default=ROOT, help="the repository (default: this checkout)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(argv: list[str]) -> list[Path]:
+    """Write the generated files (or, with ``--check``, only compare); returns the files that differed."""
+    args = build_parser().parse_args(argv)
     stale = stale_files(args.root)
     if not args.check:
         for path, text in generated_files(args.root).items():
