@@ -8,8 +8,9 @@ slot: :meth:`SlotTables.release` resets what :meth:`SlotTables.assign` wrote.
 
 Assigning an adapter writes its weights into one slot per rank bucket it uses and one scale slot; after
 that a batch joining or leaving only changes the per-token slot indices (:meth:`SlotTables.indices`),
-and every op reads the stacks through them (:mod:`peftserve.lora_kernels`). The stacks' bytes are fixed
-at construction (:attr:`SlotTables.nbytes`), for the adapter cache's accounting.
+and every op reads the stacks through them (:mod:`peftserve.lora_kernels`). Memory is taken when a module
+or a rank bucket is added, never per adapter or per batch (:attr:`SlotTables.nbytes`, for the adapter
+cache's accounting).
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class SlotTables:
 
     ``rank_capacity`` maps each rank bucket to how many adapters it holds at once; ``scale_capacity`` is
     how many adapters with scaling vectors (IA3, DoRA) are held at once. An adapter is assigned once
-    (by identity) and released when the cache drops it, never while a batch in flight uses it (the
-    cache's leases guarantee that).
+    (by identity); whoever releases it must know that no batch in flight still uses it
+    (:class:`peftserve.slot_path.SlotPath` keeps leases for that).
     """
 
     def __init__(
@@ -88,42 +89,63 @@ class SlotTables:
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
     ) -> None:
-        bad = [bucket for bucket in rank_capacity if rank_bucket(bucket) != bucket]
-        if bad:
-            raise ConfigError(f"rank buckets must be powers of two from {SMALLEST_RANK_BUCKET}, got {sorted(bad)}")
-        if any(capacity < 1 for capacity in rank_capacity.values()) or scale_capacity < 0:
-            raise ConfigError(f"capacities must be positive, got {dict(rank_capacity)} and {scale_capacity}")
-        self.rank_capacity = dict(sorted(rank_capacity.items()))
+        if scale_capacity < 0:
+            raise ConfigError(f"scale_capacity must be 0 or more, got {scale_capacity}")
+        self.rank_capacity: dict[int, int] = {}
         self.scale_capacity = scale_capacity
         self.modules: dict[str, ModuleStacks] = {}
-        for name, module in modules.items():
-            weight = linear_weight(module)
-            self.modules[name] = self._allocate(
-                *linear_features(module), dtype=dtype or weight.dtype, device=device or weight.device
-            )
-        self._free: dict[int | None, list[int]] = {  # None: the scale tables
-            bucket: list(range(capacity, 0, -1)) for bucket, capacity in self.rank_capacity.items()
-        }
-        self._free[None] = list(range(scale_capacity, 0, -1))
+        self._dtype, self._device = dtype, device
+        self._free: dict[int | None, list[int]] = {None: list(range(scale_capacity, 0, -1))}  # None: scales
         self._assigned: dict[int, tuple[AdapterWeights, AdapterSlots]] = {}  # id(adapter): kept alive here
+        self.add_modules(modules)
+        for bucket, capacity in sorted(rank_capacity.items()):
+            self.add_bucket(bucket, capacity)
 
-    def _allocate(self, features_in: int, features_out: int, *, dtype: torch.dtype, device: torch.device):
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=device)
+    def add_modules(self, modules: Mapping[str, nn.Module]) -> None:
+        """Allocate the stacks of modules wrapped after construction. Their rows start as identities for
+        every adapter assigned so far, which is right: none of those targets a module not wrapped then."""
+        for name, module in modules.items():
+            if name in self.modules:
+                continue
+            weight = linear_weight(module)
+            dtype, device = self._dtype or weight.dtype, self._device or weight.device
+            features_in, features_out = linear_features(module)
+            scale_slots = self.scale_capacity + 1
+            self.modules[name] = ModuleStacks(
+                a={},
+                b={},
+                in_scale=torch.ones(scale_slots, features_in, dtype=dtype, device=device),
+                out_scale=torch.ones(scale_slots, features_out, dtype=dtype, device=device),
+                bias_scaled=torch.zeros(scale_slots, dtype=torch.bool, device=device),
+            )
+            for bucket, capacity in self.rank_capacity.items():
+                self._allocate_bucket(self.modules[name], bucket, capacity)
 
-        scale_slots = self.scale_capacity + 1
-        return ModuleStacks(
-            a={bucket: zeros(capacity + 1, features_in, bucket) for bucket, capacity in self.rank_capacity.items()},
-            b={bucket: zeros(capacity + 1, bucket, features_out) for bucket, capacity in self.rank_capacity.items()},
-            in_scale=torch.ones(scale_slots, features_in, dtype=dtype, device=device),
-            out_scale=torch.ones(scale_slots, features_out, dtype=dtype, device=device),
-            bias_scaled=torch.zeros(scale_slots, dtype=torch.bool, device=device),
-            low_rank_slots={bucket: set() for bucket in self.rank_capacity},
-        )
+    def add_bucket(self, bucket: int, capacity: int) -> None:
+        """Allocate a rank bucket of ``capacity`` slots in every module (for ranks first seen after start)."""
+        if rank_bucket(bucket) != bucket or capacity < 1:
+            raise ConfigError(
+                f"rank buckets are powers of two from {SMALLEST_RANK_BUCKET} with 1 or more slots, got {capacity} "
+                f"slots of rank {bucket}"
+            )
+        if bucket in self.rank_capacity:
+            raise ConfigError(f"rank bucket {bucket} exists already")
+        self.rank_capacity = dict(sorted({**self.rank_capacity, bucket: capacity}.items()))
+        self._free[bucket] = list(range(capacity, 0, -1))
+        for stacks in self.modules.values():
+            self._allocate_bucket(stacks, bucket, capacity)
+
+    @staticmethod
+    def _allocate_bucket(stacks: ModuleStacks, bucket: int, capacity: int) -> None:
+        like = stacks.in_scale
+        features_in, features_out = like.shape[1], stacks.out_scale.shape[1]
+        stacks.a[bucket] = like.new_zeros(capacity + 1, features_in, bucket)
+        stacks.b[bucket] = like.new_zeros(capacity + 1, bucket, features_out)
+        stacks.low_rank_slots[bucket] = set()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every stack and table: fixed at construction, whatever is assigned."""
+        """Bytes of every stack and table; changes when modules or buckets are added, never on assignment."""
         return sum(t.numel() * t.element_size() for stacks in self.modules.values() for t in stacks.tensors())
 
     def slots_of(self, adapter: AdapterWeights) -> AdapterSlots | None:
@@ -210,7 +232,7 @@ class SlotTables:
         repeats = lengths if isinstance(lengths, int) else torch.tensor(lengths)
         if not isinstance(lengths, int) and len(lengths) != len(rows):
             raise ValueError(f"{len(lengths)} lengths for {len(rows)} rows")
-        device = self._device()
+        device = self._index_device()
 
         def per_token(row_slots: list[int], num_slots: int) -> TokenSlots:
             tokens = torch.tensor(row_slots, dtype=torch.int32).repeat_interleave(repeats)
@@ -226,10 +248,10 @@ class SlotTables:
         scale = per_token(scale_slots, self.scale_capacity + 1) if any(scale_slots) else None
         return BatchSlots(low_rank, present, scale, set(scale_slots) - {NO_SLOT})
 
-    def _device(self) -> torch.device:
+    def _index_device(self) -> torch.device:
         for stacks in self.modules.values():
             return stacks.in_scale.device
-        return torch.device("cpu")
+        return self._device or torch.device("cpu")
 
 
 def slot_linear(

@@ -138,8 +138,10 @@ def test_adapters_that_do_not_fit_are_refused(case) -> None:
 
 @pytest.mark.parametrize("capacity", [{12: 2}, {4: 1}, {8: 0}])
 def test_bad_capacities_are_refused(capacity: dict[int, int]) -> None:
-    with pytest.raises(ConfigError, match=r"rank buckets|capacities"):
+    with pytest.raises(ConfigError, match="rank buckets are powers of two from 8 with 1 or more slots"):
         tables(capacity)
+    with pytest.raises(ConfigError, match="rank bucket 8 exists already"):
+        tables({8: 1}).add_bucket(8, 2)
 
 
 def test_bytes_are_every_stack_and_fixed_at_construction() -> None:
@@ -153,6 +155,21 @@ def test_bytes_are_every_stack_and_fixed_at_construction() -> None:
     assert slot_tables.nbytes == expected
     slot_tables.assign(dora(8, 1))
     assert slot_tables.nbytes == expected
+
+
+def test_modules_and_buckets_added_later_get_their_stacks() -> None:
+    layers = model()
+    slot_tables = SlotTables({"up": layers["up"]}, rank_capacity={8: 2}, scale_capacity=1)
+    first = slot_tables.assign(lora(8, 1))
+    before = slot_tables.nbytes
+    slot_tables.add_modules({"down": layers["down"]})
+    slot_tables.add_bucket(32, 1)
+    element = torch.empty(0).element_size()
+    added = (2 + 1) * 8 * (MID + OUT) * element + 2 * (MID + OUT) * element + 2  # down: bucket 8 and scales
+    added += (1 + 1) * 32 * (IN + MID + MID + OUT) * element  # bucket 32 in both modules
+    assert slot_tables.nbytes == before + added
+    assert not slot_tables.modules["down"].a[8][first.low_rank[8]].any()
+    assert slot_tables.assign(lora(20, 2, down_rank=30)).low_rank == {32: 1}
 
 
 def test_ranks_share_buckets_and_one_adapter_can_span_two() -> None:
