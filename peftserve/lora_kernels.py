@@ -97,8 +97,16 @@ def check_low_rank(x: torch.Tensor, stack: torch.Tensor, slots: TokenSlots, what
         )
     if stack.shape[0] != slots.num_slots:
         raise ValueError(f"{what}: the stack has {stack.shape[0]} slots, the index {slots.num_slots}")
-    if x.dtype != stack.dtype or x.device != stack.device:
-        raise ValueError(f"{what}: tokens are {x.dtype} on {x.device}, the stack {stack.dtype} on {stack.device}")
+    if x.dtype != stack.dtype:
+        raise ValueError(f"{what}: tokens are {x.dtype}, the stack {stack.dtype}")
+    check_devices(what, tokens=x, stack=stack, slots=slots.slots)
+
+
+def check_devices(what: str, **tensors: torch.Tensor | None) -> None:
+    """Every tensor on one device: a kernel handed a pointer to another device's memory reads garbage."""
+    devices = {name: tensor.device for name, tensor in tensors.items() if tensor is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{what}: tensors on different devices: {devices}")
 
 
 def check_scale(
@@ -110,6 +118,7 @@ def check_scale(
         raise ValueError("scale: bias and bias_scaled go together")
     if bias is not None and (bias.shape != (x.shape[1],) or flags.shape != (slots.num_slots,)):
         raise ValueError(f"scale: bias {tuple(bias.shape)} or flags {tuple(flags.shape)} do not fit")
+    check_devices("scale", tokens=x, table=table, slots=slots.slots, bias=bias, bias_scaled=flags)
 
 
 class TorchKernels:

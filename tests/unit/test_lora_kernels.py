@@ -169,6 +169,10 @@ BAD_CALLS = {
         lambda k: k.shrink(torch.zeros(1, 6), torch.zeros(2, 6, 8, dtype=torch.float64), token_slots([1], 2)),
         "float64",
     ),
+    "device": (
+        lambda k: k.shrink(torch.zeros(1, 6), torch.zeros(2, 6, 8, device="meta"), token_slots([1], 2)),
+        "different devices",
+    ),
     "expand output": (
         lambda k: k.expand(torch.zeros(1, 9), torch.zeros(1, 8), torch.zeros(2, 8, 6), token_slots([1], 2)),
         "output",
@@ -205,3 +209,36 @@ def test_the_torch_path_neither_imports_nor_needs_triton() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_compiled_kernels_equal_the_torch_backend_on_cuda(case, dtype: torch.dtype) -> None:
+    slot_list, num_slots, features_in, rank, features_out = case
+    a, b = (stack.to("cuda", dtype) for stack in stacks(num_slots, features_in, rank, features_out, seed=10))
+    x = torch.randn(len(slot_list), features_in, generator=generator_on_cpu(11)).to("cuda", dtype)
+    out = torch.randn(len(slot_list), features_out, generator=generator_on_cpu(12)).to("cuda", dtype)
+    slots = TokenSlots.build(torch.tensor(slot_list, dtype=torch.int32, device="cuda"), num_slots)
+    compiled = kernels_for(torch.device("cuda"))
+    assert not isinstance(compiled, TorchKernels)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+
+    y = compiled.shrink(x, a, slots)
+    torch.testing.assert_close(y, TorchKernels().shrink(x, a, slots), **tolerance)
+    expected, got = out.clone(), out.clone()
+    TorchKernels().expand(expected, y, b, slots)
+    compiled.expand(got, y, b, slots)
+    torch.testing.assert_close(got, expected, **tolerance)
+    table = (torch.rand(num_slots, features_out, generator=generator_on_cpu(13)) + 0.5).to("cuda", dtype)
+    flags = torch.arange(num_slots, device="cuda") % 2 == 1
+    bias = torch.randn(features_out, generator=generator_on_cpu(14)).to("cuda", dtype)
+    torch.testing.assert_close(
+        compiled.scale(out, table, slots, bias=bias, bias_scaled=flags),
+        TorchKernels().scale(out, table, slots, bias=bias, bias_scaled=flags),
+        **tolerance,
+    )
+
+
+def generator_on_cpu(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
