@@ -7,8 +7,8 @@ matrix is read once per block of tokens that use it (SGMV) and a decode batch of
 is a gathered matrix-vector product (BGMV). NO_SLOT gets no programs at all.
 
 ``@triton.jit`` decides at decoration time whether a kernel is compiled or interpreted
-(``TRITON_INTERPRET=1``, triton 3.x), i.e. when this module is imported: tests that interpret on CPU set
-the variable and import a fresh copy of this module (tests/unit/test_lora_kernels.py).
+(``TRITON_INTERPRET=1``, triton 3.7), and so does triton's own library when it is first imported: the CPU
+tests run this module in a child process started with the variable set (tests/interpreted_triton.py).
 """
 
 from __future__ import annotations
