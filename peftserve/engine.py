@@ -41,6 +41,7 @@ from peftserve.host_tier import HostAdapterTier
 from peftserve.kv_cache import PagedKVCache, probe_layer_shapes
 from peftserve.metrics import EngineMetrics
 from peftserve.requests import Completion, CompletionRequest
+from peftserve.slot_path import SlotPath
 from peftserve.smoke_check import smoke_check
 
 logger = logging.getLogger("peftserve.engine")
@@ -76,6 +77,9 @@ class Engine:
         self.tokenizer, self.model = base or _load_base_model(config, self.device)
         self.base_shape = BaseModelShape.describe(self.model)
         self.layers = AdapterLayers(self.model)
+        if self.device.type == "cuda":  # slot tables and triton kernels; CPU keeps the per-row gathering
+            # Twice the running rows: the decode batch kept from the last step plus every row joining now.
+            self.layers.use_slot_path(SlotPath(slots_per_bucket=2 * config.max_running_rows, device=self.device))
         self.repository = AdapterRepository(Path(config.adapter_repository))
         self.cache: AdapterCache[AdapterVersion, AdapterWeights] = AdapterCache(
             max_entries=config.max_loaded_adapters,
