@@ -15,15 +15,17 @@ adapter's weights once however many rows use it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from peftserve.adapter_weights import AdapterWeights, ModuleDelta, linear_features, linear_weight
+from peftserve.slot_path import SlotPath
 
 _SMALLEST_RANK_BUCKET = 8
 # A rank bucket whose rows are all one adapter's uses that pair (expanded view). A bucket spanning every row,
@@ -90,6 +92,8 @@ class RowDeltas:
     in_scale: torch.Tensor | None = None  # (B, 1, in), ones for rows without input scaling
     out_scale: torch.Tensor | None = None  # (B, 1, out), ones for rows without output scaling
     bias_scale: torch.Tensor | None = None  # (B, 1, out), set only when the layer has a bias
+    # On CUDA every term above comes from slot tables instead: (base layer, x) -> output.
+    through_slots: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 class AdapterLinear(nn.Module):
@@ -120,6 +124,8 @@ class AdapterLinear(nn.Module):
         return self._forward_rows(x, rows)
 
     def _forward_rows(self, x: torch.Tensor, rows: RowDeltas) -> torch.Tensor:
+        if rows.through_slots is not None:  # CUDA: slot tables and per-token kernels (peftserve.slot_path)
+            return rows.through_slots(self.base, x)
         out = F.linear(x if rows.in_scale is None else x * rows.in_scale, linear_weight(self.base))
         for group in rows.low_rank:
             out = group.add_to(out, x)
@@ -136,6 +142,12 @@ class AdapterLayers:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.wrapped: dict[str, AdapterLinear] = {}
+        self.slot_path: SlotPath | None = None
+
+    def use_slot_path(self, path: SlotPath) -> None:
+        """Compute every later batch through ``path`` (the engine does this on CUDA)."""
+        path.add_modules({name: layer.base for name, layer in self.wrapped.items()})
+        self.slot_path = path
 
     def wrap(self, module_names: Sequence[str]) -> None:
         """Wrap the named linear layers (idempotent); done when an adapter targeting them loads."""
@@ -147,6 +159,8 @@ class AdapterLayers:
             wrapper = AdapterLinear(getattr(parent, child_name))
             setattr(parent, child_name, wrapper)
             self.wrapped[name] = wrapper
+            if self.slot_path is not None:
+                self.slot_path.add_modules({name: wrapper.base})
 
     @contextmanager
     def activated(self, row_adapters: Sequence[AdapterWeights | None]) -> Iterator[BatchDeltas]:
@@ -168,6 +182,10 @@ class BatchDeltas:
         self.batch = len(row_adapters)
         self.per_module: dict[str, RowDeltas] = {}
         touched = {name for adapter in row_adapters if adapter for name in adapter.modules}
+        if layers.slot_path is not None:
+            forward = layers.slot_path.batch(row_adapters).forward
+            self.per_module = {name: RowDeltas(self.batch, through_slots=partial(forward, name)) for name in touched}
+            return
         for name in touched:
             self.per_module[name] = _gather(name, row_adapters, self.layers.wrapped[name])
 

@@ -52,6 +52,13 @@ class ServeConfig(BaseModel):
     attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="auto: what the model supports (sdpa where it can, else eager, e.g. Gemma 2, Bloom)"
     )
+    adapter_compute: Literal["auto", "per_row", "slot_tables"] = Field(
+        "auto",
+        description="how adapter terms are computed: per_row stacks each batch's adapter pairs per rank bucket "
+        "(torch; the CPU path), slot_tables keeps adapters in preallocated per-module stacks indexed per token "
+        "(triton-lang kernels where triton and CUDA are present, torch otherwise); auto: slot_tables on CUDA, "
+        "per_row elsewhere",
+    )
     default_max_tokens: int = Field(32, ge=1, description="`max_tokens` of a request that omits it")
     max_tokens_limit: int = Field(256, ge=1, description="largest `max_tokens` a request may ask for")
     max_prompt_tokens: int = Field(

@@ -41,6 +41,7 @@ from peftserve.host_tier import HostAdapterTier
 from peftserve.kv_cache import PagedKVCache, probe_layer_shapes
 from peftserve.metrics import EngineMetrics
 from peftserve.requests import Completion, CompletionRequest
+from peftserve.slot_path import SlotPath
 from peftserve.smoke_check import smoke_check
 
 logger = logging.getLogger("peftserve.engine")
@@ -76,6 +77,9 @@ class Engine:
         self.tokenizer, self.model = base or _load_base_model(config, self.device)
         self.base_shape = BaseModelShape.describe(self.model)
         self.layers = AdapterLayers(self.model)
+        if _uses_slot_tables(config, self.device):
+            # Twice the running rows: the decode batch kept from the last step plus every row joining now.
+            self.layers.use_slot_path(SlotPath(slots_per_bucket=2 * config.max_running_rows, device=self.device))
         self.repository = AdapterRepository(Path(config.adapter_repository))
         self.cache: AdapterCache[AdapterVersion, AdapterWeights] = AdapterCache(
             max_entries=config.max_loaded_adapters,
@@ -459,3 +463,10 @@ def _eos_token_ids(model: PreTrainedModel, tokenizer: AutoTokenizer) -> set[int]
     if not ids:
         raise ConfigError("the base model defines no eos_token_id; generation would never stop early")
     return ids
+
+
+def _uses_slot_tables(config: ServeConfig, device: torch.device) -> bool:
+    """Slot tables and their kernels on CUDA unless configured otherwise; CPU keeps the per-row stacks."""
+    if config.adapter_compute == "auto":
+        return device.type == "cuda"
+    return config.adapter_compute == "slot_tables"

@@ -1,0 +1,187 @@
+"""Per-token adapter ops over slot stacks (SGMV/BGMV semantics), with one backend per device.
+
+Every op takes a packed batch of tokens, ``(T, features)``, and a :class:`TokenSlots`: the slot of each
+token in a preallocated stack (:mod:`peftserve.slot_tables`). A ``(rows, seq)`` batch is the same thing
+flattened. Slot :data:`NO_SLOT` means "no adapter": the low-rank ops leave such tokens alone, and the
+scale tables hold a row of ones there.
+
+Two backends compute the same thing: :class:`TorchKernels` (plain torch; the CPU path and the reference)
+and the triton-lang kernels of :mod:`peftserve.lora_triton` for CUDA tensors. triton is optional and is
+imported only when a CUDA tensor asks for it, so a CPU server neither needs it installed nor pays for
+importing it here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+NO_SLOT = 0  # stacks keep this row as the identity (zeros for low rank, ones for scales)
+
+
+@dataclass(frozen=True)
+class TokenSlots:
+    """The slot of every token in one stack, plus the tokens grouped by slot for the segmented kernels.
+
+    Built once per batch and stack (every module of one rank bucket shares it); everything is computed on
+    the device without a host sync, so building it does not stall a CUDA stream.
+    """
+
+    slots: torch.Tensor  # (T,) int32
+    num_slots: int  # rows in the stack, NO_SLOT included
+    order: torch.Tensor  # (T,) int64: token indices sorted by slot, stable
+    starts: torch.Tensor  # (num_slots,) int64: where each slot's tokens begin in ``order``
+    counts: torch.Tensor  # (num_slots,) int64: how many tokens each slot has
+
+    @classmethod
+    def build(cls, slots: torch.Tensor, num_slots: int) -> TokenSlots:
+        if slots.dim() != 1 or slots.dtype != torch.int32:
+            raise ValueError(f"slots must be a 1-d int32 tensor, got {tuple(slots.shape)} {slots.dtype}")
+        order = torch.argsort(slots, stable=True)
+        # scatter_add_, not bincount: bincount on CUDA reads the maximum back to the host.
+        counts = torch.zeros(num_slots, dtype=torch.int64, device=slots.device)
+        counts.scatter_add_(0, slots.long(), torch.ones_like(slots, dtype=torch.int64))
+        starts = torch.cumsum(counts, 0) - counts
+        return cls(slots, num_slots, order, starts, counts)
+
+    @property
+    def tokens(self) -> int:
+        return self.slots.shape[0]
+
+
+class LoraKernels(Protocol):
+    """The three per-token ops; every backend implements them with these semantics."""
+
+    def shrink(self, x: torch.Tensor, a: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
+        """Semantics: ``y[t] = x[t] @ a[slot[t]]``; ``y[t] = 0`` where ``slot[t] == NO_SLOT``.
+
+        ``x`` (T, in), ``a`` (num_slots, in, R) -> ``y`` (T, R) in ``x``'s dtype.
+        """
+        ...
+
+    def expand(self, out: torch.Tensor, y: torch.Tensor, b: torch.Tensor, slots: TokenSlots) -> None:
+        """Semantics: ``out[t] += y[t] @ b[slot[t]]`` in place; rows with ``NO_SLOT`` are not touched.
+
+        ``out`` (T, out), ``y`` (T, R), ``b`` (num_slots, R, out).
+        """
+        ...
+
+    def scale(
+        self,
+        x: torch.Tensor,
+        table: torch.Tensor,
+        slots: TokenSlots,
+        *,
+        out: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        bias_scaled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Semantics: ``out[t] = x[t] * table[slot[t]]`` (``out`` may be ``x``: in place; None: a new tensor).
+
+        With ``bias`` (features,) and ``bias_scaled`` (num_slots,) bool, the bias is added inside the
+        scaling for slots that scale it (IA3) and outside for the others (DoRA, plain rows):
+        ``out[t] = (x[t] + f b) * table[slot[t]] + (1 - f) b`` with ``f = bias_scaled[slot[t]]``.
+        ``NO_SLOT`` is not special here: the tables keep a row of ones there.
+        """
+        ...
+
+
+def check_low_rank(x: torch.Tensor, stack: torch.Tensor, slots: TokenSlots, what: str) -> None:
+    if x.dim() != 2 or stack.dim() != 3 or x.shape[1] != stack.shape[1] or x.shape[0] != slots.tokens:
+        raise ValueError(
+            f"{what}: tokens {tuple(x.shape)} do not fit the stack {tuple(stack.shape)} and {slots.tokens} slots"
+        )
+    if stack.shape[0] != slots.num_slots:
+        raise ValueError(f"{what}: the stack has {stack.shape[0]} slots, the index {slots.num_slots}")
+    if x.dtype != stack.dtype:
+        raise ValueError(f"{what}: tokens are {x.dtype}, the stack {stack.dtype}")
+    check_devices(what, tokens=x, stack=stack, slots=slots.slots)
+
+
+def check_devices(what: str, **tensors: torch.Tensor | None) -> None:
+    """Every tensor on one device: a kernel handed a pointer to another device's memory reads garbage."""
+    devices = {name: tensor.device for name, tensor in tensors.items() if tensor is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{what}: tensors on different devices: {devices}")
+
+
+def check_scale(
+    x: torch.Tensor, table: torch.Tensor, slots: TokenSlots, bias: torch.Tensor | None, flags: torch.Tensor | None
+) -> None:
+    if x.dim() != 2 or table.shape != (slots.num_slots, x.shape[1]) or x.shape[0] != slots.tokens:
+        raise ValueError(f"scale: tokens {tuple(x.shape)} do not fit the table {tuple(table.shape)}")
+    if (bias is None) != (flags is None):
+        raise ValueError("scale: bias and bias_scaled go together")
+    if bias is not None and (bias.shape != (x.shape[1],) or flags.shape != (slots.num_slots,)):
+        raise ValueError(f"scale: bias {tuple(bias.shape)} or flags {tuple(flags.shape)} do not fit")
+    check_devices("scale", tokens=x, table=table, slots=slots.slots, bias=bias, bias_scaled=flags)
+
+
+class TorchKernels:
+    """The plain-torch backend: one matmul per slot present (the CPU path and the reference)."""
+
+    def shrink(self, x: torch.Tensor, a: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
+        check_low_rank(x, a, slots, "shrink")
+        y = x.new_zeros(x.shape[0], a.shape[2])
+        for slot, rows in _rows_per_slot(slots):
+            y[rows] = x[rows] @ a[slot]
+        return y
+
+    def expand(self, out: torch.Tensor, y: torch.Tensor, b: torch.Tensor, slots: TokenSlots) -> None:
+        check_low_rank(y, b, slots, "expand")
+        if out.shape != (y.shape[0], b.shape[2]):
+            raise ValueError(f"expand: output {tuple(out.shape)} does not fit {y.shape[0]} tokens x {b.shape[2]}")
+        for slot, rows in _rows_per_slot(slots):
+            out[rows] += y[rows] @ b[slot]
+
+    def scale(
+        self,
+        x: torch.Tensor,
+        table: torch.Tensor,
+        slots: TokenSlots,
+        *,
+        out: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        bias_scaled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_scale(x, table, slots, bias, bias_scaled)
+        factors = table[slots.slots]
+        if bias is None:
+            result = x * factors
+        else:
+            inside = bias_scaled[slots.slots].unsqueeze(1).to(x.dtype)
+            result = (x + inside * bias) * factors + (1 - inside) * bias
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
+
+
+def _rows_per_slot(slots: TokenSlots) -> list[tuple[int, torch.Tensor]]:
+    """``(slot, token indices)`` for every slot present except NO_SLOT (reads the slots to the host)."""
+    present = [slot for slot in torch.unique(slots.slots).tolist() if slot != NO_SLOT]
+    return [(slot, torch.nonzero(slots.slots == slot).squeeze(1)) for slot in present]
+
+
+TRITON_MODULE = "peftserve.lora_triton"
+
+
+def triton_kernels() -> LoraKernels:
+    """The triton-lang backend; raises ImportError where triton is not installed."""
+    return importlib.import_module(TRITON_MODULE).TritonKernels()
+
+
+def triton_available() -> bool:
+    """Whether ``triton`` can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernels_for(device: torch.device) -> LoraKernels:
+    """The backend for tensors on ``device``: triton-lang on CUDA where triton is installed, torch otherwise."""
+    if device.type == "cuda" and triton_available():
+        return triton_kernels()
+    return TorchKernels()

@@ -1,0 +1,114 @@
+"""The wrapped layers' compute through slot tables and per-token kernels: the engine's path on CUDA.
+
+:class:`SlotPath` keeps the adapters of recent batches resident in :class:`~peftserve.slot_tables.SlotTables`
+and hands each batch a :class:`SlotBatch`, whose per-module :meth:`SlotBatch.forward` replaces the
+per-row gathering of :mod:`peftserve.batched_layers`. Assigning an adapter copies its weights into free
+slots once; a batch joining or leaving then writes only index tensors.
+
+A batch holds a lease on its adapters' slots for as long as the batch object lives (the batcher keeps its
+decode batch across steps while prefill batches come and go); only unleased adapters are released, least
+recently used first, when a slot is needed. With ``slots_per_bucket`` of at least twice the running
+rows every live batch fits: the decode batch still held from the last step plus the rows joining now.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from peftserve.adapter_weights import AdapterWeights, linear_weight
+from peftserve.errors import CacheFullError
+from peftserve.lora_kernels import LoraKernels, kernels_for
+from peftserve.slot_tables import BatchSlots, SlotTables, rank_bucket, slot_linear
+
+
+class SlotPath:
+    """Slot tables over the wrapped layers, filled on demand and shared by every batch."""
+
+    def __init__(self, *, slots_per_bucket: int, device: torch.device, kernels: LoraKernels | None = None) -> None:
+        self.slots_per_bucket = slots_per_bucket
+        self.kernels = kernels or kernels_for(device)
+        self.tables = SlotTables({}, rank_capacity={}, scale_capacity=slots_per_bucket, device=device)
+        self._recent: OrderedDict[int, AdapterWeights] = OrderedDict()  # id -> adapter, least recent first
+        self._leases: Counter[int] = Counter()
+        # Reentrant: a lease ends when its batch is garbage, which may happen inside batch() itself.
+        self._lock = threading.RLock()
+
+    def add_modules(self, modules: dict[str, nn.Module]) -> None:
+        """Stacks for newly wrapped layers (``AdapterLayers.wrap`` calls this)."""
+        with self._lock, torch.inference_mode(False), torch.no_grad():
+            self.tables.add_modules(modules)
+
+    def batch(self, row_adapters: Sequence[AdapterWeights | None]) -> SlotBatch:
+        """Assign the batch's adapters (releasing unleased ones if needed) and lease them to the batch."""
+        present = {id(adapter): adapter for adapter in row_adapters if adapter is not None}
+        # Stacks made or written under inference mode would refuse later writes outside it.
+        with self._lock, torch.inference_mode(False), torch.no_grad():
+            for adapter in present.values():
+                self._assign(adapter, keep=present)
+            return SlotBatch(self, row_adapters, list(present))
+
+    def _assign(self, adapter: AdapterWeights, keep: dict[int, AdapterWeights]) -> None:
+        for delta in adapter.modules.values():
+            if delta.lora_a is not None:
+                bucket = rank_bucket(delta.lora_a.shape[1])
+                if bucket not in self.tables.rank_capacity:
+                    self.tables.add_bucket(bucket, self.slots_per_bucket)
+        while True:
+            try:
+                self.tables.assign(adapter)
+                break
+            except CacheFullError:
+                victim = next(
+                    (key for key in self._recent if key not in keep and not self._leases[key]),
+                    None,
+                )
+                if victim is None:
+                    raise
+                self.tables.release(self._recent.pop(victim))
+        self._recent[id(adapter)] = adapter
+        self._recent.move_to_end(id(adapter))
+
+    def _lease(self, keys: list[int]) -> None:
+        with self._lock:
+            self._leases.update(keys)
+
+    def _unlease(self, keys: list[int]) -> None:
+        with self._lock:
+            for key in keys:
+                self._leases[key] -= 1
+                if self._leases[key] <= 0:
+                    del self._leases[key]
+
+
+class SlotBatch:
+    """One batch's view of the slot tables: per-token indices (per sequence length) and the module forward."""
+
+    def __init__(self, path: SlotPath, row_adapters: Sequence[AdapterWeights | None], leased: list[int]) -> None:
+        self._path = path
+        self._rows = list(row_adapters)
+        self._indices: dict[int, BatchSlots] = {}  # tokens per row -> indices (prefill length, then 1)
+        path._lease(leased)
+        weakref.finalize(self, path._unlease, leased)
+
+    def forward(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layer`` (a wrapped base layer called ``name``) over ``x`` of shape (rows, tokens, in)."""
+        rows, tokens, features_in = x.shape
+        if rows != len(self._rows):
+            raise RuntimeError(f"input of {rows} rows for a batch of {len(self._rows)}")
+        if tokens not in self._indices:
+            self._indices[tokens] = self._path.tables.indices(self._rows, tokens)
+        out = slot_linear(
+            x.reshape(rows * tokens, features_in),
+            linear_weight(layer),
+            layer.bias,
+            self._path.tables.modules[name],
+            self._indices[tokens],
+            self._path.kernels,
+        )
+        return out.reshape(rows, tokens, out.shape[-1])

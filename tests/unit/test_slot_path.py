@@ -1,0 +1,135 @@
+"""The slot path (the engine's compute on CUDA) forced on CPU: its slot policy, the wrapped layers through
+it on the torch backend, and the demo engine's logits through the triton kernels under the interpreter
+against PEFT's own models, every adapter type in one mixed batch."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from peftserve.batched_layers import AdapterLayers, BatchDeltas
+from peftserve.errors import CacheFullError
+from peftserve.lora_kernels import TorchKernels
+from peftserve.slot_path import SlotPath
+from tests.conftest import DEMO_PHRASES, PROMPTS, demo_config
+from tests.interpreted_triton import interpreter_process
+from tests.unit.test_batched_layers import CASES, lora, run_batch
+
+
+def path(slots: int) -> SlotPath:
+    return SlotPath(slots_per_bucket=slots, device=torch.device("cpu"), kernels=TorchKernels())
+
+
+def wrapped(slot_path: SlotPath) -> AdapterLayers:
+    layers = AdapterLayers(torch.nn.ModuleDict({"proj": torch.nn.Linear(24, 40)}))
+    layers.wrap(["proj"])
+    layers.use_slot_path(slot_path)
+    return layers
+
+
+def test_live_batches_keep_their_slots_and_idle_adapters_make_room() -> None:
+    slot_path = path(2)
+    layers = wrapped(slot_path)
+    first, second, third = lora(8, 1), lora(8, 2), lora(8, 3)
+    decoding = BatchDeltas(layers, [first, second])  # held across steps, like the batcher's decode batch
+    with pytest.raises(CacheFullError, match="rank bucket 8"):
+        BatchDeltas(layers, [third])  # both slots leased by the live batch
+    held = slot_path.tables.slots_of(first)
+    del decoding
+    gc.collect()
+    BatchDeltas(layers, [third, second])  # first is idle now: it makes room
+    assert slot_path.tables.slots_of(first) is None and slot_path.tables.slots_of(third) == held
+
+
+def test_a_rank_first_seen_later_gets_its_bucket() -> None:
+    slot_path = path(2)
+    layers = wrapped(slot_path)
+    BatchDeltas(layers, [lora(8, 1)])
+    BatchDeltas(layers, [lora(20, 2)])
+    assert slot_path.tables.rank_capacity == {8: 2, 32: 2}
+
+
+@pytest.mark.parametrize("rows", CASES.values(), ids=CASES.keys())
+def test_wrapped_layers_through_the_slot_path_equal_each_row_alone(monkeypatch: pytest.MonkeyPatch, rows) -> None:
+    original = AdapterLayers.wrap
+
+    def wrap_then_use_slots(self: AdapterLayers, names: list[str]) -> None:
+        original(self, names)
+        if self.slot_path is None:
+            self.use_slot_path(path(len(rows)))
+
+    monkeypatch.setattr(AdapterLayers, "wrap", wrap_then_use_slots)
+    batched, expected = run_batch(rows)
+    torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-4)
+
+
+ADAPTERS = ["", *DEMO_PHRASES]
+
+
+class CountingKernels:
+    """The interpreted triton backend, counting its calls (proof that the slot path ran)."""
+
+    def __init__(self) -> None:
+        from peftserve.lora_triton import TritonKernels
+
+        self.backend, self.calls = TritonKernels(), 0
+
+    def __getattr__(self, name: str):
+        self.calls += 1
+        return getattr(self.backend, name)
+
+
+def engine_prompt_logits(model_dir: Path) -> tuple[list[list[int]], list[torch.Tensor], int]:
+    """In the interpreter child: the demo engine with the slot path forced, one row per adapter and the
+    base model in one batch; returns each row's prompt ids and logits, and how many kernel calls ran."""
+    from peftserve.engine import Engine
+    from peftserve.requests import CompletionRequest
+
+    engine = Engine(demo_config(model_dir))
+    kernels = CountingKernels()
+    engine.layers.use_slot_path(SlotPath(slots_per_bucket=len(ADAPTERS), device=engine.device, kernels=kernels))
+    rows = []
+    for index, adapter_id in enumerate(ADAPTERS):
+        row = engine.check_request(CompletionRequest(PROMPTS[index % len(PROMPTS)], adapter_id, max_tokens=1))
+        if adapter_id:  # read and wrapped without the smoke check, which would only run more interpreted steps
+            row.adapter = engine.read_adapter(engine.repository.latest(adapter_id))[1]
+            engine.layers.wrap(list(row.adapter.modules))
+        row.keep_prompt_logits = True
+        rows.append(row)
+    results = engine.batcher.run_rows(rows)
+    return [row.prompt_ids for row in rows], [result.prompt_logits for result in results], kernels.calls
+
+
+def test_demo_engine_through_interpreted_kernels_equals_peft_in_one_mixed_batch(model_dir: Path) -> None:
+    with interpreter_process() as process:
+        prompt_ids, logits, kernel_calls = process.run(engine_prompt_logits, model_dir)
+    assert kernel_calls > 0
+    for adapter_id, ids, ours in zip(ADAPTERS, prompt_ids, logits, strict=True):
+        base = AutoModelForCausalLM.from_pretrained(model_dir / "base_model")
+        model = PeftModel.from_pretrained(base, model_dir / "adapters" / adapter_id / "1") if adapter_id else base
+        input_ids = torch.tensor([ids])
+        with torch.no_grad():
+            reference = model.eval()(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+        torch.testing.assert_close(ours, reference[0, -len(ids) :], atol=1e-4, rtol=1e-4, msg=adapter_id)
+
+
+def test_adapter_compute_setting_puts_a_cpu_engine_on_slot_tables_with_the_same_answers(
+    model_dir: Path, engine
+) -> None:
+    """``adapter_compute=slot_tables`` on CPU (torch kernels over the stacks) answers a mixed batch of every
+    adapter type exactly as the per-row path does: the switch operators use to compare or fall back."""
+    from peftserve.engine import Engine
+    from peftserve.requests import CompletionRequest
+
+    slotted = Engine(demo_config(model_dir, adapter_compute="slot_tables"))
+    assert slotted.layers.slot_path is not None and engine.layers.slot_path is None
+    requests = [
+        CompletionRequest(PROMPTS[i % len(PROMPTS)], adapter, max_tokens=8) for i, adapter in enumerate(ADAPTERS)
+    ]
+    assert [a.text for a in slotted.complete(requests)] == [a.text for a in engine.complete(requests)]
+    slotted.batcher.close()
