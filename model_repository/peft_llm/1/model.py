@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import triton_python_backend_utils as pb_utils
 
 from peftserve.triton.io import FORWARDED_PARAMETER, OUTPUT_NAMES, untag_error
+from peftserve.triton.status import status_parameter
 
 logger = logging.getLogger("peftserve.triton")
 ENGINE_MODEL = "peft_llm_stream"
@@ -48,7 +49,7 @@ def _forward(request) -> None:
             model_name=ENGINE_MODEL,
             inputs=request.inputs(),
             requested_output_names=OUTPUT_NAMES,
-            parameters={FORWARDED_PARAMETER: True},
+            parameters={FORWARDED_PARAMETER: True, **status_parameter(request)},
         )
         answer = None
         for response in forwarded.exec(decoupled=True):
