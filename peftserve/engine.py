@@ -137,7 +137,7 @@ class Engine:
     def prepare_version(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
         """Read a version and pass it through the smoke check: ready to serve, not serving yet. A failure is
         recorded as the adapter's rejected version (with its reason) before it is raised."""
-        adapter_id, number = version.adapter_id, version.version
+        adapter_id, number, path = version.adapter_id, version.version, version.path
         self.adapter_states.loading(adapter_id, number)
         try:
             version, weights = self.read_adapter(version)
@@ -145,9 +145,9 @@ class Engine:
                 self.layers.wrap(list(weights.modules))
             self._smoke_check(version, weights)
         except Exception as exc:
-            # The reason goes to API clients (the status request): no host paths in it.
-            reason = str(exc).replace(f"{self.repository.root}/", "")
-            self.adapter_states.rejected(adapter_id, number, reason)
+            if path.is_dir():  # a version retired while it was read (the tools' rollback) is gone, not rejected
+                # The reason goes to API clients (the status request): no host paths in it.
+                self.adapter_states.rejected(adapter_id, number, str(exc).replace(f"{self.repository.root}/", ""))
             raise
         finally:
             self.adapter_states.loading_done(adapter_id, number)

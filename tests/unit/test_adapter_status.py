@@ -14,6 +14,7 @@ from peftserve.engine import Engine
 from peftserve.hot_swap import AdapterWatcher
 from peftserve.requests import CompletionRequest
 from peftserve.smoke_check import GOLDEN_FILE
+from peftserve.swap_history import SwapHistory
 from tests.conftest import DEMO_PHRASES, demo_config
 
 
@@ -85,6 +86,28 @@ def test_a_rejected_version_is_reported_with_its_reason_while_the_old_one_serves
     watcher.poll_once()
     robot = status_of(engine).adapter("robot")
     assert (robot.state, robot.serving_version, robot.sha256) == (AdapterState.RETIRED, None, "")
+
+
+def test_a_version_retired_while_it_is_checked_is_not_reported_as_rejected(
+    engine: Engine, model_dir: Path, repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tools retire a rejected version at once; a watcher poll that read it meanwhile must not replace
+    the recorded reason with "files missing" (seen on a real server)."""
+    watcher = AdapterWatcher(engine, interval=0)
+    complete(engine, "pirate")
+    shutil.copytree(model_dir / "adapters" / "robot" / "1", repository / "pirate" / "2")
+    read_adapter = engine.read_adapter
+
+    def retired_while_read(version):
+        shutil.move(version.path, repository / "pirate" / ".retired-2")
+        return read_adapter(version)
+
+    monkeypatch.setattr(engine, "read_adapter", retired_while_read)
+    watcher.poll_once()
+    pirate = status_of(engine).adapter("pirate")
+    assert (pirate.state, pirate.serving_version, pirate.rejected_version) == (AdapterState.SERVING, 1, None)
+    assert [e.event for e in SwapHistory(repository).read()] == []
+    assert complete(engine, "pirate") == "pirate@1"
 
 
 def test_the_status_answers_while_the_model_is_busy(engine: Engine) -> None:
