@@ -88,6 +88,7 @@ def _cell(entry: AdapterStatus) -> dict[str, object]:
 
 def cmd_status(deployment: Deployment, args: argparse.Namespace) -> object:
     """Each server's status document as it answered the status request; fails if a server did not answer."""
+    args.json = True  # the documents are JSON: shown as JSON, not as the key=value lines of other commands
     statuses = _statuses(deployment)
     output = {name: asdict(status) for name, status in statuses.items()}
     if len(statuses) < len(deployment.servers):
