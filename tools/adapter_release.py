@@ -18,7 +18,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from peftserve.adapter_repository import AdapterRepository, content_digest, recorded_digest, validate_adapter_id
-from peftserve.adapter_status import AdapterState
 from peftserve.errors import PeftServeError
 from peftserve.swap_history import HistoryEvent, SwapHistory
 from tools.deployment import Deployment, ReleaseError, Server
@@ -199,15 +198,16 @@ def _server_outcome(server: Server, model: str, result: ReleaseResult, headers: 
         entry = adapter_status(server, model, headers).adapter(result.adapter_id)
     except StatusUnavailable as exc:
         return f"waiting for an answer ({exc})"
-    if entry is None or entry.state is AdapterState.RETIRED:
-        # The server does not watch this adapter (never requested, or every version was removed): its first
-        # request loads the newest version, with the same checks; the status then tells how that went.
+    if entry is not None and entry.serving_version == result.version:
+        return "serving"
+    if entry is not None and entry.rejected_version == result.version:
+        return f"rejected: {entry.rejection_reason}"
+    if entry is None or entry.serving_version is None:
+        # Nothing of this adapter serves there (never requested, its first load failed, or every version was
+        # removed), so the server watches no versions of it: its next request loads the newest version, with
+        # the same checks, and the status then tells how that went.
         probe_adapter(server, model, result.adapter_id, headers)
         return "waiting: loading on its first request"
-    if entry.serving_version == result.version:
-        return "serving"
-    if entry.rejected_version == result.version:
-        return f"rejected: {entry.rejection_reason}"
     return f"waiting: {entry.state}, serving version {entry.serving_version}, loading {entry.loading_version}"
 
 

@@ -88,6 +88,18 @@ def test_a_rejected_version_is_reported_with_its_reason_while_the_old_one_serves
     assert (robot.state, robot.serving_version, robot.sha256) == (AdapterState.RETIRED, None, "")
 
 
+def test_a_first_load_that_fails_is_reported_as_rejected_with_nothing_serving(
+    engine: Engine, model_dir: Path, repository: Path
+) -> None:
+    broken = repository / "broken" / "1"
+    shutil.copytree(model_dir / "adapters" / "robot" / "1", broken)
+    (broken / "adapter_config.json").write_text("{not json")
+    assert complete(engine, "broken") == "AdapterLoadError"
+    entry = status_of(engine).adapter("broken")
+    assert (entry.state, entry.serving_version, entry.rejected_version) == (AdapterState.REJECTED, None, 1)
+    assert entry.rejection_reason.startswith("broken/1/adapter_config.json")
+
+
 def test_a_version_retired_while_it_is_checked_is_not_reported_as_rejected(
     engine: Engine, model_dir: Path, repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
