@@ -31,7 +31,7 @@ METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
 .PHONY: serve test unit integration demo smollm2 lint format clean bench-engine bench scale-out bench-continuous \
-	bench-forwarding image-requirements gpu-startup-check gpu-engine-check bench-gpu bench-stall
+	bench-forwarding image-requirements gpu-startup-check gpu-engine-check bench-gpu bench-stall reference-docs
 
 # Loopback only unless opened deliberately: SERVE_ARGS="--bind 0.0.0.0" with a management key (docs/security.md).
 serve: $(STAMP) $(SERVE_ASSETS)
@@ -80,6 +80,11 @@ bench-stall: $(STAMP) $(DEMO)
 # What peft_llm's BLS hop to peft_llm_stream costs per request.
 bench-forwarding: $(STAMP) $(DEMO)
 	$(PY) -m tools.bench_forwarding
+
+# config.pbtxt input/output blocks, docs/reference/contract.md and configuration.md from peftserve/contract.py and
+# ServeConfig's field descriptions (tests/unit/test_reference_docs.py fails until they are regenerated).
+reference-docs: $(STAMP)
+	$(PY) -m tools.reference_docs
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,4 +1,4 @@
-"""Serving configuration, read from the ``parameters`` of ``config.pbtxt``.
+"""Serving configuration: every setting of both models, read from the ``parameters`` of peft_llm's ``config.pbtxt``.
 
 Triton hands every parameter over as a string; pydantic converts and range-checks them and the errors of
 all keys are reported together, naming the key, the value and what is allowed.
@@ -13,10 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from peftserve.contract import ENGINE_MODEL, FORWARDER_MODEL
 from peftserve.errors import ConfigError
 
 # Triton's own parameters that live beside ours in config.pbtxt and are not engine settings.
 TRITON_RESERVED_PARAMETERS = frozenset({"EXECUTION_ENV_PATH", "FORCE_CPU_ONLY_INPUT_TENSORS"})
+# peft_llm_stream's only parameter: the model directory (relative to its own) whose config.pbtxt holds the settings.
+SHARED_SETTINGS_PARAMETER = "engine_config"
 
 
 class AdapterLimits(BaseModel):
@@ -30,19 +33,42 @@ class AdapterLimits(BaseModel):
 
 
 class ServeConfig(BaseModel):
-    """Everything the engine needs to serve; paths are absolute once built by :func:`from_parameters`."""
+    """Every setting of both Triton models, each with its description (docs/reference/configuration.md is
+    generated from them by ``python -m tools.reference_docs``); paths are absolute once built by
+    :func:`from_parameters`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base_model: str = Field(description="local directory or Hugging Face model id (read from the local cache)")
-    adapter_repository: str = Field("adapters", description="directory holding <adapter_id>/<version>/")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    default_max_tokens: int = Field(32, ge=1)
-    max_tokens_limit: int = Field(256, ge=1)
-    max_prompt_tokens: int = Field(1024, ge=1)
-    max_prompt_bytes: int = Field(65536, ge=1)
-    max_loaded_adapters: int = Field(16, ge=1)
-    max_adapter_memory_mb: float = Field(1024.0, gt=0)
+    base_model: str = Field(
+        description="local model directory (relative paths resolve against the model directory), or the id of a "
+        "model in the local Hugging Face cache (never downloaded)"
+    )
+    adapter_repository: str = Field(
+        "adapters", description="directory holding `<adapter_id>/<version>/` (relative to the model directory)"
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="dtype of the weights; auto: float32 on CPU, the checkpoint's dtype on a GPU"
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="auto: what the model supports (sdpa where it can, else eager, e.g. Gemma 2, Bloom)"
+    )
+    default_max_tokens: int = Field(32, ge=1, description="`max_tokens` of a request that omits it")
+    max_tokens_limit: int = Field(256, ge=1, description="largest `max_tokens` a request may ask for")
+    max_prompt_tokens: int = Field(
+        1024, ge=1, description="longest prompt in tokens (a chat prompt after its template is applied)"
+    )
+    max_prompt_bytes: int = Field(
+        65536, ge=1, description="longest prompt in UTF-8 bytes (`text_input` or `messages`), checked before tokenizing"
+    )
+    max_stop_strings: int = Field(4, ge=0, le=64, description="most `stop` strings one request may send")
+    max_stop_string_bytes: int = Field(256, ge=1, description="longest `stop` string, in UTF-8 bytes")
+    blocked_patterns: tuple[str, ...] = Field(
+        (), description="JSON list of regular expressions refused in prompts and withheld from answers"
+    )
+    max_loaded_adapters: int = Field(
+        16, ge=1, description="adapters held on the device at once; the least recently used is evicted first"
+    )
+    max_adapter_memory_mb: float = Field(1024.0, gt=0, description="device memory for loaded adapters, in MiB")
     host_adapter_cache_mb: float = Field(
         4096.0,
         ge=0,
@@ -50,27 +76,52 @@ class ServeConfig(BaseModel):
         "a copy instead of a file read and conversion (peftserve/host_tier.py); on CPU it shares the adapter "
         "cache's tensors; 0: off",
     )
-    preload: tuple[str, ...] = ()
+    preload: tuple[str, ...] = Field((), description="comma-separated adapter ids loaded at start and never evicted")
     adapter_poll_seconds: float = Field(
-        1.0, ge=0, description="how often to look for new adapter versions (hot-swap); 0 turns watching off"
+        1.0, ge=0, description="how often to look for new, changed and removed adapter versions (hot-swap); 0: off"
     )
-    attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
-        "auto", description="auto: what the model supports (sdpa where it can, else eager)"
+    loader_threads: int = Field(
+        2, ge=1, le=64, description="threads that read, convert and smoke-check adapters beside the decoding loop"
     )
     adapter_limits: AdapterLimits = Field(
-        default_factory=AdapterLimits, description="limits applied to every adapter id (and the base model)"
+        default_factory=AdapterLimits,
+        description="JSON object of limits applied to every adapter id and to the base model (`(base)`): "
+        "`max_inflight` (requests inside the model), `rate_per_second` (token bucket), `burst` (above the rate; "
+        "0: one second's worth); 0 means unlimited",
     )
     adapter_limit_overrides: dict[str, AdapterLimits] = Field(
-        default_factory=dict, description='per adapter id, e.g. {"pirate": {"rate_per_second": 5}}; "(base)" too'
+        default_factory=dict,
+        description="JSON object of limits per adapter id that replace adapter_limits, e.g. "
+        '`{"pirate": {"rate_per_second": 5}}`; `(base)` for the base model',
     )
-    max_running_rows: int = Field(32, ge=1, description="requests inside the model at once (prefilling or decoding)")
+    max_running_rows: int = Field(
+        32, ge=1, description="requests inside the model at once (prefilling or decoding); more wait in the queue"
+    )
+    join_group: int = Field(
+        4,
+        ge=1,
+        description="waiting requests join the running batch together once this many wait (or they fill the free "
+        "rows), at once when nothing runs: starting a prefill costs a forward pass of its own, on a CPU about a "
+        "decoding step of the whole batch",
+    )
+    join_every: int = Field(
+        8,
+        ge=1,
+        description="waiting requests also join once the oldest of them has waited this many decoding steps "
+        "(see join_group)",
+    )
     kv_cache_memory_mb: float = Field(
         0.0,
         ge=0,
         description="KV cache size; 0: what max_running_rows requests of the longest allowed length use, at most "
         "kv_cache_free_memory_fraction of free GPU memory (1 GiB on CPU)",
     )
-    kv_cache_free_memory_fraction: float = Field(0.8, gt=0, le=1, description="used when kv_cache_memory_mb is 0")
+    kv_cache_free_memory_fraction: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="share of the GPU memory free after loading that the KV cache takes when kv_cache_memory_mb is 0",
+    )
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     prefill_chunk_tokens: int = Field(
         512, ge=0, description="most prompt tokens prefilled per loop iteration, over joining requests; 0: no limit"
@@ -87,9 +138,20 @@ class ServeConfig(BaseModel):
         description="memory for answers of greedy or seeded non-streaming requests, served again to identical "
         "requests (peftserve/response_cache.py); 0: off",
     )
-    max_stop_strings: int = Field(4, ge=0, le=64)
-    max_stop_string_bytes: int = Field(256, ge=1)
-    blocked_patterns: tuple[str, ...] = Field((), description="regular expressions refused in prompts and answers")
+    served_model: str = Field(
+        FORWARDER_MODEL,
+        min_length=1,
+        description="the model clients call, which forwards every request to engine_model; the engine's metrics "
+        "carry its name in their `model` label",
+    )
+    engine_model: str = Field(ENGINE_MODEL, min_length=1, description="the model that holds the engine")
+    forwarding_threads: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="requests served_model forwards to engine_model at once (each waits on a thread for its "
+        "answer); more wait in served_model's queue",
+    )
 
     @field_validator("adapter_limits", "adapter_limit_overrides", "blocked_patterns", mode="before")
     @classmethod
@@ -129,6 +191,14 @@ class ServeConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _forward_elsewhere(self) -> ServeConfig:
+        if self.served_model == self.engine_model:
+            raise ValueError(
+                f"served_model and engine_model are both {self.engine_model!r}: a model cannot forward to itself"
+            )
+        return self
+
     @property
     def max_adapter_memory_bytes(self) -> int:
         return int(self.max_adapter_memory_mb * 1024 * 1024)
@@ -152,7 +222,7 @@ def from_parameters(parameters: dict[str, Any], *, model_dir: Path) -> ServeConf
     for key, raw in parameters.items():
         if key in TRITON_RESERVED_PARAMETERS:
             continue
-        values[key] = raw["string_value"] if isinstance(raw, dict) else raw
+        values[key] = _value(raw)
     try:
         config = ServeConfig(**values)
     except ValidationError as exc:
@@ -190,3 +260,28 @@ def read_model_config(model_dir: Path) -> ServeConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     parameters = {key: value.string_value for key, value in parsed.parameters.items()}
     return from_parameters(parameters, model_dir=Path(model_dir))
+
+
+def triton_model_config(args: dict[str, Any]) -> ServeConfig:
+    """The settings a Triton model of this repository runs with, from the ``args`` of its ``initialize``.
+
+    They are its own ``parameters``, or, where those name ``engine_config``, the parameters of that model's
+    ``config.pbtxt``: peft_llm_stream reads peft_llm's, so both models run with one validated set.
+    """
+    parameters = json.loads(args["model_config"]).get("parameters", {})
+    model_dir = Path(args["model_repository"])
+    shared = parameters.get(SHARED_SETTINGS_PARAMETER)
+    if shared is None:
+        return from_parameters(parameters, model_dir=model_dir)
+    beside = sorted(set(parameters) - TRITON_RESERVED_PARAMETERS - {SHARED_SETTINGS_PARAMETER})
+    if beside:
+        raise ConfigError(
+            f"{model_dir / 'config.pbtxt'} sets {beside} beside {SHARED_SETTINGS_PARAMETER}: settings belong in "
+            f"the config.pbtxt that {SHARED_SETTINGS_PARAMETER} names"
+        )
+    return read_model_config((model_dir / _value(shared)).resolve())
+
+
+def _value(raw: Any) -> Any:
+    """A parameter's value from Triton's ``{"string_value": v}`` form, or a plain value as given."""
+    return raw["string_value"] if isinstance(raw, dict) else raw

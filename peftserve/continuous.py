@@ -84,30 +84,22 @@ class Work:
 
 
 class ContinuousBatcher:
-    def __init__(
-        self,
-        engine: Engine,
-        cache: PagedKVCache,
-        *,
-        max_rows: int = 32,
-        prefill_chunk_tokens: int = 512,
-        prefill_step_share: float = 1.0,
-        join_group: int = 4,
-        join_every: int = 8,
-        loader_threads: int = 2,
-    ) -> None:
+    """The batching loop of one engine; its sizes and join policy are the engine's ServeConfig settings."""
+
+    def __init__(self, engine: Engine, cache: PagedKVCache) -> None:
+        config = engine.config
         self.engine = engine
         self.runner = engine.runner
         self.cache = cache
-        self.max_rows = max_rows
-        self.prefill_budget = PrefillBudget(max_tokens=prefill_chunk_tokens, share=prefill_step_share)
+        self.max_rows = config.max_running_rows
+        self.prefill_budget = PrefillBudget(max_tokens=config.prefill_chunk_tokens, share=config.prefill_step_share)
         # Starting a prefill costs a forward pass of its own, about as much on a CPU as a decoding step of the
         # whole batch: waiting requests are admitted when join_group of them wait (or fill the free rows), when
         # the oldest has waited join_every steps, or at once when nothing runs.
-        self.join_group = join_group
-        self.join_every = join_every
-        self.admission = Admission(engine.config.adapter_limits, engine.config.adapter_limit_overrides)
-        cache_bytes = engine.config.response_cache_bytes
+        self.join_group = config.join_group
+        self.join_every = config.join_every
+        self.admission = Admission(config.adapter_limits, config.adapter_limit_overrides)
+        cache_bytes = config.response_cache_bytes
         self.response_cache = ResponseCache(max_bytes=cache_bytes) if cache_bytes else None
         self._waiting: deque[Work] = deque()
         self._prefilling: list[SequenceState] = []
@@ -117,7 +109,7 @@ class ContinuousBatcher:
         self._steps_since_admission = 0
         self._wakeup = threading.Condition()
         self._closed = False
-        self._loaders = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-loader")
+        self._loaders = ThreadPoolExecutor(max_workers=config.loader_threads, thread_name_prefix="adapter-loader")
         self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
         self._thread.start()
 

@@ -88,13 +88,7 @@ class Engine:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos)
         self.kv_cache = _paged_cache(config, self.model, self.base_shape.dtype, self.device)
         self.runner = ModelRunner(self.model, self.layers, self.kv_cache, eos_token_ids=eos, pad_token_id=pad)
-        self.batcher = ContinuousBatcher(
-            self,
-            self.kv_cache,
-            max_rows=config.max_running_rows,
-            prefill_chunk_tokens=config.prefill_chunk_tokens,
-            prefill_step_share=config.prefill_step_share,
-        )
+        self.batcher = ContinuousBatcher(self, self.kv_cache)
         self.blocked = BlockedContent(config.blocked_patterns)
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
         self.adapter_states = AdapterStates()  # what a status request reports (adapter_status.py)
@@ -404,9 +398,7 @@ class Engine:
 
 
 def _sampling_params(request: CompletionRequest) -> SamplingParams:
-    temperature = 0.0 if request.temperature is None else float(request.temperature)
-    top_p = 1.0 if request.top_p is None else float(request.top_p)
-    top_k = 0 if request.top_k is None else int(request.top_k)
+    temperature, top_p, top_k = float(request.temperature), float(request.top_p), int(request.top_k)
     if not math.isfinite(temperature) or not 0.0 <= temperature <= 100.0:
         raise InvalidRequestError(f"temperature must be between 0 and 100 (0 = greedy), got {temperature}")
     if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:

@@ -13,7 +13,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 
 from tools.client import build_inputs
@@ -27,11 +26,9 @@ def through_peft_llm(client: grpcclient.InferenceServerClient, max_tokens: int) 
 
 
 def straight_to_engine(client: grpcclient.InferenceServerClient, answers: queue.Queue, max_tokens: int) -> float:
-    inputs = build_inputs(grpcclient, "the cat looks at", "pirate", max_tokens)
-    flag = grpcclient.InferInput("stream", [1, 1], "BOOL")
-    flag.set_data_from_numpy(np.array([[False]]))
+    inputs = build_inputs(grpcclient, "the cat looks at", "pirate", max_tokens, stream=False)
     started = time.perf_counter()
-    client.async_stream_infer("peft_llm_stream", [*inputs, flag])
+    client.async_stream_infer("peft_llm_stream", inputs)
     _, error = answers.get(timeout=60)
     if error is not None:
         raise error

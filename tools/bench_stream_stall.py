@@ -26,7 +26,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 from transformers import AutoTokenizer
 
@@ -63,9 +62,7 @@ def longest_prompt(config: ServeConfig) -> str:
 
 
 def stream_inputs(text: str, adapter: str, max_tokens: int) -> list:
-    flag = grpcclient.InferInput("stream", [1, 1], "BOOL")
-    flag.set_data_from_numpy(np.array([[True]]))
-    return [*build_inputs(grpcclient, text, adapter, max_tokens, ignore_eos=True), flag]
+    return build_inputs(grpcclient, text, adapter, max_tokens, ignore_eos=True, stream=True)
 
 
 def long_prompt_arrives(server: TritonServer, long_prompt: str, adapter: str) -> Callable[[], None]:

@@ -19,6 +19,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from peftserve.contract import ENGINE_MODEL, INPUT_SPECS
+
 
 def build_inputs(
     module,
@@ -30,31 +32,40 @@ def build_inputs(
     ignore_eos: bool = False,
     stop: Sequence[str] = (),
     messages: Sequence[dict[str, str]] | None = None,
+    stream: bool | None = None,
 ) -> list:
     """InferInput list (``module``: tritonclient.http or .grpc) for one prompt; optional inputs are sent when set.
 
     ``always_send_adapter`` sends ``adapter_id`` even when empty (the base model): Triton's dynamic batcher
     only batches requests that carry the same set of inputs. ``messages`` (chat, rendered with the model's
-    chat template) goes as JSON; ``prompt`` must then be empty.
+    chat template) goes as JSON; ``prompt`` must then be empty. ``stream`` is peft_llm_stream's own input.
     """
-    raw = prompt if isinstance(prompt, bytes) else prompt.encode()
-    values = [("text_input", np.array([[raw]], dtype=np.object_), "BYTES")]
+    values: dict[str, object] = {"text_input": prompt}
     if messages is not None:
-        values.append(("messages", np.array([[json.dumps(list(messages)).encode()]], dtype=np.object_), "BYTES"))
+        values["messages"] = json.dumps(list(messages))
     if adapter_id or always_send_adapter:
-        values.append(("adapter_id", np.array([[adapter_id.encode()]], dtype=np.object_), "BYTES"))
+        values["adapter_id"] = adapter_id
     if max_tokens is not None:
-        values.append(("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"))
+        values["max_tokens"] = max_tokens
     if ignore_eos:
-        values.append(("ignore_eos", np.array([[True]], dtype=bool), "BOOL"))
+        values["ignore_eos"] = True
     if stop:
-        values.append(("stop", np.array([[s.encode() for s in stop]], dtype=np.object_), "BYTES"))
-    inputs = []
-    for name, array, datatype in values:
-        tensor = module.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+        values["stop"] = list(stop)
+    if stream is not None:
+        values["stream"] = stream
+    return [infer_input(module, name, value) for name, value in values.items()]
+
+
+def infer_input(module, name: str, value) -> object:
+    """One row of the input ``name``, typed as the contract declares it (a list of values for a list input)."""
+    spec = INPUT_SPECS[name]
+    row = list(value) if spec.is_list else [value]
+    if spec.type.python is str:
+        row = [item if isinstance(item, bytes) else item.encode() for item in row]
+    array = np.array([row], dtype=spec.type.numpy)
+    tensor = module.InferInput(name, list(array.shape), spec.type.datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,12 +117,8 @@ def stream(
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=headers)
-    flag = grpcclient.InferInput("stream", [1, 1], "BOOL")
-    flag.set_data_from_numpy(np.array([[True]]))
-    client.async_stream_infer(
-        "peft_llm_stream",
-        [*build_inputs(grpcclient, prompt, adapter_id, max_tokens, stop=stop, messages=messages), flag],
-    )
+    inputs = build_inputs(grpcclient, prompt, adapter_id, max_tokens, stop=stop, messages=messages, stream=True)
+    client.async_stream_infer(ENGINE_MODEL, inputs)
     pieces = []
     try:
         while True:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peftserve.config import ServeConfig, read_model_config
+from peftserve.contract import FORWARDER_MODEL
 
 DEFAULT_PATH = Path("serving_config.yaml")
 
@@ -133,8 +134,7 @@ class Limits(_Strict):
 class Deployment(_Strict):
     path: Path = Field(DEFAULT_PATH, exclude=True)
     model_repository: Path = Path("model_repository")
-    model: str = "peft_llm"
-    engine_model: str = Field("peft_llm_stream", description="the model that holds the engine (model swaps)")
+    model: str = Field(FORWARDER_MODEL, description="the model clients call; its config.pbtxt holds the settings")
     servers: list[Server] = Field(default_factory=lambda: [Server()], min_length=1)
     credentials: Credentials = Credentials()
     limits: Limits = Limits()
@@ -147,6 +147,11 @@ class Deployment(_Strict):
     def serve_config(self) -> ServeConfig:
         """The model's own settings (base model, adapter repository) from its config.pbtxt."""
         return read_model_config(self.model_dir)
+
+    @property
+    def engine_model(self) -> str:
+        """The model that holds the engine (model swaps load its new versions), as the settings name it."""
+        return self.serve_config.engine_model
 
     @property
     def adapter_repository(self) -> Path:

@@ -11,89 +11,80 @@ import re
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from peftserve.contract import INPUTS, OUTPUTS, STREAM, TensorSpec
 from peftserve.errors import InvalidRequestError, PeftServeError
 from peftserve.requests import Completion, CompletionRequest
 
-# Optional inputs: request field name and the Python type one element converts to.
-OPTIONAL_INPUTS = {
-    "adapter_id": str,
-    "max_tokens": int,
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "seed": int,
-    "ignore_eos": bool,
-    "messages": str,
-}
-OUTPUT_NAMES = ["text_output", "adapter_version", "output_tokens"]
+# The row tensors of a request, by CompletionRequest field; the first (required) one sets the row count.
+_ROW_INPUTS = [spec for spec in INPUTS if spec.attribute]
 
 
 def parse_request(request) -> list[CompletionRequest]:
-    text_tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
-    if text_tensor is None:  # Triton 24.10 passes requests without this required input through
-        raise InvalidRequestError("missing required input text_input (TYPE_STRING, the prompt)")
-    texts = text_tensor.as_numpy().reshape(-1)
-    options: dict[str, list] = {}
-    for name, convert in OPTIONAL_INPUTS.items():
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
+    """One CompletionRequest per row; absent optional inputs keep their contract defaults."""
+    columns: dict[str, list] = {}
+    rows: int | None = None
+    for spec in _ROW_INPUTS:
+        tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
         if tensor is None:
+            if not spec.optional:  # Triton 24.10 passes requests without a required input through
+                raise InvalidRequestError(f"missing required input {spec.name} ({spec.data_type}, {spec.meaning})")
             continue
-        values = tensor.as_numpy().reshape(-1)
-        if len(values) != len(texts):
-            raise InvalidRequestError(f"input {name} has {len(values)} elements, text_input has {len(texts)}")
-        options[name] = [_convert(name, value, convert) for value in values]
-    stops = _stop_strings(request, len(texts))
-    return [
-        CompletionRequest(text=bytes(text), stop=stops[i], **{name: values[i] for name, values in options.items()})
-        for i, text in enumerate(texts)
-    ]
+        values = tensor.as_numpy()
+        rows = values.reshape(-1).size if rows is None else rows
+        columns[spec.attribute] = _column_values(spec, values, rows)
+    return [CompletionRequest(**{name: values[i] for name, values in columns.items()}) for i in range(rows or 0)]
+
+
+def _column_values(spec: TensorSpec, values, rows: int) -> list:
+    """The input's value for each row: one element, or a tuple of the non-empty ones for a list input."""
+    if spec.is_list:
+        if values.size == 0:
+            return [spec.default] * rows
+        if values.size % rows:
+            raise InvalidRequestError(f"input {spec.name} has {values.size} elements, not a list per row of {rows}")
+        return [tuple(v for v in (_convert(spec, v) for v in row) if v) for row in values.reshape(rows, -1)]
+    values = values.reshape(-1)
+    if len(values) != rows:
+        raise InvalidRequestError(f"input {spec.name} has {len(values)} elements, {_ROW_INPUTS[0].name} has {rows}")
+    return [_convert(spec, value) for value in values]
 
 
 def wants_stream(request) -> bool:
     """The optional ``stream`` input of peft_llm_stream (one value for the whole request)."""
-    tensor = pb_utils.get_input_tensor_by_name(request, "stream")
-    return tensor is not None and bool(tensor.as_numpy().reshape(-1)[0])
+    tensor = pb_utils.get_input_tensor_by_name(request, STREAM.name)
+    return STREAM.default if tensor is None else bool(tensor.as_numpy().reshape(-1)[0])
 
 
-def _stop_strings(request, rows: int) -> list[tuple[str, ...]]:
-    """The optional ``stop`` input: shape (rows, n), empty strings ignored."""
-    tensor = pb_utils.get_input_tensor_by_name(request, "stop")
-    if tensor is None or tensor.as_numpy().size == 0:
-        return [()] * rows
-    values = tensor.as_numpy().reshape(rows, -1)
-    return [tuple(s for s in (_convert("stop", v, str) for v in row) if s) for row in values]
+def _convert(spec: TensorSpec, value):
+    python = spec.type.python
+    if python is not str:
+        return python(value)
+    if not spec.decode:
+        return bytes(value)
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"input {spec.name} is not valid UTF-8") from exc
 
 
-def _convert(name: str, value, convert):
-    if convert is str:
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidRequestError(f"input {name} is not valid UTF-8") from exc
-    return convert(value)
-
-
-def _column(values, dtype) -> np.ndarray:
-    return np.array(values, dtype=dtype).reshape(-1, 1)
+def _output_tensor(spec: TensorSpec, values: list):
+    if spec.type.python is str:
+        values = [value.encode("utf-8") for value in values]
+    return pb_utils.Tensor(spec.name, np.array(values, dtype=spec.type.numpy).reshape(-1, 1))
 
 
 def success_response(answers: list[Completion]):
+    """The final response of a request: every output of the contract, one row per answer."""
     return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("text_output", _column([a.text.encode("utf-8") for a in answers], np.object_)),
-            pb_utils.Tensor("adapter_version", _column([a.adapter_version.encode() for a in answers], np.object_)),
-            pb_utils.Tensor("output_tokens", _column([a.output_tokens for a in answers], np.int32)),
-        ]
+        output_tensors=[_output_tensor(spec, [getattr(a, spec.attribute) for a in answers]) for spec in OUTPUTS]
     )
 
 
 def piece_response(piece: str, adapter_version: str):
-    """One streamed piece of text (not final)."""
+    """One streamed piece of text (not final): the outputs known before the row ends."""
+    known = {"text_output": piece, "adapter_version": adapter_version}
     return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("text_output", _column([piece.encode("utf-8")], np.object_)),
-            pb_utils.Tensor("adapter_version", _column([adapter_version.encode()], np.object_)),
-        ]
+        output_tensors=[_output_tensor(spec, [known[spec.name]]) for spec in OUTPUTS if spec.name in known]
     )
 
 

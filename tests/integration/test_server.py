@@ -13,34 +13,25 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from peftserve.contract import INPUTS, OUTPUTS
 from tests.conftest import DEMO_PHRASES, PROMPTS, STRONG_ADAPTERS
 from tests.integration.conftest import infer, outputs, post_generate
 from tools.client import build_inputs
 from tools.triton_server import TritonServer, perf_analyzer_env, perf_analyzer_path
 
-CONTRACT_INPUTS = {
-    "text_input": "BYTES",
-    "adapter_id": "BYTES",
-    "max_tokens": "INT32",
-    "temperature": "FP32",
-    "top_p": "FP32",
-    "top_k": "INT32",
-    "seed": "INT64",
-    "ignore_eos": "BOOL",
-    "stop": "BYTES",
-    "messages": "BYTES",
-}
-CONTRACT_OUTPUTS = {"text_output": "BYTES", "adapter_version": "BYTES", "output_tokens": "INT32"}
+
+def _datatypes(specs) -> dict[str, str]:
+    return {spec.name: spec.type.datatype for spec in specs}
 
 
 def test_model_metadata_is_the_public_contract(triton: TritonServer) -> None:
     client = httpclient.InferenceServerClient(triton.http_url)
     metadata = client.get_model_metadata("peft_llm")
-    assert {t["name"]: t["datatype"] for t in metadata["inputs"]} == CONTRACT_INPUTS
-    assert {t["name"]: t["datatype"] for t in metadata["outputs"]} == CONTRACT_OUTPUTS
+    assert {t["name"]: t["datatype"] for t in metadata["inputs"]} == _datatypes(INPUTS)
+    assert {t["name"]: t["datatype"] for t in metadata["outputs"]} == _datatypes(OUTPUTS)
     config = client.get_model_config("peft_llm")
     assert config["max_batch_size"] >= 8 and "dynamic_batching" in config
-    assert {i["name"] for i in config["input"] if i.get("optional")} == set(CONTRACT_INPUTS) - {"text_input"}
+    assert {i["name"] for i in config["input"] if i.get("optional")} == {spec.name for spec in INPUTS if spec.optional}
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -10,45 +10,44 @@ message across the BLS hop, which loses them in 24.10).
 
 from __future__ import annotations
 
-import faulthandler
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
-from peftserve.triton.io import FORWARDED_PARAMETER, OUTPUT_NAMES, untag_error
+from peftserve.contract import OUTPUT_NAMES
+from peftserve.triton.io import FORWARDED_PARAMETER, untag_error
+from peftserve.triton.startup import start_model
 from peftserve.triton.status import status_parameter
 
 logger = logging.getLogger("peftserve.triton")
-ENGINE_MODEL = "peft_llm_stream"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# Requests forwarded at once; more wait here (the engine's running batch is bounded anyway).
-FORWARDING_THREADS = 64
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        faulthandler.enable()  # a crash of this stub prints every thread's Python stack into the server log
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.pool = ThreadPoolExecutor(max_workers=FORWARDING_THREADS, thread_name_prefix="bls-forward")
+        config = start_model(args)
+        self.forward = functools.partial(_forward, engine_model=config.engine_model)
+        self.pool = ThreadPoolExecutor(max_workers=config.forwarding_threads, thread_name_prefix="bls-forward")
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            self.pool.submit(_forward, request)
+            self.pool.submit(self.forward, request)
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=True)
 
 
-def _forward(request) -> None:
+def _forward(request, *, engine_model: str) -> None:
     """Forward on a pool thread (BLS calls block until the engine answers) and reply from it, while
     ``request`` is still alive: every pb_utils object of one forward lives and dies on one thread."""
     sender = request.get_response_sender()
     try:
         forwarded = pb_utils.InferenceRequest(
-            model_name=ENGINE_MODEL,
+            model_name=engine_model,
             inputs=request.inputs(),
-            requested_output_names=OUTPUT_NAMES,
+            requested_output_names=list(OUTPUT_NAMES),
             parameters={FORWARDED_PARAMETER: True, **status_parameter(request)},
         )
         answer = None
@@ -56,14 +55,14 @@ def _forward(request) -> None:
             if response.has_error() or response.output_tensors():
                 answer = response
         if answer is None:
-            raise RuntimeError(f"{ENGINE_MODEL} sent no answer")
+            raise RuntimeError(f"{engine_model} sent no answer")
         if answer.has_error():
             reply = pb_utils.InferenceResponse(output_tensors=[], error=untag_error(answer.error().message()))
         else:
             tensors = [pb_utils.Tensor(t.name(), t.as_numpy()) for t in answer.output_tensors()]
             reply = pb_utils.InferenceResponse(output_tensors=tensors)
     except Exception as exc:  # the client must get an answer whatever went wrong here
-        logger.exception("forwarding to %s failed", ENGINE_MODEL)
+        logger.exception("forwarding to %s failed", engine_model)
         reply = pb_utils.InferenceResponse(
             output_tensors=[], error=pb_utils.TritonError(f"forwarding failed: {exc}", pb_utils.TritonError.INTERNAL)
         )

@@ -7,17 +7,13 @@ disconnects) is noticed at the next decoding step and its row leaves the batch.
 
 from __future__ import annotations
 
-import faulthandler
-import json
 import logging
 import threading
 from dataclasses import replace
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from peftserve.adapter_status import server_status
-from peftserve.config import read_model_config
 from peftserve.continuous import Work
 from peftserve.engine import Engine
 from peftserve.errors import InvalidRequestError, PeftServeError
@@ -34,32 +30,27 @@ from peftserve.triton.io import (
 )
 from peftserve.triton.metrics import TritonMetrics
 from peftserve.triton.response_loop import ResponseLoop
+from peftserve.triton.startup import start_model
 from peftserve.triton.status import status_reply
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# The model whose metrics and settings this engine serves under (peft_llm forwards here).
-SERVED_MODEL = "peft_llm"
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        faulthandler.enable()  # a crash of this stub prints every thread's Python stack into the server log
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        parameters = json.loads(args["model_config"]).get("parameters", {})
-        model_dir = Path(args["model_repository"])
-        config = read_model_config((model_dir / parameters["engine_config"]["string_value"]).resolve())
+        config = start_model(args)  # peft_llm's settings (this model's engine_config parameter)
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         logger.info("loading %s on %s", config.base_model, device)
         self.responses = ResponseLoop(final_flag=FINAL)
-        self.metrics = TritonMetrics(SERVED_MODEL, run=self.responses.call)
+        self.metrics = TritonMetrics(config.served_model, run=self.responses.call)
         engine = Engine(config, device=device, metrics=self.metrics)
         logger.info("loaded %s on %s as %s", config.base_model, device, engine.model.dtype)
         self.batcher = engine.batcher
         self.watcher = AdapterWatcher(engine, interval=config.adapter_poll_seconds)
         self.watcher.start()
         version = int(args["model_version"])
-        self.status = lambda: server_status(engine, model=SERVED_MODEL, model_version=version)
+        self.status = lambda: server_status(engine, model=config.served_model, model_version=version)
 
     def execute(self, requests: list) -> None:
         """Hand every row to the batcher and return at once; responses go out from its loop thread."""
