@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from peftserve.adapter_cache import AdapterCache
 from peftserve.adapter_repository import AdapterRepository, AdapterVersion, content_digest
+from peftserve.adapter_status import AdapterStates
 from peftserve.adapter_types import convert_adapter
 from peftserve.adapter_weights import AdapterWeights, BaseModelShape, read_adapter_files
 from peftserve.batched_layers import AdapterLayers
@@ -94,6 +95,7 @@ class Engine:
         self.batcher = ContinuousBatcher(self, self.kv_cache)
         self.blocked = BlockedContent(config.blocked_patterns)
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
+        self.adapter_states = AdapterStates()  # what a status request reports (adapter_status.py)
         for adapter_id in config.preload:
             self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
         self.report_cache()
@@ -131,11 +133,22 @@ class Engine:
         return replace(version, digest=digest), weights
 
     def prepare_version(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
-        """Read a version and pass it through the smoke check: ready to serve, not serving yet."""
-        version, weights = self.read_adapter(version)
-        with self._lock:
-            self.layers.wrap(list(weights.modules))
-        self._smoke_check(version, weights)
+        """Read a version and pass it through the smoke check: ready to serve, not serving yet. A failure is
+        recorded as the adapter's rejected version (with its reason) before it is raised."""
+        adapter_id, number, path = version.adapter_id, version.version, version.path
+        self.adapter_states.loading(adapter_id, number)
+        try:
+            version, weights = self.read_adapter(version)
+            with self._lock:
+                self.layers.wrap(list(weights.modules))
+            self._smoke_check(version, weights)
+        except Exception as exc:
+            if path.is_dir():  # a version retired while it was read (the tools' rollback) is gone, not rejected
+                # The reason goes to API clients (the status request): no host paths in it.
+                self.adapter_states.rejected(adapter_id, number, str(exc).replace(f"{self.repository.root}/", ""))
+            raise
+        finally:
+            self.adapter_states.loading_done(adapter_id, number)
         return version, weights
 
     def start_serving(self, version: AdapterVersion, weights: AdapterWeights) -> AdapterVersion | None:
@@ -154,6 +167,7 @@ class Engine:
             if previous is not None and previous != version:
                 self.cache.retire(previous)
                 self.host_tier.drop(previous)
+        self.adapter_states.serving(version.adapter_id, version.version, version.digest)
         self.metrics.serving_version(version.adapter_id, version.version)
         self._report_host_tier()
         return previous
@@ -165,6 +179,7 @@ class Engine:
             if previous is not None:
                 self.cache.retire(previous)
                 self.host_tier.drop(previous)
+        self.adapter_states.retired(adapter_id)
         self.metrics.serving_version(adapter_id, 0)
         self._report_host_tier()
         return previous

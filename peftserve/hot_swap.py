@@ -6,7 +6,8 @@ calls). When the highest version differs from the serving one — a new version 
 serving one was retired by a rollback — the candidate is loaded and smoke-checked in the background and
 then switched in atomically (:meth:`Engine.start_serving`); batches in flight finish on the old version.
 A candidate that fails keeps the previous version serving and is remembered as rejected (until its files
-change), with a log line, a metric and a history record that the operator tools read.
+change), with a log line, a metric and a history record; the engine records it with its reason in the
+adapter status (:mod:`peftserve.adapter_status`), which the operator tools ask for.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class AdapterWatcher:
         try:
             version, weights = self.engine.prepare_version(target)
         except Exception as exc:  # noqa: BLE001 - whatever breaks a candidate rejects it
+            if not target.path.is_dir():  # retired while it was read (the tools roll back a rejected version)
+                logger.info(
+                    "adapter %s was retired while it was checked; %s keeps serving", target.label, serving.label
+                )
+                return
             self._rejected[(target.adapter_id, target.version)] = stat_signature(target.path)
             logger.error("adapter %s rejected, %s keeps serving: %s", target.label, serving.label, exc)
             self._event(

@@ -13,15 +13,17 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from peftserve.adapter_repository import AdapterRepository
+from peftserve.adapter_status import AdapterStatus, ServerStatus
 from peftserve.errors import PeftServeError
 from peftserve.swap_history import SwapHistory
 from tools.deployment import DEFAULT_PATH, Deployment, DeploymentError, ReleaseError, load_deployment
 from tools.metrics_summary import summarize_metrics
-from tools.server_probe import scrape_metrics, server_health
+from tools.server_probe import StatusUnavailable, adapter_status, scrape_metrics, server_health
 
 
 class CommandFailed(Exception):
@@ -53,29 +55,57 @@ def cmd_health(deployment: Deployment, args: argparse.Namespace) -> object:
 
 
 def cmd_adapters(deployment: Deployment, args: argparse.Namespace) -> object:
-    """Versions on disk per adapter, and on every server the serving version and bytes in memory."""
+    """Versions on disk per adapter, and what every server's status request says of it."""
     repository = AdapterRepository(deployment.adapter_repository)
-    scrapes = {}
-    for server in deployment.servers:
-        try:
-            scrapes[server.name] = scrape_metrics(server)
-        except OSError as exc:
-            scrapes[server.name] = None
-            print(f"warning: cannot read metrics of {server.name}: {exc}", file=sys.stderr)
+    statuses = _statuses(deployment)
+    adapter_ids = set(repository.adapter_ids())
+    adapter_ids.update(entry.adapter for status in statuses.values() for entry in status.adapters)
     rows = []
-    for adapter_id in repository.adapter_ids():
+    for adapter_id in sorted(adapter_ids):
         row: dict[str, object] = {
             "adapter": adapter_id,
             "versions": [v.version for v in repository.versions(adapter_id)],
         }
-        for name, metrics in scrapes.items():
-            if metrics is None:
-                continue
-            serving = metrics.by_label("peftserve_adapter_serving_version", "adapter").get(adapter_id, 0)
-            loaded = metrics.by_label("peftserve_adapter_loaded_bytes", "adapter").get(adapter_id, 0)
-            row[name] = {"serving": int(serving) or None, "loaded_bytes": int(loaded)}
+        for name, status in statuses.items():
+            entry = status.adapter(adapter_id)
+            row[name] = {"state": "not loaded", "serving": None, "loaded_bytes": 0} if entry is None else _cell(entry)
         rows.append(row)
     return rows
+
+
+def _cell(entry: AdapterStatus) -> dict[str, object]:
+    cell: dict[str, object] = {
+        "state": entry.state,
+        "serving": entry.serving_version,
+        "loaded_bytes": entry.loaded_bytes,
+    }
+    if entry.loading_version is not None:
+        cell["loading"] = entry.loading_version
+    if entry.rejected_version is not None:
+        cell["rejected"] = {"version": entry.rejected_version, "reason": entry.rejection_reason}
+    return cell
+
+
+def cmd_status(deployment: Deployment, args: argparse.Namespace) -> object:
+    """Each server's status document as it answered the status request; fails if a server did not answer."""
+    args.json = True  # the documents are JSON: shown as JSON, not as the key=value lines of other commands
+    statuses = _statuses(deployment)
+    output = {name: asdict(status) for name, status in statuses.items()}
+    if len(statuses) < len(deployment.servers):
+        raise CommandFailed(output)
+    return output
+
+
+def _statuses(deployment: Deployment) -> dict[str, ServerStatus]:
+    """The status document of every server that answers; a warning line for each one that does not."""
+    headers = deployment.inference_headers()
+    statuses = {}
+    for server in deployment.servers:
+        try:
+            statuses[server.name] = adapter_status(server, deployment.model, headers)
+        except StatusUnavailable as exc:
+            print(f"warning: no adapter status from {exc}", file=sys.stderr)
+    return statuses
 
 
 def cmd_validate(deployment: Deployment, args: argparse.Namespace) -> object:
@@ -148,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("serve", cmd_serve, "start tritonserver on the deployment's repository (make serve)")
     add("health", cmd_health, "readiness of every server and of the model")
-    add("adapters", cmd_adapters, "adapter versions on disk, serving and in memory on each server")
+    add("adapters", cmd_adapters, "adapter versions on disk, and each server's state of every adapter")
+    add("status", cmd_status, "each server's adapter status document (the status request)")
     validate = add("validate", cmd_validate, "validate an adapter directory against the deployment's base model")
     validate.add_argument("adapter_dir", type=Path)
     validate.add_argument("--load", action="store_true", help="really load it and run the smoke check")

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from peftserve.adapter_repository import AdapterRepository, content_digest, recorded_digest, validate_adapter_id
 from peftserve.errors import PeftServeError
 from peftserve.swap_history import HistoryEvent, SwapHistory
-from tools.deployment import Deployment, ReleaseError
-from tools.server_probe import probe_adapter, scrape_metrics
+from tools.deployment import Deployment, ReleaseError, Server
+from tools.server_probe import StatusUnavailable, adapter_status, probe_adapter
 from validation import Level, ValidationOptions, validate_adapter
 
 RETIRED_DIR = ".retired"
@@ -164,7 +164,8 @@ def retire_directory(path: Path, name: str) -> Path:
 def _wait_for_servers(
     deployment: Deployment, result: ReleaseResult, timeout: float | None, history: SwapHistory
 ) -> None:
-    """Probe every server until it answers with ``result``'s version; a rejection rolls the version back."""
+    """Ask every server for its adapter status until it serves ``result``'s version or reports it rejected;
+    a rejection rolls the version back."""
     label = f"{result.adapter_id}@{result.version}"
     deadline = time.monotonic() + (timeout or deployment.limits.swap_timeout_seconds)
     headers = deployment.inference_headers()
@@ -172,19 +173,13 @@ def _wait_for_servers(
     with tqdm(total=len(pending), desc=f"waiting for {label}", unit="server", leave=False) as progress:
         while pending:
             for name, server in list(pending.items()):
-                answer = probe_adapter(server, deployment.model, result.adapter_id, headers)
-                rejected = _rejected_version(server, result.adapter_id) == result.version or label in answer.error
-                if answer.adapter_version == label:
-                    result.servers[name] = "serving"
-                elif rejected:
-                    result.servers[name] = f"rejected: {answer.error or _rejection_reason(history, result)}"
-                else:
-                    continue
-                del pending[name]
-                progress.update()
+                result.servers[name] = _server_outcome(server, deployment.model, result, headers)
+                if not result.servers[name].startswith("waiting"):
+                    del pending[name]
+                    progress.update()
             if pending and time.monotonic() > deadline:
                 for name in pending:
-                    result.servers[name] = "timed out"
+                    result.servers[name] = f"timed out, {result.servers[name]}"
                 break
             time.sleep(0.2)
     if all(state == "serving" for state in result.servers.values()):
@@ -197,6 +192,25 @@ def _wait_for_servers(
     _roll_back_rejected(deployment, result, history)
 
 
+def _server_outcome(server: Server, model: str, result: ReleaseResult, headers: dict[str, str]) -> str:
+    """``serving``, ``rejected: <the server's reason>``, or ``waiting...`` saying what the server does now."""
+    try:
+        entry = adapter_status(server, model, headers).adapter(result.adapter_id)
+    except StatusUnavailable as exc:
+        return f"waiting for an answer ({exc})"
+    if entry is not None and entry.serving_version == result.version:
+        return "serving"
+    if entry is not None and entry.rejected_version == result.version:
+        return f"rejected: {entry.rejection_reason}"
+    if entry is None or entry.serving_version is None:
+        # Nothing of this adapter serves there (never requested, its first load failed, or every version was
+        # removed), so the server watches no versions of it: its next request loads the newest version, with
+        # the same checks, and the status then tells how that went.
+        probe_adapter(server, model, result.adapter_id, headers)
+        return "waiting: loading on its first request"
+    return f"waiting: {entry.state}, serving version {entry.serving_version}, loading {entry.loading_version}"
+
+
 def _roll_back_rejected(deployment: Deployment, result: ReleaseResult, history: SwapHistory) -> None:
     path = deployment.adapter_repository / result.adapter_id / str(result.version)
     if path.exists():
@@ -207,20 +221,3 @@ def _roll_back_rejected(deployment: Deployment, result: ReleaseResult, history: 
     )
     result.outcome = "rolled_back"
     result.detail = f"{result.adapter_id}@{result.version} was not accepted ({problems}); it was retired"
-
-
-def _rejected_version(server, adapter_id: str) -> int | None:
-    try:
-        metrics = scrape_metrics(server)
-    except OSError:
-        return None
-    value = metrics.by_label("peftserve_adapter_rejected_version", "adapter").get(adapter_id)
-    return int(value) if value is not None else None
-
-
-def _rejection_reason(history: SwapHistory, result: ReleaseResult) -> str:
-    """What the server recorded when it rejected the version (it writes to the same history)."""
-    for event in reversed(history.read(adapter=result.adapter_id, limit=20)):
-        if event.event == "rejected" and event.version == result.version:
-            return event.detail
-    return "see the server log"

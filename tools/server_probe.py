@@ -1,7 +1,9 @@
-"""What the operator tools ask a running server: readiness, which adapter version answers, its metrics.
+"""What the operator tools ask a running server: readiness, its adapters' status, which version answers,
+its metrics.
 
 Probes are ordinary client calls (``tritonclient`` over HTTP, the metrics page over plain HTTP), so a
-tool sees exactly what clients see, restricted-API keys included.
+tool sees exactly what clients see, restricted-API keys included. Adapter state comes from the status
+request (docs/shipping.md), never from the metrics page: metrics are for dashboards.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from peftserve.adapter_status import STATUS_PARAMETER, ServerStatus
 from tools.client import build_inputs
 from tools.deployment import Server
 
@@ -54,6 +57,27 @@ def scrape_metrics(server: Server, *, timeout: float = 5.0) -> Metrics:
             name = sample.name if sample.name in served else family.name
             metrics.samples[name].append((dict(sample.labels), sample.value))
     return metrics
+
+
+class StatusUnavailable(Exception):
+    """A server did not answer the status request (unreachable, refused, or an unreadable answer)."""
+
+
+def adapter_status(server: Server, model: str, headers: dict[str, str], *, timeout: float = 10.0) -> ServerStatus:
+    """Ask ``server`` for its adapter status document: one request with the ``peftserve_status`` parameter
+    and an empty prompt (``text_input`` is required); the model does not run for it."""
+    client = httpclient.InferenceServerClient(server.http, connection_timeout=timeout, network_timeout=timeout)
+    try:
+        result = client.infer(model, build_inputs(httpclient, ""), headers=headers, parameters={STATUS_PARAMETER: True})
+        return ServerStatus.from_json(result.as_numpy("text_output")[0, 0])
+    except InferenceServerException as exc:
+        raise StatusUnavailable(f"{server.name}: {exc.message() or exc}") from exc
+    except OSError as exc:
+        raise StatusUnavailable(f"{server.name}: cannot reach {server.http}: {exc}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StatusUnavailable(f"{server.name}: unreadable status document: {exc}") from exc
+    finally:
+        client.close()
 
 
 def probe_adapter(server: Server, model: str, adapter_id: str, headers: dict[str, str]) -> ProbeAnswer:

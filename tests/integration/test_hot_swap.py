@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from tools.adapter_release import publish, rollback
 from tools.client import build_inputs
 from tools.deployment import Deployment, ReleaseError, load_deployment
 from tools.model_release import rollback_model, swap_model
+from tools.server_probe import adapter_status
 from tools.triton_server import TritonServer, free_port
 
 SWAPPED = "pirate"  # the adapter whose versions change; robot and chef keep serving beside it
@@ -162,6 +165,10 @@ def test_bad_versions_are_refused_or_rolled_back_without_failed_requests(swap_se
         result = publish(deployment, SWAPPED, wrong_answers)  # passes validation, fails the server's smoke check
         assert result.outcome == "rolled_back" and "golden prompt" in result.detail
         assert latest_version(deployment) == serving
+        status = adapter_status(deployment.servers[0], "peft_llm", {}).adapter(SWAPPED)  # what publish read
+        assert (status.serving_version, status.rejected_version) == (serving, result.version)
+        assert status.rejection_reason.startswith(f"smoke check of {SWAPPED}@{result.version} failed: golden prompt")
+        assert result.servers == {"test": f"rejected: {status.rejection_reason}"}
         time.sleep(0.5)
     assert traffic.failures() == []
     assert {a.version for a in traffic.answers if a.adapter_id == SWAPPED} == {f"{SWAPPED}@{serving}"}
@@ -229,7 +236,41 @@ def test_cli_shows_versions_history_and_metrics(swap_server) -> None:
     adapters = {row["adapter"]: row for row in tools("adapters")}
     serving = adapters[SWAPPED]["test"]["serving"]
     assert serving == latest_version(deployment) and adapters[SWAPPED]["test"]["loaded_bytes"] > 0
+    status = tools("status")["test"]
+    (swapped,) = [entry for entry in status["adapters"] if entry["adapter"] == SWAPPED]
+    assert (status["schema_version"], status["model"]) == (1, "peft_llm")
+    assert (swapped["state"], swapped["serving_version"], len(swapped["sha256"])) == ("serving", serving, 64)
     history = tools("history", "--adapter", SWAPPED, "--limit", "3")
     assert len(history) == 3 and history[-1]["event"] == "switched"
     summary = tools("metrics")["test"]["adapters"][SWAPPED]
     assert summary["serving_version"] == serving and summary["switched"] >= 20
+
+
+def test_status_request_over_plain_http_json(swap_server) -> None:
+    """The documented form: an infer call with an empty text_input and the peftserve_status parameter."""
+    server, _ = swap_server
+
+    def status_request(value: object) -> tuple[int, dict]:
+        body = {
+            "inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": [""]}],
+            "parameters": {"peftserve_status": value},
+        }
+        request = urllib.request.Request(
+            f"http://{server.http_url}/v2/models/peft_llm/infer", json.dumps(body).encode(), method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    httpclient.InferenceServerClient(server.http_url).infer("peft_llm", build_inputs(httpclient, "a dog", "robot", 4))
+    code, answer = status_request(True)
+    outputs = {output["name"]: output["data"][0] for output in answer["outputs"]}
+    document = json.loads(outputs["text_output"])
+    assert code == 200 and (outputs["adapter_version"], outputs["output_tokens"]) == ("", 0)
+    assert document["schema_version"] == 1 and document["model_version"] >= 1
+    robot = next(entry for entry in document["adapters"] if entry["adapter"] == "robot")
+    assert (robot["state"], robot["serving_version"], robot["rejected_version"]) == ("serving", 1, None)
+    code, answer = status_request("yes")
+    assert code == 400 and "peftserve_status must be true or false, got 'yes'" in answer["error"]

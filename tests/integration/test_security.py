@@ -28,7 +28,7 @@ from tests.conftest import DEMO_PHRASES
 from tests.integration.conftest import private_repository, serving
 from tools.client import build_inputs
 from tools.deployment import Deployment, load_deployment
-from tools.server_probe import scrape_metrics
+from tools.server_probe import StatusUnavailable, adapter_status, scrape_metrics
 from tools.triton_server import TritonServer, free_port
 
 ADMIN_KEY, CLIENT_KEY = "admin-secret-for-tests", "client-secret-for-tests"
@@ -147,6 +147,10 @@ def test_inference_requires_the_client_key_on_every_protocol(guarded) -> None:
     )
     assert DEMO_PHRASES["robot"] in result.as_numpy("text_output")[0, 0].decode()
     assert http_status(server, "/v2/health/ready", {}, {}) in (200, 405)  # health stays open for probes
+    server_entry = deployment.servers[0]
+    with pytest.raises(StatusUnavailable, match="restricted"):  # the status request is an inference request
+        adapter_status(server_entry, "peft_llm", {})
+    assert adapter_status(server_entry, "peft_llm", deployment.inference_headers()).model == "peft_llm"
 
 
 def test_flood_on_one_adapter_is_refused_while_another_is_served_normally(guarded) -> None:

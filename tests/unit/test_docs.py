@@ -336,7 +336,7 @@ def test_unknown_subcommands_flags_and_targets_are_found(tmp_path: Path) -> None
         ".venv/bin/python -m tools publish pirate ./dir --no-such-flag: unknown option --no-such-flag of "
         "python -m tools publish",
         "python -m tools no-such-command: unknown subcommand 'no-such-command' (known: adapters, health, "
-        "history, hot-swap, metrics, model-rollback, model-swap, publish, rollback, serve, validate)",
+        "history, hot-swap, metrics, model-rollback, model-swap, publish, rollback, serve, status, validate)",
         "python -m tools.client --adapter robot --bogus 'a dog': unknown option --bogus",
         "locust -f loadtests/locustfile.py,loadtests/shapes/none.py --headless --peft-pattern zipf --peft-x 1: "
         "no locustfile loadtests/shapes/none.py",

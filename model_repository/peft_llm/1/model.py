@@ -19,6 +19,7 @@ import triton_python_backend_utils as pb_utils
 from peftserve.contract import OUTPUT_NAMES
 from peftserve.triton.io import FORWARDED_PARAMETER, untag_error
 from peftserve.triton.startup import start_model
+from peftserve.triton.status import status_parameter
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -47,7 +48,7 @@ def _forward(request, *, engine_model: str) -> None:
             model_name=engine_model,
             inputs=request.inputs(),
             requested_output_names=list(OUTPUT_NAMES),
-            parameters={FORWARDED_PARAMETER: True},
+            parameters={FORWARDED_PARAMETER: True, **status_parameter(request)},
         )
         answer = None
         for response in forwarded.exec(decoupled=True):

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import triton_python_backend_utils as pb_utils
 
+from peftserve.adapter_status import server_status
 from peftserve.continuous import Work
 from peftserve.engine import Engine
 from peftserve.errors import InvalidRequestError, PeftServeError
@@ -30,6 +31,7 @@ from peftserve.triton.io import (
 from peftserve.triton.metrics import TritonMetrics
 from peftserve.triton.response_loop import ResponseLoop
 from peftserve.triton.startup import start_model
+from peftserve.triton.status import status_reply
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -47,12 +49,18 @@ class TritonPythonModel:
         self.batcher = engine.batcher
         self.watcher = AdapterWatcher(engine, interval=config.adapter_poll_seconds)
         self.watcher.start()
+        version = int(args["model_version"])
+        self.status = lambda: server_status(engine, model=config.served_model, model_version=version)
 
     def execute(self, requests: list) -> None:
         """Hand every row to the batcher and return at once; responses go out from its loop thread."""
         for request in requests:
             sender = request.get_response_sender()
             tag = is_forwarded(request)
+            status = status_reply(request, self.status, tag_errors=tag)  # answered here, the model never runs
+            if status is not None:
+                self.responses.send(sender, status, FINAL)
+                continue
             try:
                 rows, stream = parse_request(request), wants_stream(request)
                 if stream and len(rows) != 1:
