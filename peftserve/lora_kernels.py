@@ -102,6 +102,12 @@ def check_low_rank(x: torch.Tensor, stack: torch.Tensor, slots: TokenSlots, what
     check_devices(what, tokens=x, stack=stack, slots=slots.slots)
 
 
+def check_expand(out: torch.Tensor, y: torch.Tensor, b: torch.Tensor, slots: TokenSlots) -> None:
+    check_low_rank(y, b, slots, "expand")
+    if out.shape != (y.shape[0], b.shape[2]):
+        raise ValueError(f"expand: output {tuple(out.shape)} does not fit {y.shape[0]} tokens x {b.shape[2]}")
+
+
 def check_devices(what: str, **tensors: torch.Tensor | None) -> None:
     """Every tensor on one device: a kernel handed a pointer to another device's memory reads garbage."""
     devices = {name: tensor.device for name, tensor in tensors.items() if tensor is not None}
@@ -132,9 +138,7 @@ class TorchKernels:
         return y
 
     def expand(self, out: torch.Tensor, y: torch.Tensor, b: torch.Tensor, slots: TokenSlots) -> None:
-        check_low_rank(y, b, slots, "expand")
-        if out.shape != (y.shape[0], b.shape[2]):
-            raise ValueError(f"expand: output {tuple(out.shape)} does not fit {y.shape[0]} tokens x {b.shape[2]}")
+        check_expand(out, y, b, slots)
         for slot, rows in _rows_per_slot(slots):
             out[rows] += y[rows] @ b[slot]
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from peftserve.lora_kernels import TokenSlots, check_low_rank, check_scale
+from peftserve.lora_kernels import TokenSlots, check_expand, check_low_rank, check_scale
 
 
 @triton.jit
@@ -158,9 +158,7 @@ class TritonKernels:
         return y
 
     def expand(self, out: torch.Tensor, y: torch.Tensor, b: torch.Tensor, slots: TokenSlots) -> None:
-        check_low_rank(y, b, slots, "expand")
-        if out.shape != (y.shape[0], b.shape[2]):
-            raise ValueError(f"expand: output {tuple(out.shape)} does not fit {y.shape[0]} tokens x {b.shape[2]}")
+        check_expand(out, y, b, slots)
         _segmented_matmul(y, b, out, slots, accumulate=True)
 
     def scale(
