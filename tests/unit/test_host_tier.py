@@ -239,3 +239,46 @@ def test_on_cuda_the_host_copy_is_pinned_and_comes_back_equal(engine: Engine) ->
     for original, copied in zip(on_device.tensors(), fetched.tensors(), strict=True):
         assert copied.device == original.device and torch.equal(original, copied)
         assert copied.data_ptr() != original.data_ptr()
+
+
+def test_a_slow_adapter_read_runs_beside_decoding_and_its_request_then_answers_exactly(
+    model_dir: Path, repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefetch under a slow disk: while a cold adapter's files take a second to read on a loader thread,
+    a running stream keeps decoding (the read does not hold the loop), and the cold request then answers as
+    it does from a fast disk."""
+    import threading
+    import time
+
+    from peftserve.continuous import Work
+
+    engine = make_engine(model_dir, repository, max_tokens_limit="900")
+    reading = threading.Event()
+    real = engine_module.read_adapter_files
+
+    def slow(path: Path):
+        if path.parent.name == "a":
+            reading.set()
+            time.sleep(1.0)
+        return real(path)
+
+    monkeypatch.setattr(engine_module, "read_adapter_files", slow)
+    pieces: list[float] = []
+    stream = CompletionRequest(PROMPT, "pirate", max_tokens=900, ignore_eos=True)
+    engine.batcher.submit(Work(stream, on_done=lambda _: None, on_text=lambda _: pieces.append(time.perf_counter())))
+    while len(pieces) < 3:
+        time.sleep(0.005)
+    results: list[object] = []
+    cold = threading.Thread(
+        target=lambda: results.extend(engine.complete([CompletionRequest(PROMPT, "a", max_tokens=24)]))
+    )
+    cold.start()
+    assert reading.wait(10)
+    read_started = time.perf_counter()
+    cold.join(60)
+    engine.batcher.close()
+    during_read = [t for t in pieces if read_started < t < read_started + 0.9]
+    assert len(during_read) >= 5, f"the stream sent {len(during_read)} pieces during a 1 s adapter read"
+    assert isinstance(results[0], Completion) and results[0].adapter_version == "a@1"
+    monkeypatch.setattr(engine_module, "read_adapter_files", real)
+    assert results[0].text == answer(make_engine(model_dir, repository), "a").text
