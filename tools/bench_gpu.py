@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--bandwidth-gbs", type=float, help="peak memory bandwidth (default: by device name)")
     parser.add_argument("--logit-tolerance", type=float, default=0.25, help="bf16 max |logit diff| when tokens differ")
+    parser.add_argument(
+        "--adapter-compute",
+        choices=["auto", "per_row", "slot_tables"],
+        default="auto",
+        help="the engine's adapter_compute setting (auto: slot tables and triton kernels on CUDA)",
+    )
     parser.add_argument("--out", type=Path, default=Path("loadtests/reports/bench-gpu.json"))
     return parser
 
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = {
         "model": "tiny Llama" if args.tiny else "Llama-3-8B-shaped, random, bf16", "device": args.device,
         "prompt_tokens": 16 if args.tiny else 128, "new_tokens": 16 if args.tiny else 128,
-        "bandwidth_gbs": args.bandwidth_gbs or peak_bandwidth_gbs(name),
+        "bandwidth_gbs": args.bandwidth_gbs or peak_bandwidth_gbs(name), "adapter_compute": args.adapter_compute,
     }  # fmt: skip
     report: dict = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": shape}
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n
         )
         engine = big_engine(base_dir, model, tokenizer, args.device, max_running_rows=max(args.batches),
-                            prefill_chunk_tokens=4096, max_loaded_adapters=len(loras) + len(mixed))  # fmt: skip
+                            prefill_chunk_tokens=4096, max_loaded_adapters=len(loras) + len(mixed),
+                            adapter_compute=args.adapter_compute)  # fmt: skip
         runs = {"base": [""], "16 LoRA r16 all-linear": loras[:16], "64 LoRA r16 all-linear": loras,
                 "8 mixed types": mixed}  # fmt: skip
         report["runs"] = {name: {} for name in runs}

@@ -10,10 +10,14 @@ import pytest
 from tools.bench_gpu import MIXED_NAMES, main, peak_bandwidth_gbs
 
 
-def test_tiny_run_reports_every_run_batch_and_adapter_type(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compute", ["auto", "slot_tables"])
+def test_tiny_run_reports_every_run_batch_and_adapter_type(tmp_path: Path, compute: str) -> None:
+    """``slot_tables``: what a GPU runs (slot tables, here with the torch kernels), mixed batch vs solo too."""
     out = tmp_path / "reports" / "bench-gpu.json"
-    assert main(["--tiny", "--device", "cpu", "--bandwidth-gbs", "20", "--out", str(out)]) == 0
+    argv = ["--tiny", "--device", "cpu", "--bandwidth-gbs", "20", "--adapter-compute", compute, "--out", str(out)]
+    assert main(argv) == 0
     report = json.loads(out.read_text())
+    assert report["shape"]["adapter_compute"] == compute
     runs = ["base", "16 LoRA r16 all-linear", "64 LoRA r16 all-linear", "8 mixed types"]
     assert list(report["runs"]) == runs
     for name in runs:
