@@ -9,6 +9,9 @@ A batch holds a lease on its adapters' slots for as long as the batch object liv
 decode batch across steps while prefill batches come and go); only unleased adapters are released, least
 recently used first, when a slot is needed. With ``slots_per_bucket`` of at least twice the running
 rows every live batch fits: the decode batch still held from the last step plus the rows joining now.
+A bucket starts with one slot and doubles when full, up to ``slots_per_bucket``: its memory follows the
+distinct adapters in use, not the worst case (a preallocated rank-256 bucket of 64 slots on a
+Llama-3-8B shape would be ~86 GB in bf16).
 """
 
 from __future__ import annotations
@@ -54,11 +57,9 @@ class SlotPath:
             return SlotBatch(self, row_adapters, list(present))
 
     def _assign(self, adapter: AdapterWeights, keep: dict[int, AdapterWeights]) -> None:
-        for delta in adapter.modules.values():
-            if delta.lora_a is not None:
-                bucket = rank_bucket(delta.lora_a.shape[1])
-                if bucket not in self.tables.rank_capacity:
-                    self.tables.add_bucket(bucket, self.slots_per_bucket)
+        if self.tables.slots_of(adapter) is None:
+            for bucket in {rank_bucket(d.lora_a.shape[1]) for d in adapter.modules.values() if d.lora_a is not None}:
+                self._make_room(bucket)
         while True:
             try:
                 self.tables.assign(adapter)
@@ -73,6 +74,16 @@ class SlotPath:
                 self.tables.release(self._recent.pop(victim))
         self._recent[id(adapter)] = adapter
         self._recent.move_to_end(id(adapter))
+
+    def _make_room(self, bucket: int) -> None:
+        """A new bucket starts with one slot; a full one doubles, up to ``slots_per_bucket`` (then the least
+        recently used idle adapter makes room), so memory follows the distinct adapters actually in use."""
+        if bucket not in self.tables.rank_capacity:
+            self.tables.add_bucket(bucket, 1)
+            return
+        capacity = self.tables.rank_capacity[bucket]
+        if self.tables.free_slots(bucket) == 0 and capacity < self.slots_per_bucket:
+            self.tables.grow_bucket(bucket, min(2 * capacity, self.slots_per_bucket))
 
     def _lease(self, keys: list[int]) -> None:
         with self._lock:
@@ -92,7 +103,7 @@ class SlotBatch:
     def __init__(self, path: SlotPath, row_adapters: Sequence[AdapterWeights | None], leased: list[int]) -> None:
         self._path = path
         self._rows = list(row_adapters)
-        self._indices: dict[int, BatchSlots] = {}  # tokens per row -> indices (prefill length, then 1)
+        self._indices: dict[tuple[int, int], BatchSlots] = {}  # (tokens per row, table generation) -> indices
         path._lease(leased)
         weakref.finalize(self, path._unlease, leased)
 
@@ -101,14 +112,15 @@ class SlotBatch:
         rows, tokens, features_in = x.shape
         if rows != len(self._rows):
             raise RuntimeError(f"input of {rows} rows for a batch of {len(self._rows)}")
-        if tokens not in self._indices:
-            self._indices[tokens] = self._path.tables.indices(self._rows, tokens)
+        key = (tokens, self._path.tables.generation)  # a bucket grown since: indices of the new sizes
+        if key not in self._indices:
+            self._indices[key] = self._path.tables.indices(self._rows, tokens)
         out = slot_linear(
             x.reshape(rows * tokens, features_in),
             linear_weight(layer),
             layer.bias,
             self._path.tables.modules[name],
-            self._indices[tokens],
+            self._indices[key],
             self._path.kernels,
         )
         return out.reshape(rows, tokens, out.shape[-1])

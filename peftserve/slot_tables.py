@@ -97,6 +97,7 @@ class SlotTables:
         self._dtype, self._device = dtype, device
         self._free: dict[int | None, list[int]] = {None: list(range(scale_capacity, 0, -1))}  # None: scales
         self._assigned: dict[int, tuple[AdapterWeights, AdapterSlots]] = {}  # id(adapter): kept alive here
+        self.generation = 0  # counts bucket growths: indices built before one name the old stack sizes
         self.add_modules(modules)
         for bucket, capacity in sorted(rank_capacity.items()):
             self.add_bucket(bucket, capacity)
@@ -134,6 +135,29 @@ class SlotTables:
         self._free[bucket] = list(range(capacity, 0, -1))
         for stacks in self.modules.values():
             self._allocate_bucket(stacks, bucket, capacity)
+
+    def grow_bucket(self, bucket: int, capacity: int) -> None:
+        """Enlarge a rank bucket to ``capacity`` slots in every module, every assigned slot kept where it is.
+
+        Buckets start small and grow as distinct adapters arrive, so a bucket's memory follows its use: one
+        slot of a rank-256 bucket on a Llama-3-8B shape is ~1.3 GB in bf16. Indices built before a growth
+        are stale (:attr:`generation` tells), the slots they name are not.
+        """
+        old = self.rank_capacity[bucket]
+        if capacity <= old:
+            return
+        for stacks in self.modules.values():
+            for side in (stacks.a, stacks.b):
+                grown = side[bucket].new_zeros(capacity + 1, *side[bucket].shape[1:])
+                grown[: old + 1] = side[bucket]
+                side[bucket] = grown
+        self.rank_capacity[bucket] = capacity
+        self._free[bucket] = [*range(capacity, old, -1), *self._free[bucket]]
+        self.generation += 1
+
+    def free_slots(self, bucket: int) -> int:
+        """Unassigned slots of a rank bucket."""
+        return len(self._free[bucket])
 
     @staticmethod
     def _allocate_bucket(stacks: ModuleStacks, bucket: int, capacity: int) -> None:

@@ -18,7 +18,7 @@ from peftserve.lora_kernels import TorchKernels
 from peftserve.slot_path import SlotPath
 from tests.conftest import DEMO_PHRASES, PROMPTS, demo_config
 from tests.interpreted_triton import interpreter_process
-from tests.unit.test_batched_layers import CASES, lora, run_batch
+from tests.unit.test_batched_layers import CASES, lora, run_batch, solo
 
 
 def path(slots: int) -> SlotPath:
@@ -51,7 +51,31 @@ def test_a_rank_first_seen_later_gets_its_bucket() -> None:
     layers = wrapped(slot_path)
     BatchDeltas(layers, [lora(8, 1)])
     BatchDeltas(layers, [lora(20, 2)])
-    assert slot_path.tables.rank_capacity == {8: 2, 32: 2}
+    assert slot_path.tables.rank_capacity == {8: 1, 32: 1}  # buckets start with one slot
+
+
+def test_a_full_bucket_doubles_up_to_the_cap_and_batches_built_before_still_compute_right() -> None:
+    slot_path = path(4)
+    layers = wrapped(slot_path)
+    adapters = [lora(8, seed) for seed in range(5)]
+    x = torch.randn(2, 3, 24)
+    proj = layers.wrapped["proj"]
+
+    def check(batch: BatchDeltas, rows: list) -> None:
+        batch.install()
+        with torch.inference_mode():
+            expected = torch.stack([solo(proj.base, x[i], adapter) for i, adapter in enumerate(rows)])
+            torch.testing.assert_close(proj(x), expected, rtol=1e-5, atol=1e-4)
+
+    held = BatchDeltas(layers, adapters[:2])  # 1 slot, then 2
+    check(held, adapters[:2])  # its indices are built for a bucket of 2
+    first_slots = slot_path.tables.slots_of(adapters[0])
+    later = BatchDeltas(layers, adapters[2:4])  # grows to 4 while `held` lives
+    assert slot_path.tables.rank_capacity == {8: 4} and slot_path.tables.slots_of(adapters[0]) == first_slots
+    check(held, adapters[:2])
+    check(later, adapters[2:4])
+    with pytest.raises(CacheFullError, match="all 4 slots"):
+        BatchDeltas(layers, [adapters[4]])  # at the cap, every slot leased: no growth past it
 
 
 @pytest.mark.parametrize("rows", CASES.values(), ids=CASES.keys())
