@@ -19,8 +19,10 @@ that fails is retried row by row, so only the culprit request fails.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from peftserve.engine import Engine
 
 logger = logging.getLogger("peftserve.continuous")
+LOADER_NICENESS = 10  # of the adapter-loader threads (and the OpenMP workers they start), see _yield_to_decoding
 
 TextCallback = Callable[[str], None]
 DoneCallback = Callable[[Completion | PeftServeError], None]
@@ -109,7 +112,9 @@ class ContinuousBatcher:
         self._steps_since_admission = 0
         self._wakeup = threading.Condition()
         self._closed = False
-        self._loaders = ThreadPoolExecutor(max_workers=config.loader_threads, thread_name_prefix="adapter-loader")
+        self._loaders = ThreadPoolExecutor(
+            max_workers=config.loader_threads, thread_name_prefix="adapter-loader", initializer=_yield_to_decoding
+        )
         self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
         self._thread.start()
 
@@ -456,6 +461,15 @@ class ContinuousBatcher:
             work.on_done(answer)
         except Exception:
             logger.exception("sending a response failed")
+
+
+def _yield_to_decoding() -> None:
+    """Loader threads run below the decoding loop's CPU priority (Linux: nice is per thread), so that on a
+    host with few cores reading, hashing and converting a cold adapter takes the time decoding leaves over
+    instead of stretching the running streams' steps. Raising one's own niceness needs no privilege."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or forbidden: same priority as before
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + LOADER_NICENESS))
 
 
 def _ignore(_: object) -> None:

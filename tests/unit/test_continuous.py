@@ -263,3 +263,16 @@ def test_a_long_prompt_enters_in_chunks_while_running_streams_keep_decoding(mode
     assert len(during) >= len(long_row.prompt_ids) // 16 - 2  # a decoding step between every two chunks
     assert long_result.token_ids == engine.batcher.run_rows([long_row])[0].token_ids
     assert len(running_future.result(60).token_ids) == 200
+
+
+def test_adapter_loaders_run_below_the_decoding_loops_cpu_priority(engine: Engine) -> None:
+    """Cold adapters are read and converted on loader threads that yield the CPU to decoding (Linux)."""
+    import os
+    import threading
+
+    from peftserve.continuous import LOADER_NICENESS
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert engine.batcher._loaders.submit(niceness).result(timeout=10) == niceness() + LOADER_NICENESS
