@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from peftserve.engine import Engine
 
 logger = logging.getLogger("peftserve.continuous")
-LOADER_NICENESS = 10  # of the adapter-loader threads (and the OpenMP workers they start), see _yield_to_decoding
+LOADER_NICENESS = 10  # of the adapter-loader threads (and the OpenMP workers they start), see yield_cpu_to_decoding
 
 TextCallback = Callable[[str], None]
 DoneCallback = Callable[[Completion | PeftServeError], None]
@@ -113,7 +113,7 @@ class ContinuousBatcher:
         self._wakeup = threading.Condition()
         self._closed = False
         self._loaders = ThreadPoolExecutor(
-            max_workers=config.loader_threads, thread_name_prefix="adapter-loader", initializer=_yield_to_decoding
+            max_workers=config.loader_threads, thread_name_prefix="adapter-loader", initializer=yield_cpu_to_decoding
         )
         self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
         self._thread.start()
@@ -463,7 +463,7 @@ class ContinuousBatcher:
             logger.exception("sending a response failed")
 
 
-def _yield_to_decoding() -> None:
+def yield_cpu_to_decoding() -> None:
     """Loader threads run below the decoding loop's CPU priority (Linux: nice is per thread), so that on a
     host with few cores reading, hashing and converting a cold adapter takes the time decoding leaves over
     instead of stretching the running streams' steps. Raising one's own niceness needs no privilege."""
