@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.bench import DEMO, SMOLLM2, bench_model, concurrency_levels, describe_adapters
+from loadtests.bench import (
+    COLD_ADAPTERS,
+    DEMO,
+    SMOLLM2,
+    bench_model,
+    build_repository,
+    concurrency_levels,
+    describe_adapters,
+)
 from loadtests.perf_sweep import SweepPoint
 from loadtests.report import BenchmarkFacts, MemoryFact, PatternFacts, StallFacts, build_report, headline_ratio
 from loadtests.synthetic import LoraShape, write_random_loras
@@ -139,3 +147,13 @@ def test_bench_picks_the_models_trained_adapters_and_headline(tmp_path: Path) ->
     assert concurrency_levels("", "short", DEMO) == [1, 4, 16]
     assert concurrency_levels("", "short", SMOLLM2) == [1, 4, 8]
     assert concurrency_levels("8,2", "short", SMOLLM2) == [2, 8]
+
+
+def test_bench_repository_adds_synthetic_and_cold_adapters_beside_the_trained(model_dir: Path, tmp_path: Path) -> None:
+    config, synthetic, cold = build_repository(model_dir.parent, tmp_path, DEMO, 3)
+    assert synthetic == ["s0000", "s0001", "s0002"]
+    assert cold == [f"s{i:04d}" for i in range(3, 3 + COLD_ADAPTERS)]
+    adapters = Path(config.adapter_repository)
+    assert adapters == tmp_path / "adapters" and Path(config.base_model) == model_dir / "base_model"
+    assert {"pirate", "robot", "knight", *synthetic, *cold} <= {p.name for p in adapters.iterdir()}
+    assert LoraShape.of(adapters / cold[-1] / "1") == LoraShape.of(model_dir / "adapters" / "pirate" / "1")
