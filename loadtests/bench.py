@@ -253,7 +253,9 @@ def cold_stall(server: TritonServer, config: ServeConfig, cold: list[str]) -> St
     )
 
 
-def settings(model: BenchModel, profile: str, levels: list[int], synthetic: int, shape: str) -> dict[str, str]:
+def settings(
+    model: BenchModel, profile: str, levels: list[int], measurement_ms: int, synthetic: int, shape: str
+) -> dict[str, str]:
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "versions": f"tritonserver 2.51 (nvidia-pytriton), torch {torch.__version__}, "
@@ -262,7 +264,9 @@ def settings(model: BenchModel, profile: str, levels: list[int], synthetic: int,
         "adapters registered": f"{synthetic} + {COLD_ADAPTERS} synthetic LoRA shaped like the trained "
         f"`{model.shape_of}` ({shape}), plus the model's own trained adapters",
         "requests": f"{len(PROMPTS)} prompts, greedy, exactly {MAX_TOKENS} new tokens each (ignore_eos)",
-        "profile": f"{profile}: {PROFILES[profile]}, concurrency {','.join(map(str, levels))}",
+        "profile": f"{profile}: concurrency {', '.join(map(str, levels))}, perf_analyzer windows of "
+        f"{measurement_ms} ms (doubled for a point that did not stabilise), "
+        f"locust {PROFILES[profile]['locust_seconds']} s",
     }
 
 
@@ -278,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated levels; the largest is the headline (default: the profile's, up to the model's "
         "headline concurrency: 16 for the demo, 8 for SmolLM2)",
     )
+    parser.add_argument("--measurement-ms", type=int, help="perf_analyzer window (default: the profile's)")
     parser.add_argument("--out", type=Path, default=Path("loadtests/reports/latest"))
     return parser
 
@@ -292,6 +297,7 @@ def concurrency_levels(option: str, profile: str, model: BenchModel) -> list[int
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     profile = PROFILES[args.profile]
+    measurement_ms = args.measurement_ms or profile["measurement_ms"]
     model = bench_model(args.repository)
     levels = concurrency_levels(args.concurrency, args.profile, model)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                     root,
                     max_tokens=MAX_TOKENS,
                     ignore_eos=True,
-                    measurement_ms=profile["measurement_ms"],
+                    measurement_ms=measurement_ms,
                 )
                 write_csv(points, args.out / "perf_sweep.csv")
                 stall = cold_stall(server, config, cold)
@@ -340,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             naive = naive_tokens_per_second(Path(config.base_model), adapters_dir, synthetic[:8])
         shape = describe_adapter(adapters_dir / synthetic[0])
     facts = BenchmarkFacts(
-        settings=settings(model, args.profile, levels, args.adapters, shape),
+        settings=settings(model, args.profile, levels, measurement_ms, args.adapters, shape),
         headline_pattern=patterns[1].label,
         headline_level=levels[-1],
         naive_pattern=patterns[2].label,
