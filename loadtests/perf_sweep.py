@@ -131,7 +131,10 @@ def sweep(
     }
     # Greedy answers are fixed, so one pass over the entries gives each pattern's tokens per request:
     # patterns whose answers stop early at end-of-sequence do less work, and tokens/s compares fairly.
-    tokens = {label: mean_output_tokens(url, data, protocol) for label, data in inputs.items()}
+    tokens = {
+        label: mean_output_tokens(url, data, protocol)
+        for label, data in tqdm(inputs.items(), desc="tokens per request", unit="pattern")
+    }
     plan = [(pattern, level) for pattern in patterns for level in levels]
     for pattern, level in tqdm(plan, desc="perf_analyzer", unit="point"):
         data = workdir / f"{pattern.label}.json"
