@@ -189,11 +189,13 @@ def build_report(points: list[SweepPoint], locust_rows: list[dict[str, str]], fa
         "| pattern | load | inferences/s | tokens/request | tokens/s | p50 ms | p90 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {p.pattern} | {p.level:g} | {p.throughput:.1f} | {p.tokens_per_request:.1f} | {p.tokens_per_second:.0f} "
-        f"| {p.p50_ms:.0f} | {p.p90_ms:.0f} | {p.p99_ms:.0f} |"
-        for p in points
-    ]
+    lines += [_sweep_row(p) for p in points]
+    if not all(p.stable for p in points):
+        lines += [
+            "",
+            "(unstable): perf_analyzer's windows did not agree within 50%, even twice as long; the point is "
+            "their average.",
+        ]
     if locust_rows:
         lines += [
             "",
@@ -218,12 +220,21 @@ def build_report(points: list[SweepPoint], locust_rows: list[dict[str, str]], fa
     return report
 
 
+def _sweep_row(p: SweepPoint) -> str:
+    level = f"{p.level:g}" + ("" if p.stable else " (unstable)")
+    return (
+        f"| {p.pattern} | {level} | {p.throughput:.1f} | {p.tokens_per_request:.1f} | {p.tokens_per_second:.0f} "
+        f"| {p.p50_ms:.0f} | {p.p90_ms:.0f} | {p.p99_ms:.0f} |"
+    )
+
+
 def ratio_table(points: list[SweepPoint], facts: BenchmarkFacts) -> list[str]:
     """Every pattern's tokens/s over the base model's at the headline level, with the adapters it names."""
     if not facts.patterns:
         return []
     level = facts.headline_level
     tokens = {p.pattern: p.tokens_per_second for p in points if p.level == level}
+    unstable = {p.pattern for p in points if p.level == level and not p.stable}
     lines = [
         "",
         f"## Ratio to base at {points[0].load.replace('_', ' ')} {level:g}",
@@ -234,6 +245,8 @@ def ratio_table(points: list[SweepPoint], facts: BenchmarkFacts) -> list[str]:
     for pattern in facts.patterns:
         ratio = headline_ratio(points, pattern.label, level)
         measured = f"{tokens[pattern.label]:.0f}" if pattern.label in tokens else "-"
+        if pattern.label in unstable:
+            measured += " (unstable)"
         shown = "1.00x" if pattern.label == "base" else (f"**{ratio:.2f}x**" if ratio is not None else "-")
         if pattern.target is None:
             target = "-"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from loadtests.bench import (
     concurrency_levels,
     describe_adapters,
 )
-from loadtests.perf_sweep import SweepPoint
+from loadtests.perf_sweep import SweepPoint, read_csv, write_csv
 from loadtests.report import BenchmarkFacts, MemoryFact, PatternFacts, StallFacts, build_report, headline_ratio
 from loadtests.synthetic import LoraShape, write_random_loras
 from loadtests.traffic import TrafficPattern, perf_analyzer_input_data
@@ -76,7 +77,7 @@ def test_report_has_headline_tables_and_plots(tmp_path: Path) -> None:
     ]
     locust = [{"Type": "http", "Name": "uniform-8", "Request Count": "120", "Failure Count": "0", "Requests/s": "12.5",
                "50%": "80", "95%": "120", "99%": "150"}]  # fmt: skip
-    points += [point("trained-3", 16, 36), point("zipf-64", 16, 20)]
+    points += [point("trained-3", 16, 36), replace(point("zipf-64", 16, 20), stable=False)]
     facts = BenchmarkFacts(
         settings={"machine": "test box"},
         headline_pattern="trained-3",
@@ -99,7 +100,9 @@ def test_report_has_headline_tables_and_plots(tmp_path: Path) -> None:
     assert "| base | none (base model) | 400 | 1.00x | - |" in text
     assert "| trained-3 | `pirate` LoRA r8 | 360 | **0.90x** | >= 0.90x: met |" in text
     assert "| uniform-8 | 8 synthetic | 400 | **1.00x** | - |" in text
-    assert "| zipf-64 | 64 synthetic | 200 | **0.50x** | >= 0.90x: not met |" in text
+    assert "| zipf-64 | 64 synthetic | 200 (unstable) | **0.50x** | >= 0.90x: not met |" in text
+    assert "| zipf-64 | 16 (unstable) | 20.0 | 10.0 | 200 | 10 | 20 | 30 |" in text
+    assert "did not agree within 50%" in text
     assert "| adapter memory on the device | `max_adapter_memory_mb` 512 MiB | 0.2 MiB |" in text
     assert "| 10.0 ms | 35.0 ms | **3.5x** | 11.0 ms | 16.0 ms | 2.5 (target <= 1: not met) |" in text
     assert "may be understated" not in text
@@ -157,3 +160,9 @@ def test_bench_repository_adds_synthetic_and_cold_adapters_beside_the_trained(mo
     assert adapters == tmp_path / "adapters" and Path(config.base_model) == model_dir / "base_model"
     assert {"pirate", "robot", "knight", *synthetic, *cold} <= {p.name for p in adapters.iterdir()}
     assert LoraShape.of(adapters / cold[-1] / "1") == LoraShape.of(model_dir / "adapters" / "pirate" / "1")
+
+
+def test_sweep_csv_keeps_whether_a_point_was_stable(tmp_path: Path) -> None:
+    points = [point("base", 16, 100), replace(point("distinct-1000", 16, 40), stable=False)]
+    write_csv(points, tmp_path / "sweep.csv")
+    assert read_csv(tmp_path / "sweep.csv") == points
