@@ -257,7 +257,9 @@ def settings(
     model: BenchModel, profile: str, levels: list[int], measurement_ms: int, synthetic: int, shape: str
 ) -> dict[str, str]:
     return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} when the report was written",
         "versions": f"tritonserver 2.51 (nvidia-pytriton), torch {torch.__version__}, "
         f"transformers {transformers.__version__}, peft {peft.__version__}",
         "model": model.description,
