@@ -115,7 +115,8 @@ def describe_adapter(adapter: Path) -> str:
 
 
 def describe_adapters(adapters_dir: Path, ids: tuple[str, ...]) -> str:
-    """The adapters of a pattern: each named when few, else counted and grouped by what they are."""
+    """The adapters of a pattern: each named when few; else (synthetic ones, all of one shape) counted, with
+    the distinct descriptions of the first and the last."""
     if not ids:
         return "none (base model)"
     if len(ids) <= 4:
