@@ -56,12 +56,14 @@ def write_random_loras(
     prefix: str = "a",
     seed: int = 0,
     start: int = 0,
+    strength: float = 6.0,
 ) -> list[str]:
     """Write ``count`` LoRA adapters of ``shape`` with random weights; returns their ids (``<prefix>0000`` ...).
 
-    Each adapted module's update ``B @ A * scale`` moves its output by about half the input's size per
-    element, whatever the width: large enough that each adapter answers differently, small enough that a
-    30-layer model stays finite in float32.
+    Each adapted module's update ``B @ A * scale`` adds about ``strength`` times the input's root mean square
+    to each output element, whatever the width. The default is what rank-2 weights of standard deviation 0.6
+    gave on the demo's 128-wide layers: enough that adapters answer differently from each other. Normalised
+    layer inputs keep a deep model finite in float32.
     """
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model), shape.peft_config())
     scale = shape.alpha / shape.rank
@@ -73,7 +75,7 @@ def write_random_loras(
                 if "lora_A" in name:  # (rank, in_features)
                     std = 1 / math.sqrt(parameter.shape[1])
                 elif "lora_B" in name:  # (out_features, rank)
-                    std = 0.5 / (scale * math.sqrt(shape.rank))
+                    std = strength / (scale * math.sqrt(shape.rank))
                 else:
                     continue
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
