@@ -15,6 +15,37 @@ import matplotlib.pyplot as plt
 from loadtests.perf_sweep import SweepPoint
 
 
+@dataclass(frozen=True)
+class PatternFacts:
+    """Which adapters a traffic pattern's requests name, and the ratio to the base model it is asked to reach."""
+
+    label: str
+    adapters: str  # ids or count, PEFT types, ranks, target modules
+    target: float | None = None
+
+
+@dataclass(frozen=True)
+class MemoryFact:
+    """One bound of the adapter cache as configured, against what the server reported during the run."""
+
+    what: str
+    configured: str
+    measured: str
+
+
+@dataclass(frozen=True)
+class StallFacts:
+    """Running streams while the first requests for adapters never requested before arrive at once."""
+
+    streams: int
+    cold_adapters: str  # which adapters arrived
+    median_gap_s: float  # the streams' undisturbed median gap between pieces
+    worst_gap_s: float  # their worst gap while the arrivals were served
+    per_token_before_s: float  # mean time per output token before the arrivals
+    per_token_during_s: float  # ... and while they were served
+    outlasted: bool  # the streams were still decoding when the last arrival was answered
+
+
 @dataclass
 class BenchmarkFacts:
     """What the report says about the run besides the measurements."""
@@ -22,8 +53,11 @@ class BenchmarkFacts:
     settings: dict[str, str] = field(default_factory=dict)  # machine, versions, model, settings
     headline_pattern: str = "uniform-8"
     headline_level: float = 16
+    naive_pattern: str = "uniform-8"  # the pattern whose adapters the naive baseline runs
     naive_tokens_per_second: float | None = None
-    memory: dict[str, str] = field(default_factory=dict)
+    patterns: list[PatternFacts] = field(default_factory=list)
+    memory: list[MemoryFact] = field(default_factory=list)
+    stall: StallFacts | None = None
 
 
 def read_locust_stats(path: Path) -> list[dict[str, str]]:
@@ -129,16 +163,17 @@ def build_report(points: list[SweepPoint], locust_rows: list[dict[str, str]], fa
             f"**Headline: {facts.headline_pattern} at {points[0].load.replace('_', ' ')} {facts.headline_level:g} "
             f"reaches {ratio:.2f}x the base model's token throughput** (same run, same server)."
         )
-    headline = next(
-        (p for p in points if p.pattern == facts.headline_pattern and p.level == facts.headline_level), None
-    )
-    if facts.naive_tokens_per_second and headline:
-        speedup = headline.tokens_per_second / facts.naive_tokens_per_second
+    naive = next((p for p in points if p.pattern == facts.naive_pattern and p.level == facts.headline_level), None)
+    if facts.naive_tokens_per_second and naive:
+        speedup = naive.tokens_per_second / facts.naive_tokens_per_second
         lines.append(
-            f"Naive baseline (one request at a time, PEFT `set_adapter` then `generate`, in process, same "
-            f"adapters and prompts): {facts.naive_tokens_per_second:.0f} tokens/s; peftserve through Triton is "
-            f"{speedup:.1f}x faster."
+            f"Naive baseline (one request at a time, PEFT `set_adapter` then `generate`, in process, the "
+            f"{facts.naive_pattern} adapters and prompts): {facts.naive_tokens_per_second:.0f} tokens/s; peftserve "
+            f"through Triton ({facts.naive_pattern}) is {speedup:.1f}x faster."
         )
+    lines += ratio_table(points, facts)
+    lines += stall_section(facts.stall)
+    lines += memory_section(facts.memory)
     lines += ["", "## Run", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in facts.settings.items()]
     lines += [
@@ -154,11 +189,13 @@ def build_report(points: list[SweepPoint], locust_rows: list[dict[str, str]], fa
         "| pattern | load | inferences/s | tokens/request | tokens/s | p50 ms | p90 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {p.pattern} | {p.level:g} | {p.throughput:.1f} | {p.tokens_per_request:.1f} | {p.tokens_per_second:.0f} "
-        f"| {p.p50_ms:.0f} | {p.p90_ms:.0f} | {p.p99_ms:.0f} |"
-        for p in points
-    ]
+    lines += [_sweep_row(p) for p in points]
+    if not all(p.stable for p in points):
+        lines += [
+            "",
+            "(unstable): perf_analyzer's windows did not agree within 50%, even twice as long; the point is "
+            "their average.",
+        ]
     if locust_rows:
         lines += [
             "",
@@ -172,9 +209,6 @@ def build_report(points: list[SweepPoint], locust_rows: list[dict[str, str]], fa
             f"| {r['50%']} | {r['95%']} | {r['99%']} |"
             for r in locust_rows
         ]
-    if facts.memory:
-        lines += ["", "## Memory", "", "| what | value |", "|---|---|"]
-        lines += [f"| {key} | {value} |" for key, value in facts.memory.items()]
     lines += [
         "",
         "This report measures whole requests through peft_llm. Time to first token: the server's "
@@ -184,3 +218,72 @@ def build_report(points: list[SweepPoint], locust_rows: list[dict[str, str]], fa
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _sweep_row(p: SweepPoint) -> str:
+    level = f"{p.level:g}" + ("" if p.stable else " (unstable)")
+    return (
+        f"| {p.pattern} | {level} | {p.throughput:.1f} | {p.tokens_per_request:.1f} | {p.tokens_per_second:.0f} "
+        f"| {p.p50_ms:.0f} | {p.p90_ms:.0f} | {p.p99_ms:.0f} |"
+    )
+
+
+def ratio_table(points: list[SweepPoint], facts: BenchmarkFacts) -> list[str]:
+    """Every pattern's tokens/s over the base model's at the headline level, with the adapters it names."""
+    if not facts.patterns:
+        return []
+    level = facts.headline_level
+    tokens = {p.pattern: p.tokens_per_second for p in points if p.level == level}
+    unstable = {p.pattern for p in points if p.level == level and not p.stable}
+    lines = [
+        "",
+        f"## Ratio to base at {points[0].load.replace('_', ' ')} {level:g}",
+        "",
+        "| pattern | adapters | tokens/s | ratio to base | target |",
+        "|---|---|---|---|---|",
+    ]
+    for pattern in facts.patterns:
+        ratio = headline_ratio(points, pattern.label, level)
+        measured = f"{tokens[pattern.label]:.0f}" if pattern.label in tokens else "-"
+        if pattern.label in unstable:
+            measured += " (unstable)"
+        shown = "1.00x" if pattern.label == "base" else (f"**{ratio:.2f}x**" if ratio is not None else "-")
+        if pattern.target is None:
+            target = "-"
+        else:
+            verdict = "met" if ratio is not None and ratio >= pattern.target else "not met"
+            target = f">= {pattern.target:.2f}x: {verdict}"
+        lines.append(f"| {pattern.label} | {pattern.adapters} | {measured} | {shown} | {target} |")
+    return lines
+
+
+def stall_section(stall: StallFacts | None) -> list[str]:
+    """The cold-adapter stall: the streams' gaps and time per output token, before and during the arrivals."""
+    if stall is None:
+        return []
+    extra_steps = (stall.worst_gap_s - stall.median_gap_s) / stall.median_gap_s
+    lines = [
+        "",
+        "## Cold adapters arriving while streams decode",
+        "",
+        f"{stall.streams} gRPC streams decode on the base model (same server, after the sweep) while the first "
+        f"requests for {stall.cold_adapters} arrive at once.",
+        "",
+        "| median gap before | worst gap during | worst / median | time per output token before | during | "
+        "extra delay (decoding steps) |",
+        "|---|---|---|---|---|---|",
+        f"| {1000 * stall.median_gap_s:.1f} ms | {1000 * stall.worst_gap_s:.1f} ms | "
+        f"**{stall.worst_gap_s / stall.median_gap_s:.1f}x** | {1000 * stall.per_token_before_s:.1f} ms | "
+        f"{1000 * stall.per_token_during_s:.1f} ms | {extra_steps:.1f} (target <= 1: "
+        f"{'met' if extra_steps <= 1 else 'not met'}) |",
+    ]
+    if not stall.outlasted:
+        lines += ["", "Some streams finished before the last arrival was answered: the worst gap may be understated."]
+    return lines
+
+
+def memory_section(memory: list[MemoryFact]) -> list[str]:
+    if not memory:
+        return []
+    lines = ["", "## Memory", "", "| what | configured bound | measured (peak during the run) |", "|---|---|---|"]
+    return lines + [f"| {fact.what} | {fact.configured} | {fact.measured} |" for fact in memory]

@@ -3,6 +3,8 @@
 - ``base``: no adapter (the base model alone);
 - ``single``: every request names the same adapter;
 - ``uniform``: adapters drawn uniformly from N;
+- ``trained``: drawn uniformly like ``uniform``, named apart because its adapters are the model's own trained
+  ones (their types, ranks and target modules as trained) rather than synthetic LoRA;
 - ``zipf``: adapters drawn from N with Zipf-skewed popularity (a few hot, a long tail);
 - ``distinct``: every request names a different adapter, round robin over all N.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-PATTERNS = ("base", "single", "uniform", "zipf", "distinct")
+PATTERNS = ("base", "single", "uniform", "trained", "zipf", "distinct")
 ZIPF_EXPONENT = 1.1
 
 

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
@@ -89,12 +90,41 @@ def cold_adapters_arrive(server: TritonServer, adapters: list[str]) -> Callable[
     return arrive
 
 
-def measure(server: TritonServer, config: ServeConfig, arrive: Callable[[], None], adapter: str) -> tuple[float, float]:
-    """(median gap before the arrival, worst gap until ``arrive`` returned), over all streams, in seconds."""
-    times: list[list[float]] = [[] for _ in range(STREAMS)]
+@dataclass(frozen=True)
+class StreamGaps:
+    """Gaps between consecutive pieces of the decoding streams, split by when ``arrive`` ran (seconds)."""
+
+    before: list[float]  # gaps that ended before the arrival: the undisturbed pace
+    during: list[float]  # gaps that overlap the arrival, until ``arrive`` returned
+    outlasted: bool  # every stream was still decoding when ``arrive`` returned (else ``during`` is cut short)
+
+    @property
+    def median_before(self) -> float:
+        return statistics.median(self.before)
+
+    @property
+    def worst_during(self) -> float:
+        return max(self.during)
+
+    @property
+    def per_token_before(self) -> float:
+        """Time per output token of the running streams before the arrival (their mean gap)."""
+        return statistics.fmean(self.before)
+
+    @property
+    def per_token_during(self) -> float:
+        """Time per output token of the running streams while the arrival was served."""
+        return statistics.fmean(self.during)
+
+
+def measure_streams(
+    server: TritonServer, arrive: Callable[[], None], *, max_tokens: int, adapter: str = "", streams: int = STREAMS
+) -> StreamGaps:
+    """``streams`` gRPC streams of ``max_tokens`` pieces decode; once each has streamed 20, ``arrive`` runs."""
+    times: list[list[float]] = [[] for _ in range(streams)]
     finished: queue.Queue = queue.Queue()
     clients = []
-    for index in range(STREAMS):
+    for index in range(streams):
         client = grpcclient.InferenceServerClient(server.grpc_url)
 
         def on_piece(result, error, index=index) -> None:
@@ -106,22 +136,24 @@ def measure(server: TritonServer, config: ServeConfig, arrive: Callable[[], None
                 finished.put(None)
 
         client.start_stream(callback=on_piece)
-        client.async_stream_infer("peft_llm_stream", stream_inputs("a dog", adapter, config.max_tokens_limit))
+        client.async_stream_infer("peft_llm_stream", stream_inputs("a dog", adapter, max_tokens))
         clients.append(client)
     while min(len(t) for t in times) < 20:
         time.sleep(0.01)
     arrived = time.perf_counter()
     arrive()
     answered = time.perf_counter()
-    for _ in range(STREAMS):
+    for _ in range(streams):
         error = finished.get(timeout=600)
         if error is not None:
             raise error
     for client in clients:
         client.stop_stream()
-    before = [b - a for t in times for a, b in itertools.pairwise(t) if b < arrived]
-    during = [b - a for t in times for a, b in itertools.pairwise(t) if b > arrived and a < answered]
-    return statistics.median(before), max(during)
+    return StreamGaps(
+        before=[b - a for t in times for a, b in itertools.pairwise(t) if b < arrived],
+        during=[b - a for t in times for a, b in itertools.pairwise(t) if b > arrived and a < answered],
+        outlasted=all(t[-1] > answered for t in times),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             repository = repository_with(args.repository, Path(tmp), **settings)
             server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
             with server:
-                median, worst = measure(
-                    server, config, long_prompt_arrives(server, long_prompt, args.adapter), args.adapter
+                gaps = measure_streams(
+                    server,
+                    long_prompt_arrives(server, long_prompt, args.adapter),
+                    max_tokens=config.max_tokens_limit,
+                    adapter=args.adapter,
                 )
+        median, worst = gaps.median_before, gaps.worst_during
         rows.append((name, median, worst))
         print(f"{name}: median gap {1000 * median:.1f} ms, worst {1000 * worst:.1f} ms", flush=True)
     print(f"\n{config.max_prompt_tokens}-token prompt joining {STREAMS} streams ({args.repository}, adapter "
@@ -160,7 +196,8 @@ def measure_cold(source: Path, config: ServeConfig) -> int:
         repository = repository_with(source, Path(tmp), preload="")
         server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
         with server:
-            median, worst = measure(server, config, cold_adapters_arrive(server, adapters), "")
+            gaps = measure_streams(server, cold_adapters_arrive(server, adapters), max_tokens=config.max_tokens_limit)
+    median, worst = gaps.median_before, gaps.worst_during
     print(f"\n{len(adapters)} cold adapters' first requests arriving while {STREAMS} streams decode ({source})")
     print(f"{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
     print(f"{1000 * median:>16.1f}{1000 * worst:>16.1f}{worst / median:>13.1f}x")

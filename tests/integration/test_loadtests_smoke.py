@@ -1,4 +1,5 @@
-"""perf_analyzer and locust, a few seconds each, against the real server: their CSVs parse, no errors."""
+"""perf_analyzer, locust and the cold-adapter stall, a few seconds each, against the real server: their CSVs
+parse, no errors, the streams' gaps are measured on both sides of the arrivals."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ from pathlib import Path
 
 from loadtests.perf_sweep import read_csv, sweep, write_csv
 from loadtests.traffic import TrafficPattern
+from peftserve.config import read_model_config
+from tests.conftest import MODEL_DIR
+from tools.bench_stream_stall import cold_adapters_arrive, measure_streams
 from tools.triton_server import TritonServer
 
 LOADTESTS = Path(__file__).resolve().parents[2] / "loadtests"
 
 
 def test_perf_analyzer_sweep_writes_a_parsable_csv(triton: TritonServer, tmp_path: Path) -> None:
-    patterns = [TrafficPattern("base"), TrafficPattern("uniform", ("pirate", "chef"))]
+    patterns = [TrafficPattern("base"), TrafficPattern("trained", ("pirate", "knight"))]
     points = sweep(triton.http_url, patterns, [2], tmp_path, max_tokens=8, measurement_ms=2000, ignore_eos=True)
     write_csv(points, tmp_path / "sweep.csv")
     again = read_csv(tmp_path / "sweep.csv")
-    assert [(p.pattern, p.level) for p in again] == [("base", 2.0), ("uniform-2", 2.0)]
+    assert [(p.pattern, p.level) for p in again] == [("base", 2.0), ("trained-2", 2.0)]
     assert all(p.throughput > 0 and p.tokens_per_request == 8 and p.p99_ms >= p.p50_ms for p in again)
 
 
@@ -38,3 +42,13 @@ def test_locust_runs_headless_without_failures(triton: TritonServer, tmp_path: P
         assert int(rows["zipf-4"]["Request Count"]) > 0
         assert rows["zipf-4"]["Failure Count"] == "0"
         assert rows["zipf-4"]["Type"] == protocol
+
+
+def test_streams_gaps_are_measured_while_adapters_arrive(triton: TritonServer) -> None:
+    """The bench's cold-adapter stall: streams decode while first requests for adapters arrive (on this shared
+    server they may be warm already; the bench uses adapters no request named before)."""
+    max_tokens = read_model_config(MODEL_DIR).max_tokens_limit
+    gaps = measure_streams(triton, cold_adapters_arrive(triton, ["sage", "oracle"]), max_tokens=max_tokens, streams=2)
+    assert gaps.outlasted and gaps.before and gaps.during
+    assert len(gaps.before) >= 2 * 19 and all(gap > 0 for gap in gaps.before + gaps.during)
+    assert gaps.worst_during >= gaps.per_token_during > 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.synthetic import write_random_loras
+from loadtests.synthetic import LoraShape, write_random_loras
 from loadtests.traffic import TrafficPattern
 from peftserve.engine import Engine
 from peftserve.requests import Completion, CompletionRequest
@@ -48,7 +48,8 @@ def thousand_adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     """1,000 small, distinct, random LoRA adapters saved by PEFT (rank 2 on q and v of every layer)."""
     root = tmp_path_factory.mktemp("store")
     shutil.copytree(model_dir / "base_model", root / "base_model")
-    write_random_loras(root / "base_model", root / "adapters", 1000)
+    shape = LoraShape(rank=2, alpha=2, target_modules=("q_proj", "v_proj"))
+    write_random_loras(root / "base_model", root / "adapters", 1000, shape=shape)
     return root
 
 

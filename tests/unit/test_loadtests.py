@@ -1,15 +1,27 @@
-"""Traffic patterns, perf_analyzer input data and the report builder."""
+"""Traffic patterns, synthetic adapters, perf_analyzer input data and the report builder."""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from loadtests.perf_sweep import SweepPoint
-from loadtests.report import BenchmarkFacts, build_report, headline_ratio
+from loadtests.bench import (
+    COLD_ADAPTERS,
+    DEMO,
+    SMOLLM2,
+    bench_model,
+    build_repository,
+    concurrency_levels,
+    describe_adapters,
+)
+from loadtests.perf_sweep import SweepPoint, read_csv, write_csv
+from loadtests.report import BenchmarkFacts, MemoryFact, PatternFacts, StallFacts, build_report, headline_ratio
+from loadtests.synthetic import LoraShape, write_random_loras
 from loadtests.traffic import TrafficPattern, perf_analyzer_input_data
+from tools.bench_stream_stall import StreamGaps
 
 ADAPTERS = tuple(f"s{i:04d}" for i in range(64))
 
@@ -20,6 +32,9 @@ def test_patterns_choose_adapters_as_named() -> None:
     assert TrafficPattern("distinct", ADAPTERS[:4]).sample(6) == ["s0000", "s0001", "s0002", "s0003", "s0000", "s0001"]
     uniform = Counter(TrafficPattern("uniform", ADAPTERS[:8]).sample(8000, seed=1))
     assert set(uniform) == set(ADAPTERS[:8]) and max(uniform.values()) < 1.2 * min(uniform.values())
+    trained = Counter(TrafficPattern("trained", ("pirate", "robot", "knight")).sample(3000, seed=1))
+    assert set(trained) == {"pirate", "robot", "knight"} and max(trained.values()) < 1.2 * min(trained.values())
+    assert TrafficPattern("trained", ("pirate", "robot", "knight")).label == "trained-3"
     zipf = Counter(TrafficPattern("zipf", ADAPTERS).sample(8000, seed=1))
     assert zipf.most_common(1)[0][0] == "s0000"
     assert zipf["s0000"] > 5 * zipf["s0010"] > 0
@@ -62,15 +77,92 @@ def test_report_has_headline_tables_and_plots(tmp_path: Path) -> None:
     ]
     locust = [{"Type": "http", "Name": "uniform-8", "Request Count": "120", "Failure Count": "0", "Requests/s": "12.5",
                "50%": "80", "95%": "120", "99%": "150"}]  # fmt: skip
-    facts = BenchmarkFacts(settings={"machine": "test box"}, naive_tokens_per_second=50.0, memory={"rss": "1 MiB"})
+    points += [point("trained-3", 16, 36), replace(point("zipf-64", 16, 20), stable=False)]
+    facts = BenchmarkFacts(
+        settings={"machine": "test box"},
+        headline_pattern="trained-3",
+        naive_tokens_per_second=50.0,
+        patterns=[
+            PatternFacts("base", "none (base model)"),
+            PatternFacts("trained-3", "`pirate` LoRA r8", target=0.9),
+            PatternFacts("uniform-8", "8 synthetic"),
+            PatternFacts("zipf-64", "64 synthetic", target=0.9),
+        ],
+        memory=[MemoryFact("adapter memory on the device", "`max_adapter_memory_mb` 512 MiB", "0.2 MiB")],
+        stall=StallFacts(4, "20 synthetic adapters", 0.010, 0.035, 0.011, 0.016, outlasted=True),
+    )
     assert headline_ratio(points, "uniform-8", 16) == pytest.approx(1.0)  # 40 x 10 tokens vs 100 x 4 tokens
     report = build_report(points, locust, facts, tmp_path)
     text = report.read_text()
-    assert "reaches 1.00x the base model's token throughput" in text
-    assert "50 tokens/s; peftserve through Triton is 8.0x faster" in text
+    assert "trained-3 at concurrency 16 reaches 0.90x the base model's token throughput" in text
+    assert "50 tokens/s; peftserve through Triton (uniform-8) is 8.0x faster" in text
+    assert "## Ratio to base at concurrency 16" in text
+    assert "| base | none (base model) | 400 | 1.00x | - |" in text
+    assert "| trained-3 | `pirate` LoRA r8 | 360 | **0.90x** | >= 0.90x: met |" in text
+    assert "| uniform-8 | 8 synthetic | 400 | **1.00x** | - |" in text
+    assert "| zipf-64 | 64 synthetic | 200 (unstable) | **0.50x** | >= 0.90x: not met |" in text
+    assert "| zipf-64 | 16 (unstable) | 20.0 | 10.0 | 200 | 10 | 20 | 30 |" in text
+    assert "did not agree within 50%" in text
+    assert "| adapter memory on the device | `max_adapter_memory_mb` 512 MiB | 0.2 MiB |" in text
+    assert "| 10.0 ms | 35.0 ms | **3.5x** | 11.0 ms | 16.0 ms | 2.5 (target <= 1: not met) |" in text
+    assert "may be understated" not in text
     assert "| uniform-8 | 16 | 40.0 | 10.0 | 400 | 10 | 20 | 30 |" in text
     assert "| http | uniform-8 | 120 | 0 | 12.5 | 80 | 120 | 150 |" in text
     assert "| machine | test box |" in text
     for name in ("throughput.png", "latency.png", "overhead.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in text
+
+
+def test_stream_gaps_split_the_pace_before_and_during_an_arrival() -> None:
+    gaps = StreamGaps(before=[0.010, 0.012, 0.011, 0.030], during=[0.015, 0.040], outlasted=True)
+    assert gaps.median_before == pytest.approx(0.0115)
+    assert gaps.worst_during == pytest.approx(0.040)
+    assert gaps.per_token_before == pytest.approx(0.01575)
+    assert gaps.per_token_during == pytest.approx(0.0275)
+
+
+def test_synthetic_adapters_copy_the_trained_loras_shape(model_dir: Path, tmp_path: Path) -> None:
+    shape = LoraShape.of(model_dir / "adapters" / "pirate" / "1")
+    assert (shape.rank, shape.alpha) == (8, 16)
+    assert shape.target_modules == ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
+    with pytest.raises(ValueError, match="not a plain LoRA adapter"):
+        LoraShape.of(model_dir / "adapters" / "knight" / "1")  # DoRA
+    ids = write_random_loras(model_dir / "base_model", tmp_path, 2, shape=shape, prefix="s", start=5)
+    assert ids == ["s0005", "s0006"]
+    assert all(LoraShape.of(tmp_path / adapter_id / "1") == shape for adapter_id in ids)
+    weights = [(tmp_path / adapter_id / "1" / "adapter_model.safetensors").read_bytes() for adapter_id in ids]
+    assert weights[0] != weights[1]
+    described = describe_adapters(tmp_path, tuple(ids))
+    assert (
+        described
+        == "`s0005` LoRA r8 on down,gate,k,o,q,up,v (all layers); `s0006` LoRA r8 on down,gate,k,o,q,up,v (all layers)"
+    )
+    trained = describe_adapters(model_dir / "adapters", ("pirate", "robot", "knight"))
+    assert "`robot` rsLoRA r4 on down,q,v" in trained and "`knight` DoRA r8 on o,q,up,v" in trained
+
+
+def test_bench_picks_the_models_trained_adapters_and_headline(tmp_path: Path) -> None:
+    assert bench_model(tmp_path) is DEMO
+    (tmp_path / "peft_llm").mkdir()
+    (tmp_path / "peft_llm" / "smollm2_build.json").write_text("{}")
+    assert bench_model(tmp_path) is SMOLLM2
+    assert concurrency_levels("", "short", DEMO) == [1, 4, 16]
+    assert concurrency_levels("", "short", SMOLLM2) == [1, 4, 8]
+    assert concurrency_levels("8,2", "short", SMOLLM2) == [2, 8]
+
+
+def test_bench_repository_adds_synthetic_and_cold_adapters_beside_the_trained(model_dir: Path, tmp_path: Path) -> None:
+    config, synthetic, cold = build_repository(model_dir.parent, tmp_path, DEMO, 3)
+    assert synthetic == ["s0000", "s0001", "s0002"]
+    assert cold == [f"s{i:04d}" for i in range(3, 3 + COLD_ADAPTERS)]
+    adapters = Path(config.adapter_repository)
+    assert adapters == tmp_path / "adapters" and Path(config.base_model) == model_dir / "base_model"
+    assert {"pirate", "robot", "knight", *synthetic, *cold} <= {p.name for p in adapters.iterdir()}
+    assert LoraShape.of(adapters / cold[-1] / "1") == LoraShape.of(model_dir / "adapters" / "pirate" / "1")
+
+
+def test_sweep_csv_keeps_whether_a_point_was_stable(tmp_path: Path) -> None:
+    points = [point("base", 16, 100), replace(point("distinct-1000", 16, 40), stable=False)]
+    write_csv(points, tmp_path / "sweep.csv")
+    assert read_csv(tmp_path / "sweep.csv") == points
