@@ -90,6 +90,14 @@ class ServeConfig(BaseModel):
     loader_threads: int = Field(
         2, ge=1, le=64, description="threads that read, convert and smoke-check adapters beside the decoding loop"
     )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="intra-op threads of the decoding loop, which runs every forward pass; 0: torch's default "
+        "(one per core). Every other thread of the engine runs torch single-threaded: on a CPU, OpenMP teams "
+        "started from several threads slowed the loop's small operations down up to tenfold (measured)",
+    )
     adapter_limits: AdapterLimits = Field(
         default_factory=AdapterLimits,
         description="JSON object of limits applied to every adapter id and to the base model (`(base)`): "

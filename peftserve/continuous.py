@@ -31,6 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from peftserve.adapter_repository import AdapterVersion
 from peftserve.adapter_weights import AdapterWeights
 from peftserve.admission import Admission
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
     from peftserve.engine import Engine
 
 logger = logging.getLogger("peftserve.continuous")
+DEFAULT_TORCH_THREADS = torch.get_num_threads()  # torch's own choice, before any thread sets its own
 LOADER_NICENESS = 10  # of the adapter-loader threads (and the OpenMP workers they start), see yield_cpu_to_decoding
 
 TextCallback = Callable[[str], None]
@@ -237,6 +240,7 @@ class ContinuousBatcher:
             self._wakeup.notify()
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.engine.config.torch_threads or DEFAULT_TORCH_THREADS)
         while True:
             with self._wakeup:
                 while not self._waiting and not self.rows and not self._closed:
@@ -463,10 +467,21 @@ class ContinuousBatcher:
             logger.exception("sending a response failed")
 
 
+def leave_torch_threads_to_the_loop() -> None:
+    """Run torch single-threaded on the calling thread (a server's or a benchmark's main thread), so that
+    the decoding loop's OpenMP team is the only multi-threaded one (see ``torch_threads``). Call it before
+    the thread does any torch work: a team it has started already keeps slowing the loop down (measured).
+    Engines leave their caller's threads alone unless told so by this call."""
+    torch.set_num_threads(1)
+
+
 def yield_cpu_to_decoding() -> None:
-    """Loader threads run below the decoding loop's CPU priority (Linux: nice is per thread), so that on a
-    host with few cores reading, hashing and converting a cold adapter takes the time decoding leaves over
-    instead of stretching the running streams' steps. Raising one's own niceness needs no privilege."""
+    """Background threads (adapter loaders, the watcher) run torch single-threaded and below the decoding
+    loop's CPU priority (Linux: nice is per thread), so that on a host with few cores reading, hashing and
+    converting a cold adapter takes the time decoding leaves over instead of stretching the running streams'
+    steps. Single-threaded because an OpenMP team started from a second thread slows the loop's own small
+    operations down (up to tenfold, measured on 2 cores). Raising one's own niceness needs no privilege."""
+    torch.set_num_threads(1)
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or forbidden: same priority as before
         thread = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + LOADER_NICENESS))

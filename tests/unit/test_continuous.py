@@ -276,3 +276,19 @@ def test_adapter_loaders_run_below_the_decoding_loops_cpu_priority(engine: Engin
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     assert engine.batcher._loaders.submit(niceness).result(timeout=10) == niceness() + LOADER_NICENESS
+
+
+def test_the_decoding_loop_has_the_torch_threads_and_background_threads_one(model_dir: Path) -> None:
+    """Only the loop runs a multi-threaded OpenMP team: a second team slows the loop's small ops down."""
+    engine = Engine(demo_config(model_dir, torch_threads="3"))
+    seen: list[int] = []
+    done = threading.Event()
+
+    def on_done(_answer: object) -> None:  # called on the loop thread
+        seen.append(torch.get_num_threads())
+        done.set()
+
+    engine.batcher.submit(Work(CompletionRequest("the cat looks at", "", max_tokens=2), on_done=on_done))
+    assert done.wait(30) and seen == [3]
+    assert engine.batcher._loaders.submit(torch.get_num_threads).result(timeout=10) == 1
+    engine.batcher.close()
