@@ -26,8 +26,8 @@ from torch.nn import functional as F
 
 from peftserve.adapter_weights import AdapterWeights, ModuleDelta, linear_features, linear_weight
 from peftserve.slot_path import SlotPath
+from peftserve.slot_tables import rank_bucket
 
-_SMALLEST_RANK_BUCKET = 8
 # A rank bucket whose rows are all one adapter's uses that pair (expanded view). A bucket spanning every row,
 # or over some rows with more adapters than this, stacks its distinct pairs for one batched call over the
 # adapters (AdapterSegments). A bucket over some rows with at most this many adapters gets one slice per
@@ -213,9 +213,7 @@ def _low_rank_groups(deltas: list[ModuleDelta | None], like: torch.Tensor) -> li
     buckets: dict[int, list[int]] = {}
     for row, delta in enumerate(deltas):
         if delta is not None and delta.lora_a is not None:
-            rank = delta.lora_a.shape[1]
-            bucket = max(_SMALLEST_RANK_BUCKET, 1 << (rank - 1).bit_length())
-            buckets.setdefault(bucket, []).append(row)
+            buckets.setdefault(rank_bucket(delta.lora_a.shape[1]), []).append(row)
     groups: list[LowRankGroup | AdapterSegments] = []
     for rows in buckets.values():
         members = [deltas[row] for row in rows]

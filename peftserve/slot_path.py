@@ -27,7 +27,7 @@ from torch import nn
 from peftserve.adapter_weights import AdapterWeights, linear_weight
 from peftserve.errors import CacheFullError
 from peftserve.lora_kernels import LoraKernels, kernels_for
-from peftserve.slot_tables import BatchSlots, SlotTables, rank_bucket, slot_linear
+from peftserve.slot_tables import BatchSlots, SlotTables, rank_buckets_of, slot_linear
 
 
 class SlotPath:
@@ -58,7 +58,7 @@ class SlotPath:
 
     def _assign(self, adapter: AdapterWeights, keep: dict[int, AdapterWeights]) -> None:
         if self.tables.slots_of(adapter) is None:
-            for bucket in {rank_bucket(d.lora_a.shape[1]) for d in adapter.modules.values() if d.lora_a is not None}:
+            for bucket in rank_buckets_of(adapter):
                 self._make_room(bucket)
         while True:
             try:

@@ -34,6 +34,11 @@ def rank_bucket(rank: int) -> int:
     return max(SMALLEST_RANK_BUCKET, 1 << (rank - 1).bit_length())
 
 
+def rank_buckets_of(adapter: AdapterWeights) -> set[int]:
+    """The rank buckets an adapter's low-rank pairs need a slot in."""
+    return {rank_bucket(delta.lora_a.shape[1]) for delta in adapter.modules.values() if delta.lora_a is not None}
+
+
 @dataclass(frozen=True)
 class AdapterSlots:
     """Where one assigned adapter lives: its slot in each rank bucket it uses, and its scale slot."""
@@ -184,7 +189,7 @@ class SlotTables:
         unknown = sorted(set(adapter.modules) - set(self.modules))
         if unknown:
             raise UnsupportedAdapterError(f"the slot tables hold no stacks for modules {unknown}")
-        buckets = {rank_bucket(d.lora_a.shape[1]) for d in adapter.modules.values() if d.lora_a is not None}
+        buckets = rank_buckets_of(adapter)
         missing = sorted(bucket for bucket in buckets if bucket not in self.rank_capacity)
         if missing:
             have = list(self.rank_capacity)

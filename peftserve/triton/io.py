@@ -108,8 +108,14 @@ def untag_error(message: str):
     return pb_utils.TritonError(match[2], getattr(pb_utils.TritonError, match[1], pb_utils.TritonError.INTERNAL))
 
 
-def is_forwarded(request) -> bool:
+def request_parameters(request) -> dict[str, object]:
+    """The request's parameters (Triton hands them over as JSON); empty when absent or not an object."""
     try:
-        return bool(json.loads(request.parameters() or "{}").get(FORWARDED_PARAMETER))
+        parameters = json.loads(request.parameters() or "{}")
     except (ValueError, AttributeError):
-        return False
+        return {}
+    return parameters if isinstance(parameters, dict) else {}
+
+
+def is_forwarded(request) -> bool:
+    return bool(request_parameters(request).get(FORWARDED_PARAMETER))

@@ -10,29 +10,28 @@ required by the contract: send an empty string; the other inputs are ignored.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from peftserve.adapter_status import STATUS_PARAMETER, ServerStatus
 from peftserve.errors import InvalidRequestError, PeftServeError
-from peftserve.triton.io import error_response
+from peftserve.requests import Completion
+from peftserve.triton.io import error_response, request_parameters, success_response
 
 logger = logging.getLogger("peftserve.triton")
 
 
 def status_parameter(request) -> dict[str, object]:
     """The request's ``peftserve_status`` parameter, as ``peft_llm`` forwards it to the engine's model."""
-    parameters = _parameters(request)
+    parameters = request_parameters(request)
     return {STATUS_PARAMETER: parameters[STATUS_PARAMETER]} if STATUS_PARAMETER in parameters else {}
 
 
 def status_reply(request, status: Callable[[], ServerStatus], *, tag_errors: bool):
     """The response to a status request, or None when ``request`` is not one (an ordinary completion)."""
-    value = _parameters(request).get(STATUS_PARAMETER, False)
+    value = request_parameters(request).get(STATUS_PARAMETER, False)
     if value is False:
         return None
     if value is not True:
@@ -41,22 +40,10 @@ def status_reply(request, status: Callable[[], ServerStatus], *, tag_errors: boo
     text_input = pb_utils.get_input_tensor_by_name(request, "text_input")
     rows = max(1, text_input.as_numpy().size) if text_input is not None else 1
     try:
-        document = status().to_json().encode()
+        document = status().to_json()
     except Exception as exc:  # the model's execute must go on to the other requests whatever happens here
         logger.exception("building the status document failed")
         return error_response(PeftServeError(f"cannot build the status document: {exc}"), tag_code=tag_errors)
-    return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("text_output", np.full((rows, 1), document, dtype=np.object_)),
-            pb_utils.Tensor("adapter_version", np.full((rows, 1), b"", dtype=np.object_)),
-            pb_utils.Tensor("output_tokens", np.zeros((rows, 1), dtype=np.int32)),
-        ]
-    )
-
-
-def _parameters(request) -> dict[str, object]:
-    try:
-        parameters = json.loads(request.parameters() or "{}")
-    except (ValueError, AttributeError):
-        return {}
-    return parameters if isinstance(parameters, dict) else {}
+    # Every row answers with the document, no adapter and no tokens; finish_reason travels in no tensor.
+    answer = Completion(text=document, adapter_version="", output_tokens=0, finish_reason="status")
+    return success_response([answer] * rows)
