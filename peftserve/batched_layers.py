@@ -113,15 +113,16 @@ class AdapterLinear(nn.Module):
         rows = self.rows
         if rows is None:
             return self.base(x)
-        # Not (batch, sequence, features): OPT and MoE shared experts flatten (batch, sequence), DeepSeek's
-        # latent attention adds a head axis; the batch stays the leading axis. Routed experts, which see a
-        # subset of the tokens, are refused at load (adapter_types).
-        if x.dim() != 3:
-            if x.dim() < 2 or x.shape[0] % rows.batch:
-                raise RuntimeError(f"input of shape {tuple(x.shape)} cannot be split into {rows.batch} batch rows")
-            out = self._forward_rows(x.reshape(rows.batch, -1, x.shape[-1]), rows)
-            return out.reshape(*x.shape[:-1], out.shape[-1])
-        return self._forward_rows(x, rows)
+        if x.dim() == 3 and x.shape[0] == rows.batch:
+            return self._forward_rows(x, rows)
+        # Not (batch, sequence, features): a packed pass is one sequence (1, tokens, features) whose "rows" are
+        # its tokens; OPT and MoE shared experts flatten (batch, sequence), DeepSeek's latent attention adds a
+        # head axis. The batch stays the leading axis. Routed experts, which see a subset of the tokens, are
+        # refused at load (adapter_types).
+        if x.dim() < 2 or (x.numel() // x.shape[-1]) % rows.batch:
+            raise RuntimeError(f"input of shape {tuple(x.shape)} cannot be split into {rows.batch} batch rows")
+        out = self._forward_rows(x.reshape(rows.batch, -1, x.shape[-1]), rows)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _forward_rows(self, x: torch.Tensor, rows: RowDeltas) -> torch.Tensor:
         if rows.through_slots is not None:  # CUDA: slot tables and per-token kernels (peftserve.slot_path)

@@ -147,6 +147,11 @@ class ServeConfig(BaseModel):
         description="while streams decode, a prefill chunk takes about this many decoding steps' time (measured); "
         "0: always prefill_chunk_tokens",
     )
+    packed_steps: bool = Field(
+        True,
+        description="prompt chunks share the decoding step's forward pass (one packed sequence, no padding) where a "
+        "check at start shows the model gives the same logits that way; false: prefill passes of their own",
+    )
     response_cache_mb: float = Field(
         0.0,
         ge=0,

@@ -12,6 +12,9 @@ One loop thread owns the model. Each iteration it
 4. runs one decoding step for every running row, whatever its adapter, streams new text and retires rows
    that finished, hit a stop string or were cancelled.
 
+Steps 3 and 4 are one packed forward pass (every row's new tokens in one sequence) where the model allows
+it (``ModelRunner.check_packing``), two passes otherwise.
+
 Nothing slow runs here: adapter files are read, converted and smoke-checked on loader threads (their own
 probe prompts come through :meth:`ContinuousBatcher.run_rows` and share steps with traffic). A forward pass
 that fails is retried row by row, so only the culprit request fails.
@@ -251,10 +254,13 @@ class ContinuousBatcher:
             try:
                 self._drop_cancelled()
                 self._admit(joining)
-                if self._prefilling:
-                    self._prefill_step()
-                if self._running:
-                    self._decode_step()
+                if self._prefilling and self.runner.packs:
+                    self._packed_step()
+                else:
+                    if self._prefilling:
+                        self._prefill_step()
+                    if self._running:
+                        self._decode_step()
                 self.engine.report_cache()
             except Exception:  # a bug here must not leave requests unanswered
                 logger.exception("batching loop failed; failing the %d requests inside the model", self.rows)
@@ -321,7 +327,8 @@ class ContinuousBatcher:
             work.row.should_stop = work.text.reached_stop
         return work.row
 
-    def _prefill_step(self) -> None:
+    def _prefill_chunks(self) -> list[tuple[SequenceState, int]]:
+        """The next prompt chunks, over the prefilling requests in order, within the prefill budget."""
         budget = self.prefill_budget.tokens(streams_running=bool(self._running))
         budget = budget or sum(state.prefill_left for state in self._prefilling)
         chunks = []
@@ -332,11 +339,35 @@ class ContinuousBatcher:
             chunks.append((state, take))
             budget -= take
         chunks.sort(key=lambda chunk: id(chunk[0].row.adapter))  # one adapter's rows stay one slice
+        return chunks
+
+    def _prefill_step(self) -> None:
+        """A prefill pass of its own (models that take no packed pass)."""
+        chunks = self._prefill_chunks()
         started = time.perf_counter()
         completed = self._isolating_failures(
             chunks, lambda part: self.runner.prefill(part, self._deltas([s for s, _ in part]))
         )
         self.prefill_budget.prefilled(sum(n for _, n in chunks), time.perf_counter() - started)
+        self._after_prefill(completed)
+
+    def _packed_step(self) -> None:
+        """One packed pass: every running row's next token and the next prompt chunks, each row at its own
+        size, so a joining prompt costs its own tokens, not a forward pass of its own."""
+        decoding = list(self._running)
+        chunks = self._prefill_chunks()
+        items = [(state, 1) for state in decoding] + chunks
+        items.sort(key=lambda item: id(item[0].row.adapter))  # one adapter's tokens stay one slice
+        started = time.perf_counter()
+        done = self._isolating_failures(items, lambda part: self.runner.packed(part, self._token_deltas(part)))
+        self.prefill_budget.packed(
+            sum(n for _, n in chunks), time.perf_counter() - started, streams_running=bool(decoding)
+        )
+        finished_prefill = set(done) - set(decoding)
+        self._after_prefill([state for state in done if state in finished_prefill])
+        self._after_decode(decoding)
+
+    def _after_prefill(self, completed: list[SequenceState]) -> None:
         for state in completed:
             self._prefilling.remove(state)
             if self.runner.advance(state):
@@ -351,6 +382,9 @@ class ContinuousBatcher:
         started = time.perf_counter()
         self._isolating_failures([(s, 1) for s in states], lambda part: self._decode([s for s, _ in part]))
         self.prefill_budget.decoded(time.perf_counter() - started)
+        self._after_decode(states)
+
+    def _after_decode(self, states: list[SequenceState]) -> None:
         for state in states:
             if state not in self._running:
                 continue  # failed alone
@@ -370,6 +404,11 @@ class ContinuousBatcher:
     def _deltas(self, states: list[SequenceState]) -> BatchDeltas:
         with self.engine.lock:
             return BatchDeltas(self.engine.layers, [state.row.adapter for state in states])
+
+    def _token_deltas(self, items: list[tuple[SequenceState, int]]) -> BatchDeltas:
+        """Deltas for a packed pass, whose rows are its tokens."""
+        with self.engine.lock:
+            return BatchDeltas(self.engine.layers, [state.row.adapter for state, n in items for _ in range(n)])
 
     def _isolating_failures(self, chunks: list[tuple[SequenceState, int]], run) -> list[SequenceState]:
         """Run ``chunks`` together; if that fails, one by one, so that only the culprit fails."""

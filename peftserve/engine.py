@@ -92,6 +92,8 @@ class Engine:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos)
         self.kv_cache = _paged_cache(config, self.model, self.base_shape.dtype, self.device)
         self.runner = ModelRunner(self.model, self.layers, self.kv_cache, eos_token_ids=eos, pad_token_id=pad)
+        if config.packed_steps:
+            self.runner.check_packing()
         self.batcher = ContinuousBatcher(self, self.kv_cache)
         self.blocked = BlockedContent(config.blocked_patterns)
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get

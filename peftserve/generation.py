@@ -3,14 +3,18 @@
 A :class:`SequenceState` is a request inside the model: its prompt (with an adapter's virtual tokens in
 front), how much of it is prefilled, the tokens generated so far and the KV blocks it holds. The
 :class:`ModelRunner` runs one forward pass for some of them: prompt chunks (inputs as embeddings, so
-virtual tokens enter like any other position) or one decoding step (the last token of each). Positions
-are explicit per row and equal the token's index in its KV sequence; a prefix-tuning adapter's key/values
-fill the first slots of its sequence, so its prompt starts at position ``prefix_length``, as in PEFT.
+virtual tokens enter like any other position), one decoding step (the last token of each), or, where the
+model allows it, both in one *packed* pass: every row's new tokens in one sequence, no padding, so a prompt
+chunk joins a decoding step for about the cost of its own tokens instead of a forward pass of its own.
+Positions are explicit per row and equal the token's index in its KV sequence; a prefix-tuning adapter's
+key/values fill the first slots of its sequence, so its prompt starts at position ``prefix_length``, as in
+PEFT.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +25,9 @@ from transformers import PreTrainedModel
 from peftserve.adapter_weights import AdapterWeights
 from peftserve.batched_layers import AdapterLayers, BatchDeltas
 from peftserve.kv_cache import PagedKVCache
+from peftserve.packed_masks import MaskBuilder, packed_mask_builder
+
+logger = logging.getLogger("peftserve.generation")
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,13 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.embed = model.get_input_embeddings()
         self.cache_argument = cache_argument(model)
+        # Set by check_packing: how to mask a packed pass, once one was seen to equal separate passes.
+        self.packed_masks: MaskBuilder | None = None
+
+    @property
+    def packs(self) -> bool:
+        """Whether prompt chunks and decoding rows share packed forward passes."""
+        return self.packed_masks is not None
 
     def start(self, state: SequenceState) -> None:
         """Take the KV blocks of a new sequence (the caller checked they are free) and write its prefix."""
@@ -140,25 +154,70 @@ class ModelRunner:
             positions[b, query_length - n :] = torch.arange(start, start + n)
         plan = [(state.sequence_id, n) for state, n in chunks]
         want_all = any(state.row.keep_prompt_logits for state in states)
+        mask = self.cache.plan(plan, query_length)
         logits = self._forward(
-            plan, query_length, deltas, inputs_embeds=inputs, positions=positions, all_logits=want_all
+            plan, deltas, mask, inputs_embeds=inputs, positions=positions, logits_to_keep=0 if want_all else 1
         )
         completed, last_logits = [], []
         for b, (state, n) in enumerate(chunks):
-            if state.row.keep_prompt_logits:
-                state.prompt_logit_chunks.append(logits[b, query_length - n :].float())
-            state.prefilled += n
-            if state.prefill_left == 0:
+            if self._prefilled(state, n, logits[b, query_length - n :] if state.row.keep_prompt_logits else None):
                 completed.append(state)
                 last_logits.append(logits[b, -1])
-        for state in completed:
-            if state.row.keep_prompt_logits:
-                every = torch.cat(state.prompt_logit_chunks)
-                state.result.prompt_logits = every[state.row.virtual_tokens :]
-                state.prompt_logit_chunks.clear()
         if completed:
             self._choose(completed, torch.stack(last_logits).float())
         return completed
+
+    @torch.inference_mode()
+    def packed(self, items: Sequence[tuple[SequenceState, int]], deltas: BatchDeltas) -> list[SequenceState]:
+        """One packed pass (needs :attr:`packs`): ``(state, n)`` adds a prompt chunk of ``n`` positions for a
+        row still prefilling, its last token (``n`` = 1) for a decoding row. ``deltas`` are per token, in this
+        order. Returns the rows that got a next token: every decoding row, and those whose prompt is now in."""
+        embeddings, positions, keep, kept = [], [], [], []
+        offset = 0
+        for state, n in items:
+            if state.prefill_left:
+                embeddings.append(self._input_embeddings(state, n))
+            else:
+                embeddings.append(self.embed(torch.tensor(state.result.token_ids[-1:], device=self.device)))
+            start = self.cache.length(state.sequence_id)
+            positions.append(torch.arange(start, start + n))
+            kept.append(n if state.prefill_left and state.row.keep_prompt_logits else 1)
+            keep.extend(range(offset + n - kept[-1], offset + n))
+            offset += n
+        plan = [(state.sequence_id, n) for state, n in items]
+        mask = self.packed_masks(self.cache.plan_packed(plan))
+        logits = self._forward(
+            plan,
+            deltas,
+            mask,
+            inputs_embeds=torch.cat(embeddings)[None],
+            positions=torch.cat(positions)[None],
+            logits_to_keep=torch.tensor(keep, device=self.device),
+        )[0]
+        chosen, last_logits, at = [], [], 0
+        for (state, n), count in zip(items, kept, strict=True):
+            own = logits[at : at + count]
+            if not state.prefill_left or self._prefilled(state, n, own if state.row.keep_prompt_logits else None):
+                chosen.append(state)
+                last_logits.append(own[-1])
+            at += count
+        if chosen:
+            self._choose(chosen, torch.stack(last_logits).float())
+        return chosen
+
+    def _prefilled(self, state: SequenceState, n: int, chunk_logits: torch.Tensor | None) -> bool:
+        """Record that ``n`` more input positions of ``state`` are in the cache (with their logits, for rows
+        that keep them); True once the whole prompt is."""
+        if chunk_logits is not None:
+            state.prompt_logit_chunks.append(chunk_logits.float())
+        state.prefilled += n
+        if state.prefill_left:
+            return False
+        if state.row.keep_prompt_logits:
+            every = torch.cat(state.prompt_logit_chunks)
+            state.result.prompt_logits = every[state.row.virtual_tokens :]
+            state.prompt_logit_chunks.clear()
+        return True
 
     @torch.inference_mode()
     def decode(self, states: Sequence[SequenceState], deltas: BatchDeltas) -> None:
@@ -166,20 +225,21 @@ class ModelRunner:
         ids = torch.tensor([[state.result.token_ids[-1]] for state in states], device=self.device)
         positions = torch.tensor([[self.cache.length(state.sequence_id)] for state in states])
         plan = [(state.sequence_id, 1) for state in states]
-        logits = self._forward(plan, 1, deltas, input_ids=ids, positions=positions, all_logits=False)
+        mask = self.cache.plan(plan, 1)
+        logits = self._forward(plan, deltas, mask, input_ids=ids, positions=positions, logits_to_keep=1)
         self._choose(states, logits[:, -1].float())
 
     def _forward(
         self,
         plan: list[tuple[int, int]],
-        query_length: int,
         deltas: BatchDeltas,
+        mask: torch.Tensor | dict[str, torch.Tensor],
         *,
         positions: torch.Tensor,
-        all_logits: bool,
+        logits_to_keep: int | torch.Tensor,
         **inputs: torch.Tensor,
     ) -> torch.Tensor:
-        mask = self.cache.plan(plan, query_length)
+        """The model over the cache as planned (rewound if the pass fails, so its rows can run again)."""
         try:
             deltas.install()
             return self.model(
@@ -187,12 +247,74 @@ class ModelRunner:
                 attention_mask=mask,
                 position_ids=positions.to(self.device),
                 use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
+                logits_to_keep=logits_to_keep,
                 **{self.cache_argument: self.cache},
             ).logits
         except BaseException:
             self.cache.rewind(plan)
             raise
+
+    @torch.inference_mode()
+    def check_packing(self, *, prompt_tokens: int = 12) -> bool:
+        """Turn packed passes on if, on this model, one gives the logits of separate passes; call it before
+        anything else uses the cache. Masks are built from the config (:mod:`peftserve.packed_masks`), and a
+        model may read its inputs in ways no config states (ALiBi from a 2-D mask, a cache position of its
+        own), so the rule is checked, not trusted: sequence A prefills ``prompt_tokens`` (more than a sliding
+        window, if the model has one), then A's next token and B's whole prompt run as separate passes and
+        as one packed pass, through the base model."""
+        deltas = BatchDeltas(self.layers, [])
+        builder = packed_mask_builder(self.model.config, next(self.model.parameters()).dtype)
+        if builder is None:
+            logger.info("prefill and decoding run in separate passes: the model's attention takes no packed mask")
+            return False
+        window = getattr(self.model.config, "sliding_window", None) or 0
+        length = max(prompt_tokens, min(window + 4, 256))
+        generator = torch.Generator().manual_seed(0)
+        vocab = self.embed.num_embeddings
+        ids_a = torch.randint(vocab, (1, length + 1), generator=generator).to(self.device)
+        ids_b = torch.randint(vocab, (1, 5), generator=generator).to(self.device)
+        a, b = -1, -2  # never a request's id
+        self.cache.reserve(a, length + 1)
+        self.cache.reserve(b, 5)
+        try:
+            a_prompt, b_prompt, a_next = [(a, length)], [(b, 5)], [(a, 1)]
+            self._forward(a_prompt, deltas, self.cache.plan(a_prompt, length), input_ids=ids_a[:, :length],
+                          positions=torch.arange(length)[None], logits_to_keep=1)  # fmt: skip
+            separate = [
+                self._forward(a_next, deltas, self.cache.plan(a_next, 1), input_ids=ids_a[:, length:],
+                              positions=torch.tensor([[length]]), logits_to_keep=1)[0, -1],
+                self._forward(b_prompt, deltas, self.cache.plan(b_prompt, 5), input_ids=ids_b,
+                              positions=torch.arange(5)[None], logits_to_keep=1)[0, -1],
+            ]  # fmt: skip
+            self.cache.rewind([*a_next, *b_prompt])
+            both = [*a_next, *b_prompt]
+            packed = self._forward(
+                both,
+                deltas,
+                builder(self.cache.plan_packed(both)),
+                input_ids=torch.cat([ids_a[:, length:], ids_b], dim=1),
+                positions=torch.cat([torch.tensor([length]), torch.arange(5)])[None],
+                logits_to_keep=torch.tensor([0, 5], device=self.device),
+            )[0]
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # a model refusing the packed form
+            logger.info("prefill and decoding run in separate passes: a packed pass failed (%s)", exc)
+            return False
+        finally:
+            self.cache.release(a)
+            self.cache.release(b)
+        expected = torch.stack(separate).float()
+        error = (packed.float() - expected).abs().max() / expected.abs().max().clamp(min=1e-6)
+        tolerance = 1e-3 if expected.dtype == torch.float32 and packed.dtype == torch.float32 else 3e-2
+        if not error <= tolerance:
+            logger.warning(
+                "prefill and decoding run in separate passes: a packed pass differed from separate ones by %.2g "
+                "(relative; tolerance %.0g)",
+                float(error),
+                tolerance,
+            )
+            return False
+        self.packed_masks = builder
+        return True
 
     def _input_embeddings(self, state: SequenceState, count: int) -> torch.Tensor:
         """Embeddings of input positions ``prefilled .. prefilled + count`` (virtual tokens first)."""

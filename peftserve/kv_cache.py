@@ -78,6 +78,32 @@ def probe_layer_shapes(model: torch.nn.Module, cache_argument: str) -> dict[int,
     return probe.shapes
 
 
+@dataclass(frozen=True)
+class PackedLayout:
+    """Who owns each query token and each key of a packed pass (an index into its rows), and at which
+    position of its sequence; the masks of every attention kind are built from these."""
+
+    query_owner: torch.Tensor  # (T,)
+    query_position: torch.Tensor  # (T,)
+    key_owner: torch.Tensor  # (K,)
+    key_position: torch.Tensor  # (K,)
+
+    def allowed(self, sliding_window: int | None = None) -> torch.Tensor:
+        """``(1, 1, T, K)`` bool: a token sees the keys of its own sequence up to its own position (and, with a
+        sliding window, only the last ``sliding_window`` of them, itself included, as transformers counts)."""
+        before = self.query_position[:, None] - self.key_position[None, :]
+        allowed = (self.query_owner[:, None] == self.key_owner[None, :]) & (before >= 0)
+        if sliding_window is not None:
+            allowed &= before < sliding_window
+        return allowed[None, None]
+
+
+def _positions_within(owner: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """For entries laid out in runs of ``counts`` (``owner`` = their run), each entry's index in its run."""
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(owner.shape[0], device=owner.device) - starts[owner]
+
+
 @dataclass
 class _Sequence:
     blocks: list[int]
@@ -89,7 +115,7 @@ class _Sequence:
 class _Plan:
     """Where the rows of one forward pass write and read (built once, used by every layer)."""
 
-    valid: torch.Tensor  # (new_tokens,) flat indices into the (rows * query_length) new keys
+    valid: torch.Tensor | None  # (new_tokens,) flat indices into the (rows * query_length) new keys; None: all
     write: torch.Tensor  # (new_tokens,) slots they go to
     read: torch.Tensor  # (rows, kv_length) slots read back, right-aligned; padding reads the zero slot
     query_length: int
@@ -210,6 +236,34 @@ class PagedKVCache:
         )
         return present.long()
 
+    def plan_packed(self, rows: list[tuple[int, int]]) -> PackedLayout:
+        """Prepare a packed forward pass: one sequence of every row's new tokens in order (row ``b`` =
+        ``(sequence_id, n)`` adds ``n``), attending to one row of keys, every row's keys so far in order.
+        Returns who owns each query and key and at which position, for the caller to build the masks (causal,
+        sliding) it needs. No padding: a decoding row and a prompt chunk share the pass at their own sizes."""
+        sequences = [self._sequences[sequence_id] for sequence_id, _ in rows]
+        writes, reads = [], []
+        for sequence, (sequence_id, new) in zip(sequences, rows, strict=True):
+            if sequence.length + new > len(sequence.slots):
+                raise MemoryError(f"sequence {sequence_id} outgrew the KV blocks reserved for it")
+            writes.append(sequence.slots[sequence.length : sequence.length + new])
+            sequence.length += new
+            reads.append(sequence.slots[: sequence.length])
+        new = torch.tensor([n for _, n in rows], device=self.device)
+        after = torch.tensor([sequence.length for sequence in sequences], device=self.device)
+        owners = torch.arange(len(rows), device=self.device)
+        read = torch.cat(reads)[None]
+        self._plan = _Plan(
+            valid=None, write=torch.cat(writes), read=read, query_length=int(new.sum()), kv_length=read.shape[1]
+        )
+        query_owner, key_owner = owners.repeat_interleave(new), owners.repeat_interleave(after)
+        return PackedLayout(
+            query_owner=query_owner,
+            query_position=_positions_within(query_owner, new) + (after - new)[query_owner],
+            key_owner=key_owner,
+            key_position=_positions_within(key_owner, after),
+        )
+
     def rewind(self, rows: list[tuple[int, int]]) -> None:
         """Undo :meth:`plan` for a forward pass that failed, so the rows can be run again."""
         for sequence_id, new in rows:
@@ -232,7 +286,9 @@ class PagedKVCache:
                     f"layer {layer_idx} produced states of shape {tuple(states.shape)}; the KV cache holds "
                     f"{tuple(cached.shape[1:])} per token"
                 )
-            new = states.transpose(1, 2).reshape(rows * query_length, *cached.shape[1:]).index_select(0, plan.valid)
+            new = states.transpose(1, 2).reshape(rows * query_length, *cached.shape[1:])
+            if plan.valid is not None:
+                new = new.index_select(0, plan.valid)
             cached.index_copy_(0, plan.write, new.to(cached.dtype))
             self.bytes_written += new.numel() * cached.element_size()
             read.append(cached[plan.read].to(states.dtype).transpose(1, 2))

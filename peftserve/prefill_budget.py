@@ -1,6 +1,7 @@
 """How many prompt tokens the next prefill chunk may take, so running streams keep their pace.
 
-A prefill chunk runs between two decoding steps, so every running stream waits for it. A fixed token count
+A prefill chunk runs between two decoding steps, or inside one (a packed pass), so every running stream
+waits for it. A fixed token count
 cannot suit every device: on a CPU a 256-token chunk of a small model costs ten decoding steps, on a GPU
 about one. The budget is therefore set in time: while streams are decoding, a chunk may take about
 ``share`` times as long as a decoding step, converted to tokens with the prefill cost per token measured
@@ -39,6 +40,13 @@ class PrefillBudget:
     def prefilled(self, tokens: int, seconds: float) -> None:
         if tokens:
             self.seconds_per_token = _average(self.seconds_per_token, seconds / tokens)
+
+    def packed(self, tokens: int, seconds: float, *, streams_running: bool) -> None:
+        """A packed pass of ``tokens`` prompt tokens, beside a decoding step when streams run: the chunk cost
+        what the pass took beyond a decoding step (at least a tenth of the pass, against noise)."""
+        if streams_running and self.decode_seconds is not None:
+            seconds = max(seconds - self.decode_seconds, 0.1 * seconds)
+        self.prefilled(tokens, seconds)
 
 
 def _average(previous: float | None, value: float) -> float:

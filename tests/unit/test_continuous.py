@@ -62,7 +62,20 @@ def assert_same_run(together, alone) -> None:
     torch.testing.assert_close(torch.stack(together.step_logits), torch.stack(alone.step_logits), atol=1e-4, rtol=1e-4)
 
 
-def test_rows_joining_a_running_batch_get_their_solo_logits(engine: Engine) -> None:
+def test_rows_joining_a_running_batch_get_their_solo_logits(engine: Engine, monkeypatch) -> None:
+    passes = {"packed": 0, "prefill": 0}
+
+    def counted(name):
+        real = getattr(engine.runner, name)
+
+        def run(items, deltas):
+            passes[name] += 1
+            return real(items, deltas)
+
+        return run
+
+    for name in passes:
+        monkeypatch.setattr(engine.runner, name, counted(name))
     three, seven = threading.Event(), threading.Event()
     first = row_for(engine, "pirate", "the cat looks at", 24)
     first.should_stop = after_tokens(3, three)
@@ -77,6 +90,8 @@ def test_rows_joining_a_running_batch_get_their_solo_logits(engine: Engine) -> N
     rows = [first, *joiners, late]
     for row, future in zip(rows, futures, strict=True):
         assert_same_run(future.result(30), engine.batcher.run_rows([row])[0])
+    # Prompts entered inside decoding steps (packed passes), never in passes of their own.
+    assert passes["packed"] >= 3 and passes["prefill"] == 0
 
 
 def test_chunked_prefill_gives_the_logits_of_a_whole_prefill(model_dir: Path, engine: Engine) -> None:
@@ -215,17 +230,22 @@ def test_requests_wait_for_a_cache_slot_instead_of_failing(model_dir: Path) -> N
         batcher.close()
 
 
-def test_a_request_whose_prefill_fails_fails_alone(model_dir: Path, monkeypatch) -> None:
-    engine = Engine(demo_config(model_dir))
-    real_prefill = engine.runner.prefill
+@pytest.mark.parametrize("packed", ["true", "false"])
+def test_a_request_whose_prefill_fails_fails_alone(model_dir: Path, monkeypatch, packed: str) -> None:
+    engine = Engine(demo_config(model_dir, packed_steps=packed))
+    assert engine.runner.packs == (packed == "true")
     poison = engine.tokenizer("zebra zebra").input_ids
 
-    def prefill(chunks, deltas):
-        if any(state.row.prompt_ids == poison for state, _ in chunks):
-            raise RuntimeError("simulated kernel failure")
-        return real_prefill(chunks, deltas)
+    def failing_with_poison(real):
+        def run(chunks, deltas):
+            if any(state.row.prompt_ids == poison and state.prefill_left for state, _ in chunks):
+                raise RuntimeError("simulated kernel failure")
+            return real(chunks, deltas)
 
-    monkeypatch.setattr(engine.runner, "prefill", prefill)
+        return run
+
+    for name in ("prefill", "packed"):  # a prefill pass of its own, or prefill inside a decoding step
+        monkeypatch.setattr(engine.runner, name, failing_with_poison(getattr(engine.runner, name)))
     batcher = engine.batcher
     try:
         running = Collected()

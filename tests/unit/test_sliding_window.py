@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig
+from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from peftserve.config import ServeConfig
 from peftserve.engine import Engine
@@ -23,9 +23,17 @@ WINDOW = 6
 PROMPTS = ["the cat looks at the river and a dog", "my friend writes about the quiet town by the tall tree", "a dog"]
 
 
+def _save_tiny(config, directory: Path, demo: Path) -> Path:
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo / name, directory / name)
+    (directory / "adapters").mkdir()
+    return directory
+
+
 @pytest.fixture(scope="module")
 def mistral_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("mistral")
     demo = model_dir / "base_model"
     vocab = AutoModelForCausalLM.from_pretrained(demo).config.vocab_size
     config = MistralConfig(
@@ -38,12 +46,27 @@ def mistral_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         sliding_window=WINDOW,
         max_position_embeddings=256,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(demo / name, directory / name)
-    (directory / "adapters").mkdir()
-    return directory
+    return _save_tiny(config, tmp_path_factory.mktemp("mistral"), demo)
+
+
+@pytest.fixture(scope="module")
+def hybrid_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Sliding and full attention layers in one model: the packed pass needs a mask per layer kind."""
+    demo = model_dir / "base_model"
+    vocab = AutoModelForCausalLM.from_pretrained(demo).config.vocab_size
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=WINDOW,
+        use_sliding_window=True,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+    )
+    return _save_tiny(config, tmp_path_factory.mktemp("hybrid"), demo)
 
 
 def reference_logits(model, row: GenerationRow, tokens: list[int]) -> torch.Tensor:
@@ -55,15 +78,27 @@ def reference_logits(model, row: GenerationRow, tokens: list[int]) -> torch.Tens
     return logits[start : start + len(tokens)]
 
 
-@pytest.mark.parametrize("chunk", ["0", "4"])
-def test_sliding_window_rows_match_the_full_forward_after_joins(mistral_dir: Path, chunk: str) -> None:
+@pytest.mark.parametrize("model", ["mistral", "hybrid"])
+@pytest.mark.parametrize(("chunk", "packed"), [("0", "true"), ("4", "true"), ("4", "false")])
+def test_sliding_window_rows_match_the_full_forward_after_joins(
+    request: pytest.FixtureRequest, model: str, chunk: str, packed: str
+) -> None:
+    model_path = request.getfixturevalue(f"{model}_dir")
     engine = Engine(
         ServeConfig(
-            base_model=str(mistral_dir), adapter_repository=str(mistral_dir / "adapters"), prefill_chunk_tokens=chunk
+            base_model=str(model_path),
+            adapter_repository=str(model_path / "adapters"),
+            prefill_chunk_tokens=chunk,
+            packed_steps=packed,
         )
     )
-    reference = AutoModelForCausalLM.from_pretrained(mistral_dir, attn_implementation="eager").eval()
-    unwindowed = AutoModelForCausalLM.from_pretrained(mistral_dir, sliding_window=None).eval()
+    assert engine.runner.packs == (packed == "true")
+    reference = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="eager").eval()
+    unwindowed_config = AutoConfig.from_pretrained(model_path)
+    unwindowed_config.sliding_window = None
+    if getattr(unwindowed_config, "layer_types", None):
+        unwindowed_config.layer_types = ["full_attention"] * len(unwindowed_config.layer_types)
+    unwindowed = AutoModelForCausalLM.from_pretrained(model_path, config=unwindowed_config).eval()
     assert reference.config.sliding_window == WINDOW
     rows = [GenerationRow(engine.tokenizer(p).input_ids, None, 14, ignore_eos=True, keep_logits=True) for p in PROMPTS]
     assert all(len(row.prompt_ids) + 14 > 2 * WINDOW for row in rows)
