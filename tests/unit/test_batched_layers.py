@@ -68,6 +68,13 @@ CASES = {
     "many adapters interleaved with base rows (stacked, indexed)": [None, *many[:3], None, *many[3:]],
     "many adapters in unequal runs beside base rows (padded)": [None, many[0], many[0], *many[1:], None],
     "two rank buckets": [lora(4, 10), lora(16, 11), lora(4, 10), lora(32, 12)],
+    "ranks 8, 4 and 5 in one bucket over every row (stacked, zero-padded)": [
+        lora(8, 30),
+        lora(4, 31),
+        lora(8, 32),
+        lora(5, 33),
+    ],
+    "ranks 8 and 4 in one bucket, rows apart (padded, indexed)": [*many[:5], lora(4, 34), many[0]],
     "low rank beside scales": [many[0], ia3(20), None, lora(8, 21, out_scale=torch.full((OUT,), 0.5))],
 }
 
