@@ -202,6 +202,8 @@ def _gather(
     deltas = [adapter.modules.get(name) if adapter else None for adapter in row_adapters]
     batch = len(deltas)
     result = RowDeltas(batch, low_rank=plans.groups(deltas, weight))
+    if not plans.scales:
+        return result
     result.in_scale = _row_vectors(deltas, "in_scale", batch, layer.in_features, weight)
     result.out_scale = _row_vectors(deltas, "out_scale", batch, layer.out_features, weight)
     if layer.base.bias is not None and any(d is not None and d.scales_bias for d in deltas):
@@ -224,6 +226,7 @@ class _LayoutPlans:
     def __init__(self, row_adapters: Sequence[AdapterWeights | None]) -> None:
         numbers: dict[int, int] = {}
         self.adapter_of_row = [-1 if a is None else numbers.setdefault(id(a), len(numbers)) for a in row_adapters]
+        self.scales = any(adapter.scales for adapter in row_adapters if adapter is not None)
         self._plans: dict[tuple[int, ...], list[_GroupPlan]] = {}
 
     def groups(self, deltas: list[ModuleDelta | None], like: torch.Tensor) -> list[LowRankGroup | AdapterSegments]:
