@@ -140,6 +140,12 @@ class AdapterWeights:
     def prefix_length(self) -> int:
         return 0 if self.prefix_kv is None else self.prefix_kv.shape[3]
 
+    @cached_property
+    def scales(self) -> bool:
+        """Whether any module scales its input or output (IA3, DoRA): batches without such an adapter skip
+        looking for scaling vectors module by module."""
+        return any(d.in_scale is not None or d.out_scale is not None for d in self.modules.values())
+
     @property
     def virtual_length(self) -> int:
         return 0 if self.virtual_embeddings is None else self.virtual_embeddings.shape[0]

@@ -15,6 +15,7 @@ adapter's weights once however many rows use it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -189,19 +190,24 @@ class BatchDeltas:
             forward = layers.slot_path.batch(row_adapters).forward
             self.per_module = {name: RowDeltas(self.batch, through_slots=partial(forward, name)) for name in touched}
             return
+        plans = _LayoutPlans(row_adapters)
         for name in touched:
-            self.per_module[name] = _gather(name, row_adapters, self.layers.wrapped[name])
+            self.per_module[name] = _gather(name, row_adapters, self.layers.wrapped[name], plans)
 
     def install(self) -> None:
         for name, layer in self.layers.wrapped.items():
             layer.rows = self.per_module.get(name)
 
 
-def _gather(name: str, row_adapters: Sequence[AdapterWeights | None], layer: AdapterLinear) -> RowDeltas:
+def _gather(
+    name: str, row_adapters: Sequence[AdapterWeights | None], layer: AdapterLinear, plans: _LayoutPlans
+) -> RowDeltas:
     weight = layer.base.weight
     deltas = [adapter.modules.get(name) if adapter else None for adapter in row_adapters]
     batch = len(deltas)
-    result = RowDeltas(batch, low_rank=_low_rank_groups(deltas, weight))
+    result = RowDeltas(batch, low_rank=plans.groups(deltas, weight))
+    if not plans.scales:
+        return result
     result.in_scale = _row_vectors(deltas, "in_scale", batch, layer.in_features, weight)
     result.out_scale = _row_vectors(deltas, "out_scale", batch, layer.out_features, weight)
     if layer.base.bias is not None and any(d is not None and d.scales_bias for d in deltas):
@@ -212,92 +218,137 @@ def _gather(name: str, row_adapters: Sequence[AdapterWeights | None], layer: Ada
     return result
 
 
-def _low_rank_groups(deltas: list[ModuleDelta | None], like: torch.Tensor) -> list[LowRankGroup | AdapterSegments]:
-    buckets: dict[int, list[int]] = {}
-    for row, delta in enumerate(deltas):
-        if delta is not None and delta.lora_a is not None:
-            buckets.setdefault(rank_bucket(delta.lora_a.shape[1]), []).append(row)
-    groups: list[LowRankGroup | AdapterSegments] = []
-    for rows in buckets.values():
-        sliced, rows = _peel_crowded(rows, deltas)
-        members = [deltas[row] for row in rows]
-        runs = _contiguous_runs(rows, members)
-        if len(runs) == 1 or (len(rows) < len(deltas) and len(runs) <= _MAX_SLICED_ADAPTERS):
-            sliced += runs
-        elif rows:
-            groups.append(_segments(rows, members, len(deltas), like))
-        for start, stop, member in sliced:
-            group_rows = None if stop - start == len(deltas) else slice(start, stop)
-            a, b = member.lora_a.expand(stop - start, -1, -1), member.lora_b.expand(stop - start, -1, -1)
-            groups.append(LowRankGroup(group_rows, a, b))
-    return groups
+class _LayoutPlans:
+    """The low-rank layout of one batch's rows, worked out once per pattern of ranks and shared by every module
+    with that pattern (with many distinct adapters the running set changes nearly every step, and this is
+    rebuilt for every module each time: per-module Python over the rows was most of that cost).
 
-
-def _peel_crowded(rows: list[int], deltas: list[ModuleDelta | None]) -> tuple[list[tuple], list[int]]:
-    """Take the adapters with many more rows than the others out of a stacked group, as slices of their own.
-
-    The stacked layout pads every adapter to the rows of the busiest one: in a packed pass a prompt chunk
-    gives its adapter dozens of rows (its tokens) beside one per decoding row, which would pad every other
-    adapter to dozens too (measured: a 22-token chunk beside 16 decoding rows over 8 LoRA made the pass
-    twice a decoding step). Returns the peeled adapters' runs and the rows left for the stack.
+    Within one batch a module's delta is the same object for rows of the same adapter and a different one
+    across adapters, so the layout follows from the rows' adapters and each row's rank in the module.
     """
-    peeled: list[tuple] = []
-    while True:
-        counts: dict[int, int] = {}
+
+    def __init__(self, row_adapters: Sequence[AdapterWeights | None]) -> None:
+        numbers: dict[int, int] = {}
+        self.adapter_of_row = [-1 if a is None else numbers.setdefault(id(a), len(numbers)) for a in row_adapters]
+        self.scales = any(adapter.scales for adapter in row_adapters if adapter is not None)
+        self._plans: dict[tuple[int, ...], list[_GroupPlan]] = {}
+
+    def groups(self, deltas: list[ModuleDelta | None], like: torch.Tensor) -> list[LowRankGroup | AdapterSegments]:
+        ranks = tuple(0 if d is None or d.lora_a is None else d.lora_a.shape[1] for d in deltas)
+        plan = self._plans.get(ranks)
+        if plan is None:
+            plan = self._plans[ranks] = self._plan(ranks, like.device)
+        return [group.build(deltas) for group in plan]
+
+    def _plan(self, ranks: tuple[int, ...], device: torch.device) -> list[_GroupPlan]:
+        buckets: dict[int, list[int]] = {}
+        for row, rank in enumerate(ranks):
+            if rank:
+                buckets.setdefault(rank_bucket(rank), []).append(row)
+        plan: list[_GroupPlan] = []
+        for rows in buckets.values():
+            sliced, rows = self._peel_crowded(rows)
+            runs = _contiguous_runs(rows, [self.adapter_of_row[row] for row in rows])
+            if len(runs) == 1 or (len(rows) < len(ranks) and len(runs) <= _MAX_SLICED_ADAPTERS):
+                sliced += runs
+            elif rows:
+                plan.append(self._segments(rows, len(ranks), {ranks[row] for row in rows}, device))
+            plan += [_RunPlan(None if stop - start == len(ranks) else slice(start, stop), start, stop - start)
+                     for start, stop, _ in sliced]  # fmt: skip
+        return plan
+
+    def _peel_crowded(self, rows: list[int]) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """Take adapters with many more rows than the others out of a stacked group, as runs of their own.
+
+        The stacked layout pads every adapter to the rows of the busiest one: in a packed pass a prompt chunk
+        gives its adapter dozens of rows (its tokens) beside one per decoding row, which would pad every other
+        adapter to dozens too (measured: a 22-token chunk beside 16 decoding rows over 8 LoRA made the pass
+        twice a decoding step). Returns the peeled adapters' runs and the rows left for the stack.
+        """
+        peeled: list[tuple[int, int, int]] = []
+        while True:
+            counts = Counter(self.adapter_of_row[row] for row in rows)
+            if len(counts) <= 1 or len(counts) * max(counts.values()) <= 2 * len(rows):
+                return peeled, rows
+            busiest, _ = counts.most_common(1)[0]
+            own = [row for row in rows if self.adapter_of_row[row] == busiest]
+            peeled += _contiguous_runs(own, [busiest] * len(own))
+            rows = [row for row in rows if self.adapter_of_row[row] != busiest]
+
+    def _segments(self, rows: list[int], batch: int, ranks: set[int], device: torch.device) -> _SegmentsPlan:
+        """Each distinct adapter once, its rows laid out ``(adapters, rows per adapter)``."""
+        rows_of: dict[int, list[int]] = {}
         for row in rows:
-            counts[id(deltas[row])] = counts.get(id(deltas[row]), 0) + 1
-        if len(counts) <= 1 or len(counts) * max(counts.values()) <= 2 * len(rows):
-            return peeled, rows
-        busiest = max(counts, key=counts.get)
-        own = [row for row in rows if id(deltas[row]) == busiest]
-        peeled += _contiguous_runs(own, [deltas[row] for row in own])
-        rows = [row for row in rows if id(deltas[row]) != busiest]
+            rows_of.setdefault(self.adapter_of_row[row], []).append(row)
+        owned = list(rows_of.values())
+        per_adapter = max(len(own) for own in owned)
+        layout = [own[min(i, len(own) - 1)] for own in owned for i in range(per_adapter)]
+        first_rows = [own[0] for own in owned]
+        if layout == list(range(batch)):
+            return _SegmentsPlan(first_rows, max(ranks) if len(ranks) > 1 else None)
+        kept = [slot * per_adapter + i for slot, own in enumerate(owned) for i in range(len(own))]
+        targets = [row for own in owned for row in own]
+
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, device=device)
+
+        keep = None if len(kept) == len(layout) else index(kept)
+        padded = max(ranks) if len(ranks) > 1 else None
+        return _SegmentsPlan(first_rows, padded, take=index(layout), keep=keep, rows=index(targets))
 
 
-def _segments(rows: list[int], members: list[ModuleDelta], batch: int, like: torch.Tensor) -> AdapterSegments:
-    """Stack each distinct pair once and lay the rows out ``(adapters, rows per adapter)``."""
-    index: dict[int, int] = {}
-    distinct: list[ModuleDelta] = []
-    rows_of: list[list[int]] = []
-    for row, member in zip(rows, members, strict=True):
-        slot = index.setdefault(id(member), len(distinct))
-        if slot == len(distinct):
-            distinct.append(member)
-            rows_of.append([])
-        rows_of[slot].append(row)
-    ranks = {member.lora_a.shape[1] for member in distinct}
-    if len(ranks) == 1:  # one rank: a stack, with no zero fill to pay for
-        a = torch.stack([member.lora_a for member in distinct])
-        b = torch.stack([member.lora_b for member in distinct])
-    else:
-        rank = max(ranks)
-        a = like.new_zeros(len(distinct), distinct[0].lora_a.shape[0], rank)
-        b = like.new_zeros(len(distinct), rank, distinct[0].lora_b.shape[1])
-        for slot, member in enumerate(distinct):
-            a[slot, :, : member.lora_a.shape[1]] = member.lora_a
-            b[slot, : member.lora_b.shape[0], :] = member.lora_b
-    per_adapter = max(len(own) for own in rows_of)
-    layout = [own[min(i, len(own) - 1)] for own in rows_of for i in range(per_adapter)]
-    if layout == list(range(batch)):
-        return AdapterSegments(a, b)
-    kept = [slot * per_adapter + i for slot, own in enumerate(rows_of) for i in range(len(own))]
-    targets = [row for own in rows_of for row in own]
+@dataclass(frozen=True)
+class _RunPlan:
+    """A run of rows of one adapter: a :class:`LowRankGroup` over its own pair, expanded without copies."""
 
-    def as_index(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, device=like.device)
+    rows: slice | None
+    first: int
+    length: int
 
-    keep = None if len(kept) == len(layout) else as_index(kept)
-    return AdapterSegments(a, b, take=as_index(layout), keep=keep, rows=as_index(targets))
+    def build(self, deltas: list[ModuleDelta | None]) -> LowRankGroup:
+        member = deltas[self.first]
+        return LowRankGroup(
+            self.rows, member.lora_a.expand(self.length, -1, -1), member.lora_b.expand(self.length, -1, -1)
+        )
 
 
-def _contiguous_runs(rows: list[int], members: list[ModuleDelta]) -> list[tuple[int, int, ModuleDelta]]:
-    """``(start, stop, delta)`` runs of consecutive rows sharing one delta; many runs if rows interleave."""
-    runs: list[tuple[int, int, ModuleDelta]] = []
-    for row, member in zip(rows, members, strict=True):
-        if runs and runs[-1][1] == row and runs[-1][2] is member:
-            runs[-1] = (runs[-1][0], row + 1, member)
+@dataclass(frozen=True)
+class _SegmentsPlan:
+    """Rows of several adapters as :class:`AdapterSegments`: each adapter's pair stacked once (one op for
+    pairs of one rank; zero-padded to ``padded_rank`` otherwise, which adds exact zeros)."""
+
+    first_rows: list[int]  # a row of each distinct adapter, in layout order
+    padded_rank: int | None
+    take: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+    def build(self, deltas: list[ModuleDelta | None]) -> AdapterSegments:
+        members = [deltas[row] for row in self.first_rows]
+        if self.padded_rank is None:
+            a = torch.stack([member.lora_a for member in members])
+            b = torch.stack([member.lora_b for member in members])
         else:
-            runs.append((row, row + 1, member))
+            like = members[0].lora_a
+            a = like.new_zeros(len(members), like.shape[0], self.padded_rank)
+            b = like.new_zeros(len(members), self.padded_rank, members[0].lora_b.shape[1])
+            for slot, member in enumerate(members):
+                a[slot, :, : member.lora_a.shape[1]] = member.lora_a
+                b[slot, : member.lora_b.shape[0], :] = member.lora_b
+        return AdapterSegments(a, b, take=self.take, keep=self.keep, rows=self.rows)
+
+
+_GroupPlan = _RunPlan | _SegmentsPlan
+
+
+def _contiguous_runs(rows: list[int], owners: list[int]) -> list[tuple[int, int, int]]:
+    """``(start, stop, owner)`` runs of consecutive rows of one adapter; many runs if rows interleave."""
+    runs: list[tuple[int, int, int]] = []
+    for row, owner in zip(rows, owners, strict=True):
+        if runs and runs[-1][1] == row and runs[-1][2] == owner:
+            runs[-1] = (runs[-1][0], row + 1, owner)
+        else:
+            runs.append((row, row + 1, owner))
     return runs
 
 

@@ -22,10 +22,8 @@ that fails is retried row by row, so only the culprit request fails.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -61,7 +59,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("peftserve.continuous")
 DEFAULT_TORCH_THREADS = torch.get_num_threads()  # torch's own choice, before any thread sets its own
-LOADER_NICENESS = 10  # of the adapter-loader threads (and the OpenMP workers they start), see yield_cpu_to_decoding
 
 TextCallback = Callable[[str], None]
 DoneCallback = Callable[[Completion | PeftServeError], None]
@@ -88,7 +85,8 @@ class Work:
     text: TextStream | None = None
     first_token_at: float | None = None
     admitted: bool = False
-    loaded: tuple[AdapterVersion, AdapterWeights] | None = None  # read by a loader while the cache was full
+    # The weights to lease when it joins: read by a loader while the cache was full, or found in the host tier.
+    loaded: tuple[AdapterVersion, AdapterWeights] | None = None
     response_key: bytes | None = None  # request_digest, for requests the response cache may serve
 
 
@@ -119,7 +117,9 @@ class ContinuousBatcher:
         self._wakeup = threading.Condition()
         self._closed = False
         self._loaders = ThreadPoolExecutor(
-            max_workers=config.loader_threads, thread_name_prefix="adapter-loader", initializer=yield_cpu_to_decoding
+            max_workers=config.loader_threads,
+            thread_name_prefix="adapter-loader",
+            initializer=run_torch_single_threaded,
         )
         self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
         self._thread.start()
@@ -164,8 +164,11 @@ class ContinuousBatcher:
             if adapter_id:
                 self.engine.metrics.cache_event("hit" if loaded else "miss", adapter_id)
         if loaded is False:
-            self._loaders.submit(self._load_then_queue, work, time.perf_counter())
-            return False
+            # A host-tier hit on CPU is leased as it is when the request joins; anything else needs a loader.
+            work.loaded = self.engine.resident_on_host(adapter_id)
+            if work.loaded is None:
+                self._loaders.submit(self._load_then_queue, work, time.perf_counter())
+                return False
         return True
 
     def _answer_from_cache(self, work: Work) -> bool:
@@ -514,16 +517,14 @@ def leave_torch_threads_to_the_loop() -> None:
     torch.set_num_threads(1)
 
 
-def yield_cpu_to_decoding() -> None:
-    """Background threads (adapter loaders, the watcher) run torch single-threaded and below the decoding
-    loop's CPU priority (Linux: nice is per thread), so that on a host with few cores reading, hashing and
-    converting a cold adapter takes the time decoding leaves over instead of stretching the running streams'
-    steps. Single-threaded because an OpenMP team started from a second thread slows the loop's own small
-    operations down (up to tenfold, measured on 2 cores). Raising one's own niceness needs no privilege."""
+def run_torch_single_threaded() -> None:
+    """Background threads (adapter loaders, the watcher) run torch single-threaded: an OpenMP team started
+    from a second thread slows the loop's own small operations down (up to tenfold, measured on 2 cores).
+
+    They keep the loop's CPU priority. Ten nice levels lower, a loader that held the GIL while the kernel
+    ran the loop's busier threads instead kept the loop waiting for it: with 20 cold adapters arriving, the
+    running streams' worst gap doubled and the loads took twice as long (docs/benchmarks.md)."""
     torch.set_num_threads(1)
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or forbidden: same priority as before
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + LOADER_NICENESS))
 
 
 def _ignore(_: object) -> None:

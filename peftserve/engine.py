@@ -214,6 +214,19 @@ class Engine:
             return None
         return False
 
+    def resident_on_host(self, adapter_id: str) -> tuple[AdapterVersion, AdapterWeights] | None:
+        """The serving version and its weights when the host tier holds them in the memory batches read
+        (CPU), so a request can lease them as they are, without a loader: no copy, no file read; None when
+        they must be loaded (a GPU's copy, a host miss, an id that has not served yet)."""
+        version = self._serving.get(adapter_id)
+        if version is None or not self.host_tier.shares_device_memory:
+            return None
+        weights = self.host_tier.fetch(version)
+        if weights is None:
+            return None
+        self.metrics.host_cache_event("hit", adapter_id)
+        return version, weights
+
     def ensure_loaded(self, adapter_id: str) -> tuple[AdapterVersion, AdapterWeights] | None:
         """Load an adapter into the cache (on the caller's thread). When every cache entry is in use, the
         loaded version and weights are returned instead, for the request to hold until a slot frees."""

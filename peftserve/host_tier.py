@@ -43,6 +43,11 @@ class HostAdapterTier:
         return self.max_bytes > 0
 
     @property
+    def shares_device_memory(self) -> bool:
+        """True on CPU: what the tier holds is what a batch reads, so a hit needs no copy."""
+        return self._shared
+
+    @property
     def nbytes(self) -> int:
         return self.cache.nbytes
 

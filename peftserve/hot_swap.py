@@ -17,7 +17,7 @@ import os
 import threading
 
 from peftserve.adapter_repository import AdapterVersion, recorded_digest, stat_signature
-from peftserve.continuous import yield_cpu_to_decoding
+from peftserve.continuous import run_torch_single_threaded
 from peftserve.engine import Engine
 from peftserve.swap_history import HistoryEvent, SwapHistory
 
@@ -46,7 +46,7 @@ class AdapterWatcher:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        yield_cpu_to_decoding()  # new versions are read, converted and smoke-checked from here
+        run_torch_single_threaded()  # new versions are read, converted and smoke-checked from here
         while not self._stop.wait(self.interval):
             self.poll_once()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -36,6 +36,8 @@ class TokenSlots:
     order: torch.Tensor  # (T,) int64: token indices sorted by slot, stable
     starts: torch.Tensor  # (num_slots,) int64: where each slot's tokens begin in ``order``
     counts: torch.Tensor  # (num_slots,) int64: how many tokens each slot has
+    # rank -> the torch backend's split of the tokens (TokenRuns), worked out on first use
+    host_runs: dict[int, TokenRuns] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, slots: torch.Tensor, num_slots: int) -> TokenSlots:
@@ -99,7 +101,8 @@ def check_low_rank(x: torch.Tensor, stack: torch.Tensor, slots: TokenSlots, what
         raise ValueError(f"{what}: the stack has {stack.shape[0]} slots, the index {slots.num_slots}")
     if x.dtype != stack.dtype:
         raise ValueError(f"{what}: tokens are {x.dtype}, the stack {stack.dtype}")
-    check_devices(what, tokens=x, stack=stack, slots=slots.slots)
+    if not x.device == stack.device == slots.slots.device:
+        check_devices(what, tokens=x, stack=stack, slots=slots.slots)
 
 
 def check_expand(out: torch.Tensor, y: torch.Tensor, b: torch.Tensor, slots: TokenSlots) -> None:
@@ -128,19 +131,39 @@ def check_scale(
 
 
 class TorchKernels:
-    """The plain-torch backend: one matmul per slot present (the CPU path and the reference)."""
+    """The plain-torch backend (the CPU path and the reference).
+
+    Tokens are taken in runs of one slot (:class:`TokenRuns`, read to the host once per batch and rank): a
+    run long enough that its own matmul costs less than copying its pair once per token is one slice matmul;
+    every other token of the batch is computed together, by one batched matmul over the pairs gathered per
+    token (``a.index_select(0, slots)``). A decoding batch is then a handful of ops per module however many
+    adapters it mixes, and a prefill chunk of one adapter a plain matmul.
+    """
 
     def shrink(self, x: torch.Tensor, a: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
         check_low_rank(x, a, slots, "shrink")
-        y = x.new_zeros(x.shape[0], a.shape[2])
-        for slot, rows in _rows_per_slot(slots):
-            y[rows] = x[rows] @ a[slot]
+        runs = TokenRuns.of(slots, rank=a.shape[2])
+        if runs.gathered_all:  # every token gathered, in order: no zeros to fill, nothing to scatter
+            return torch.bmm(x.unsqueeze(1), a.index_select(0, runs.gathered_slots)).squeeze(1)
+        y = x.new_empty(x.shape[0], a.shape[2]) if runs.sliced_all else x.new_zeros(x.shape[0], a.shape[2])
+        for start, stop, slot in runs.sliced:
+            torch.mm(x[start:stop], a[slot], out=y[start:stop])
+        if runs.gathered is not None:
+            picked = x.index_select(0, runs.gathered).unsqueeze(1)
+            y.index_copy_(0, runs.gathered, torch.bmm(picked, a.index_select(0, runs.gathered_slots)).squeeze(1))
         return y
 
     def expand(self, out: torch.Tensor, y: torch.Tensor, b: torch.Tensor, slots: TokenSlots) -> None:
         check_expand(out, y, b, slots)
-        for slot, rows in _rows_per_slot(slots):
-            out[rows] += y[rows] @ b[slot]
+        runs = TokenRuns.of(slots, rank=b.shape[1])
+        if runs.gathered_all:  # added in place, (T, 1, out) by (T, 1, R) @ (T, R, out)
+            out.unsqueeze(1).baddbmm_(y.unsqueeze(1), b.index_select(0, runs.gathered_slots))
+            return
+        for start, stop, slot in runs.sliced:
+            out[start:stop].addmm_(y[start:stop], b[slot])
+        if runs.gathered is not None:
+            picked = y.index_select(0, runs.gathered).unsqueeze(1)
+            out.index_add_(0, runs.gathered, torch.bmm(picked, b.index_select(0, runs.gathered_slots)).squeeze(1))
 
     def scale(
         self,
@@ -165,10 +188,58 @@ class TorchKernels:
         return out
 
 
-def _rows_per_slot(slots: TokenSlots) -> list[tuple[int, torch.Tensor]]:
-    """``(slot, token indices)`` for every slot present except NO_SLOT (reads the slots to the host)."""
-    present = [slot for slot in torch.unique(slots.slots).tolist() if slot != NO_SLOT]
-    return [(slot, torch.nonzero(slots.slots == slot).squeeze(1)) for slot in present]
+# A run of one slot is a slice matmul of its own when a batch has at most MAX_SLICED_RUNS runs in a stack, or
+# once its tokens times the rank reach SLICED_RUN_TOKEN_RANKS (rank 8: 8 tokens; rank 64 and up: every run).
+# The other tokens are gathered per token, together: a few ops for all of them, against two per sliced run,
+# and copying a short run's pair once per token costs less than those ops (measured on CPU, docs/benchmarks.md).
+MAX_SLICED_RUNS = 4
+SLICED_RUN_TOKEN_RANKS = 64
+
+
+@dataclass(frozen=True)
+class TokenRuns:
+    """How :class:`TorchKernels` splits a batch's tokens for a stack of one rank: ``sliced`` runs
+    ``(start, stop, slot)``, and the ``gathered`` tokens (None: none) with their slots; ``gathered_all`` and
+    ``sliced_all`` when one of the two covers every token. NO_SLOT tokens are in neither."""
+
+    sliced: tuple[tuple[int, int, int], ...]
+    gathered: torch.Tensor | None
+    gathered_slots: torch.Tensor | None
+    gathered_all: bool
+    sliced_all: bool = False  # the sliced runs cover every token
+
+    @classmethod
+    def of(cls, slots: TokenSlots, *, rank: int) -> TokenRuns:
+        """The split of ``slots`` for ``rank``, worked out on the host once per batch and rank (every module
+        of a rank bucket reuses it)."""
+        found = slots.host_runs.get(rank)
+        if found is None:
+            found = slots.host_runs[rank] = cls._split(slots.slots.tolist(), rank, slots.slots.device)
+        return found
+
+    @classmethod
+    def _split(cls, token_slots: list[int], rank: int, device: torch.device) -> TokenRuns:
+        runs: list[list[int]] = []  # [start, stop, slot]
+        for token, slot in enumerate(token_slots):
+            if runs and runs[-1][2] == slot:
+                runs[-1][1] = token + 1
+            else:
+                runs.append([token, token + 1, slot])
+        runs = [run for run in runs if run[2] != NO_SLOT]
+        few = len(runs) <= MAX_SLICED_RUNS
+        sliced, gathered = [], []
+        for start, stop, slot in runs:
+            if few or (stop - start) * rank >= SLICED_RUN_TOKEN_RANKS:
+                sliced.append((start, stop, slot))
+            else:
+                gathered.extend(range(start, stop))
+        if not gathered:
+            covered = sum(stop - start for start, stop, _ in sliced) == len(token_slots)
+            return cls(tuple(sliced), None, None, False, covered)
+        every = len(gathered) == len(token_slots)  # then in order, none NO_SLOT, nothing sliced
+        index = torch.tensor(gathered, dtype=torch.int64, device=device)
+        slots_of = torch.tensor([token_slots[token] for token in gathered], dtype=torch.int64, device=device)
+        return cls(tuple(sliced), index, slots_of, every)
 
 
 TRITON_MODULE = "peftserve.lora_triton"

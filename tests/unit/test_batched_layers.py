@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from peftserve.adapter_weights import AdapterWeights, ModuleDelta
-from peftserve.batched_layers import _MAX_SLICED_ADAPTERS, AdapterLayers, BatchDeltas
+from peftserve.batched_layers import _MAX_SLICED_ADAPTERS, AdapterLayers, AdapterSegments, BatchDeltas, LowRankGroup
 
 IN, OUT, TOKENS = 24, 40, 3
 
@@ -68,6 +68,20 @@ CASES = {
     "many adapters interleaved with base rows (stacked, indexed)": [None, *many[:3], None, *many[3:]],
     "many adapters in unequal runs beside base rows (padded)": [None, many[0], many[0], *many[1:], None],
     "two rank buckets": [lora(4, 10), lora(16, 11), lora(4, 10), lora(32, 12)],
+    "ranks 8, 4 and 5 in one bucket over every row (stacked, zero-padded)": [
+        lora(8, 30),
+        lora(4, 31),
+        lora(8, 32),
+        lora(5, 33),
+    ],
+    "ranks 8 and 4 in one bucket, rows apart (padded, indexed)": [*many[:5], lora(4, 34), many[0]],
+    "a packed pass: one adapter's prompt chunk beside decoding rows (peeled off the stack)": [
+        *many[:3],
+        *[many[3]] * 12,
+        *many[4:],
+        many[0],
+    ],
+    "two crowded adapters beside single rows (both peeled)": [*[many[0]] * 9, *many[1:4], *[many[4]] * 7, None],
     "low rank beside scales": [many[0], ia3(20), None, lora(8, 21, out_scale=torch.full((OUT,), 0.5))],
 }
 
@@ -76,3 +90,17 @@ CASES = {
 def test_every_grouping_equals_each_row_alone(rows: list[AdapterWeights | None]) -> None:
     batched, expected = run_batch(rows)
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_crowded_adapter_is_sliced_instead_of_padding_the_stack() -> None:
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(IN, OUT))
+    layers = AdapterLayers(model)
+    layers.wrap(["proj"])
+    rows = [*many[:3], *[many[3]] * 12, *many[4:]]
+    groups = BatchDeltas(layers, rows).per_module["proj"].low_rank
+    stacked = [group for group in groups if isinstance(group, AdapterSegments)]
+    assert len(stacked) == 1 and stacked[0].a.shape[0] == len(many) - 1  # every adapter but the crowded one
+    assert stacked[0].take is None or stacked[0].take.numel() < 2 * len(rows)
+    (chunk,) = [group for group in groups if isinstance(group, LowRankGroup)]
+    assert chunk.rows == slice(3, 15)

@@ -115,11 +115,38 @@ def test_device_eviction_comes_back_from_the_host_tier_without_reading_files(
 def test_requests_that_wait_for_their_adapter_report_the_wait(model_dir: Path, repository: Path) -> None:
     engine = make_engine(model_dir, repository)
     answer(engine, "pirate")  # first use: read from its files on a loader thread
-    answer(engine, "chef")  # evicts pirate from the one device slot
-    answer(engine, "pirate")  # back from the host tier, again on a loader thread
+    answer(engine, "chef")  # first use too; evicts pirate from the one device slot
+    answer(engine, "pirate")  # back from the host tier: on CPU leased as it is, no loader, no wait
     answer(engine, "pirate")  # on the device: no wait
-    assert [adapter for adapter, _ in engine.metrics.waits] == ["pirate", "chef", "pirate"]
+    assert [adapter for adapter, _ in engine.metrics.waits] == ["pirate", "chef"]
     assert all(seconds > 0 for _, seconds in engine.metrics.waits)
+
+
+def test_on_cpu_a_host_tier_hit_joins_without_a_loader_and_answers_the_same(
+    model_dir: Path, repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the host tier holds the tensors batches read: a device miss it holds is leased when the request
+    joins, never queued behind a loader thread (which a busy decoding loop may leave waiting)."""
+    engine = make_engine(model_dir, repository)
+    before = answer(engine, "pirate")
+    answer(engine, "chef")  # evicts pirate from the one device slot
+    pirate = serving(engine, "pirate")
+    assert pirate not in engine.cache and pirate in engine.host_tier
+    loads: list[str] = []
+    real_submit = engine.batcher._loaders.submit
+
+    def recording_submit(function, work, *args):
+        loads.append(work.request.adapter_id)
+        return real_submit(function, work, *args)
+
+    monkeypatch.setattr(engine.batcher._loaders, "submit", recording_submit)
+    after = answer(engine, "pirate")
+
+    assert loads == [] and after.text == before.text
+    assert pirate in engine.cache  # leased into the device cache when it joined (evicting chef)
+    assert serving(engine, "chef") not in engine.cache
+    assert engine.metrics.events[("hit", "pirate")] == 1
+    assert engine.resident_on_host("robot") is None  # never accepted: its first request needs a loader
 
 
 def test_host_copies_are_separate_tensors_that_answer_the_same(engine: Engine) -> None:

@@ -50,6 +50,11 @@ CASES = {
     "rank 64, wide input": ([1, 2, 0, 1], 3, 130, 64, 17),
     "many tokens of one slot": ([1] * 50 + [0] * 5 + [2] * 15, 3, 21, 8, 29),
     "130 tokens, wide output": ([token % 3 for token in range(130)], 3, 21, 8, 70),
+    # The torch backend's splits (TokenRuns): a few runs sliced, none covering the NO_SLOT token; a long run
+    # sliced beside many short ones gathered; a distinct slot per token, every token gathered.
+    "few runs, sliced": ([1, 1, 2, 0, 2], 3, 19, 8, 23),
+    "a long run among short ones": ([1] * 12 + [2, 3, 2, 4, 5, 0, 1], 6, 19, 8, 23),
+    "a slot per token": ([1, 2, 3, 4, 5, 6], 7, 19, 8, 23),
 }
 
 

@@ -30,7 +30,7 @@ from peftserve.triton.io import (
 )
 from peftserve.triton.metrics import TritonMetrics
 from peftserve.triton.response_loop import ResponseLoop
-from peftserve.triton.startup import start_model
+from peftserve.triton.startup import freeze_startup_objects, start_model
 from peftserve.triton.status import status_reply
 
 logger = logging.getLogger("peftserve.triton")
@@ -50,6 +50,7 @@ class TritonPythonModel:
         self.batcher = engine.batcher
         self.watcher = AdapterWatcher(engine, interval=config.adapter_poll_seconds)
         self.watcher.start()
+        freeze_startup_objects()
         version = int(args["model_version"])
         self.status = lambda: server_status(engine, model=config.served_model, model_version=version)
 
