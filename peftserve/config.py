@@ -115,9 +115,10 @@ class ServeConfig(BaseModel):
     join_group: int = Field(
         4,
         ge=1,
-        description="waiting requests join the running batch together once this many wait (or they fill the free "
-        "rows), at once when nothing runs: starting a prefill costs a forward pass of its own, on a CPU about a "
-        "decoding step of the whole batch",
+        description="where prefill runs in passes of its own (packed_steps off, or a model that fails its packing "
+        "check), waiting requests join the running batch together once this many wait (or they fill the free "
+        "rows), at once when nothing runs: such a prefill pass costs on a CPU about a decoding step of the whole "
+        "batch; with packed passes requests join at once",
     )
     join_every: int = Field(
         8,

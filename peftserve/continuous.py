@@ -100,9 +100,9 @@ class ContinuousBatcher:
         self.cache = cache
         self.max_rows = config.max_running_rows
         self.prefill_budget = PrefillBudget(max_tokens=config.prefill_chunk_tokens, share=config.prefill_step_share)
-        # Starting a prefill costs a forward pass of its own, about as much on a CPU as a decoding step of the
-        # whole batch: waiting requests are admitted when join_group of them wait (or fill the free rows), when
-        # the oldest has waited join_every steps, or at once when nothing runs.
+        # Where prefill runs in passes of its own (no packed passes), starting one costs about as much on a CPU
+        # as a decoding step of the whole batch: waiting requests are admitted when join_group of them wait (or
+        # fill the free rows), when the oldest has waited join_every steps, or at once when nothing runs.
         self.join_group = config.join_group
         self.join_every = config.join_every
         self.admission = Admission(config.adapter_limits, config.adapter_limit_overrides)
@@ -274,7 +274,9 @@ class ContinuousBatcher:
     def _take_joining(self) -> list[Work]:
         """Waiting requests to admit now (called with the condition held)."""
         room = self.max_rows - self.rows
-        due = not self.rows or len(self._waiting) >= min(room, self.join_group)
+        # A packed pass takes a joining prompt at the cost of its tokens: join at once. Otherwise a prefill
+        # costs a pass of its own, and waiting requests join in groups.
+        due = not self.rows or self.runner.packs or len(self._waiting) >= min(room, self.join_group)
         due = due or self._steps_since_admission >= self.join_every
         if not due or room <= 0:
             self._steps_since_admission += 1
