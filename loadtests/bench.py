@@ -3,10 +3,12 @@
 The repository is the model (the demo, or SmolLM2 with ``--repository model_repository_smollm2``) with its
 trained adapters plus 1,000 synthetic LoRA adapters (``s0000`` ...) of the same shape as the model's
 trained LoRA, so that the model's own adapters, and patterns over 8, 64 and 1,000 registered adapters, are
-compared with the base model alone in one run. After the sweep, on the same server, streams decode while
-the first requests for 20 more synthetic adapters (never requested by the sweep) arrive at once: the
-cold-adapter stall. ``--profile long`` sweeps more concurrency levels with longer windows and runs a
-10-minute sustained locust profile.
+compared with the base model alone in one run. Before the sweep every adapter of the patterns gets one
+request, so the patterns measure serving from the adapter tiers, as a server does once its adapters were
+published and used (``--first-use`` skips that: each adapter's first request then lands in the sweep).
+After the sweep, on the same server, streams decode while the first requests for 20 more synthetic
+adapters (never requested before) arrive at once: the cold-adapter stall, i.e. first use. ``--profile
+long`` sweeps more concurrency levels with longer windows and runs a 10-minute sustained locust profile.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +38,7 @@ from loadtests.report import BenchmarkFacts, MemoryFact, PatternFacts, StallFact
 from loadtests.synthetic import LoraShape, write_random_loras
 from loadtests.traffic import TrafficPattern
 from peftserve.config import ServeConfig, read_model_config
-from tools.bench_stream_stall import STREAMS, cold_adapters_arrive, measure_streams, repository_with
+from tools.bench_stream_stall import STREAMS, cold_adapters_arrive, first_request, measure_streams, repository_with
 from tools.triton_server import TritonServer, free_port
 
 PROFILES = {
@@ -254,8 +257,22 @@ def cold_stall(server: TritonServer, config: ServeConfig, cold: list[str]) -> St
     )
 
 
+def accept_adapters(server: TritonServer, adapters: list[str], concurrency: int) -> None:
+    """One request per adapter, ``concurrency`` at a time: each is read, checked, converted and smoke-checked
+    once, and kept in the host tier."""
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        requests = pool.map(lambda adapter: first_request(server, adapter), adapters)
+        list(tqdm(requests, total=len(adapters), desc="accepting adapters", unit="adapter"))
+
+
 def settings(
-    model: BenchModel, profile: str, levels: list[int], measurement_ms: int, synthetic: int, shape: str
+    model: BenchModel,
+    profile: str,
+    levels: list[int],
+    measurement_ms: int,
+    synthetic: int,
+    shape: str,
+    first_use: bool,
 ) -> dict[str, str]:
     return {
         "date": time.strftime("%Y-%m-%d"),
@@ -267,6 +284,9 @@ def settings(
         "adapters registered": f"{synthetic} + {COLD_ADAPTERS} synthetic LoRA shaped like the trained "
         f"`{model.shape_of}` ({shape}), plus the model's own trained adapters",
         "requests": f"{len(PROMPTS)} prompts, greedy, exactly {MAX_TOKENS} new tokens each (ignore_eos)",
+        "adapters before the sweep": "never requested: each adapter's first use lands in the sweep (--first-use)"
+        if first_use
+        else "every pattern's adapters requested once (accepted, in the host tier); first use is the cold stall",
         "profile": f"{profile}: concurrency {', '.join(map(str, levels))}, perf_analyzer windows of "
         f"{measurement_ms} ms (doubled for a point that did not stabilise), "
         f"locust {PROFILES[profile]['locust_seconds']} s",
@@ -287,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--measurement-ms", type=int, help="perf_analyzer window (default: the profile's)")
     parser.add_argument("--out", type=Path, default=Path("loadtests/reports/latest"))
+    parser.add_argument(
+        "--first-use", action="store_true", help="skip requesting every pattern's adapters once before the sweep"
+    )
     return parser
 
 
@@ -328,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"starting tritonserver with {len(list(adapters_dir.iterdir()))} adapters ...")
         with server:
+            if not args.first_use:
+                accept_adapters(server, [*model.trained, *synthetic], concurrency=levels[-1])
             with PeakMetrics(server) as peaks:
                 points = sweep(
                     server.http_url,
@@ -349,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             naive = naive_tokens_per_second(Path(config.base_model), adapters_dir, synthetic[:8])
         shape = describe_adapter(adapters_dir / synthetic[0])
     facts = BenchmarkFacts(
-        settings=settings(model, args.profile, levels, measurement_ms, args.adapters, shape),
+        settings=settings(model, args.profile, levels, measurement_ms, args.adapters, shape, args.first_use),
         headline_pattern=patterns[1].label,
         headline_level=levels[-1],
         naive_pattern=patterns[2].label,

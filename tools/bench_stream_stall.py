@@ -76,16 +76,18 @@ def long_prompt_arrives(server: TritonServer, long_prompt: str, adapter: str) ->
     return arrive
 
 
-def cold_adapters_arrive(server: TritonServer, adapters: list[str]) -> Callable[[], None]:
-    def first_request(adapter: str) -> None:
-        answer = grpcclient.InferenceServerClient(server.grpc_url).infer(
-            "peft_llm", build_inputs(grpcclient, "the cat looks at", adapter, 1)
-        )
-        assert answer.as_numpy("adapter_version")[0, 0].decode().startswith(f"{adapter}@")
+def first_request(server: TritonServer, adapter: str) -> None:
+    """One one-token request for ``adapter``; its answer must name the adapter's version."""
+    answer = grpcclient.InferenceServerClient(server.grpc_url).infer(
+        "peft_llm", build_inputs(grpcclient, "the cat looks at", adapter, 1)
+    )
+    assert answer.as_numpy("adapter_version")[0, 0].decode().startswith(f"{adapter}@")
 
+
+def cold_adapters_arrive(server: TritonServer, adapters: list[str]) -> Callable[[], None]:
     def arrive() -> None:
         with ThreadPoolExecutor(max_workers=len(adapters)) as pool:
-            list(pool.map(first_request, adapters))
+            list(pool.map(lambda adapter: first_request(server, adapter), adapters))
 
     return arrive
 
