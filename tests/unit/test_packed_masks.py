@@ -11,7 +11,9 @@ from peftserve.packed_masks import packed_mask_builder
 
 def cache() -> PagedKVCache:
     shapes = {0: LayerShape((1, 2), (1, 2))}
-    return PagedKVCache(layer_shapes=shapes, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    return PagedKVCache(
+        layer_shapes=shapes, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu")
+    )
 
 
 def with_attention(config, implementation: str):
