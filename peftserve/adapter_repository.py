@@ -13,6 +13,7 @@ not integers (``.staging-*``, ``.retired``) are invisible to serving; tools stag
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +137,8 @@ def recorded_digest(directory: Path) -> str:
 def stat_signature(directory: Path) -> tuple:
     """Names, sizes and modification times of a version's files: a cheap test for "changed since"."""
     try:
-        return tuple(
-            sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).iterdir() if p.is_file())
-        )
+        with os.scandir(directory) as entries:
+            stats = [(entry.name, entry.stat()) for entry in entries if entry.is_file()]
     except OSError:
         return ()
+    return tuple(sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats))

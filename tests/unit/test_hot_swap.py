@@ -157,3 +157,32 @@ def test_candidate_with_a_symlinked_file_is_rejected_and_recorded(
     (event,) = SwapHistory(repository).read()
     assert (event.event, event.version, event.sha256) == ("rejected", 2, "")  # cannot be hashed, still recorded
     assert "symlink" in event.detail
+
+
+def test_a_poll_looks_closer_only_at_adapters_whose_files_changed(
+    engine: Engine, model_dir: Path, repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watcher = AdapterWatcher(engine, interval=0)
+    for adapter_id in ("robot", "chef"):
+        publish_copy(model_dir, repository, adapter_id, adapter_id, 1)
+        answer(engine, adapter_id)
+    answer(engine)
+    listed: list[str] = []
+    real_versions = engine.repository.versions
+    monkeypatch.setattr(engine.repository, "versions", lambda a: (listed.append(a), real_versions(a))[1])
+    watcher.poll_once()
+    assert sorted(listed) == ["chef", "pirate", "robot"]  # the first poll reads everything
+    listed.clear()
+    watcher.poll_once()
+    assert listed == []  # nothing changed: no adapter is listed again
+    # A version directory made first and filled later (a copy in two steps) is still seen once complete.
+    later = repository / "robot" / "2"
+    later.mkdir()
+    watcher.poll_once()
+    assert engine.serving()["robot"].version == 1
+    for source in (model_dir / "adapters" / "pirate" / "1").iterdir():
+        shutil.copy(source, later / source.name)
+    listed.clear()
+    watcher.poll_once()
+    assert listed == ["robot"]
+    assert answer(engine, "robot").adapter_version == "robot@2"
