@@ -23,7 +23,21 @@ WINDOW = 6
 PROMPTS = ["the cat looks at the river and a dog", "my friend writes about the quiet town by the tall tree", "a dog"]
 
 
-def _save_tiny(config, directory: Path, demo: Path) -> Path:
+def _save_tiny(config_class, model_dir: Path, directory: Path, **attention) -> Path:
+    """A tiny random model of ``config_class`` with the demo's tokenizer and an empty adapter repository."""
+    demo = model_dir / "base_model"
+    vocab = AutoModelForCausalLM.from_pretrained(demo).config.vocab_size
+    config = config_class(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=WINDOW,
+        max_position_embeddings=256,
+        **attention,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -34,39 +48,16 @@ def _save_tiny(config, directory: Path, demo: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def mistral_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    demo = model_dir / "base_model"
-    vocab = AutoModelForCausalLM.from_pretrained(demo).config.vocab_size
-    config = MistralConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=WINDOW,
-        max_position_embeddings=256,
-    )
-    return _save_tiny(config, tmp_path_factory.mktemp("mistral"), demo)
+    return _save_tiny(MistralConfig, model_dir, tmp_path_factory.mktemp("mistral"))
 
 
 @pytest.fixture(scope="module")
 def hybrid_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Sliding and full attention layers in one model: the packed pass needs a mask per layer kind."""
-    demo = model_dir / "base_model"
-    vocab = AutoModelForCausalLM.from_pretrained(demo).config.vocab_size
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=WINDOW,
-        use_sliding_window=True,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=256,
+    layers = ["sliding_attention", "full_attention"]
+    return _save_tiny(
+        Qwen2Config, model_dir, tmp_path_factory.mktemp("hybrid"), use_sliding_window=True, layer_types=layers
     )
-    return _save_tiny(config, tmp_path_factory.mktemp("hybrid"), demo)
 
 
 def reference_logits(model, row: GenerationRow, tokens: list[int]) -> torch.Tensor:
