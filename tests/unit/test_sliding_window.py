@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig, Qwen2C
 from peftserve.config import ServeConfig
 from peftserve.engine import Engine
 from peftserve.generation import GenerationRow
+from peftserve.requests import CompletionRequest
 from tests.unit.test_continuous import after_tokens, submit_row
 
 WINDOW = 6
@@ -104,3 +105,29 @@ def test_sliding_window_rows_match_the_full_forward_after_joins(
         torch.testing.assert_close(torch.stack(result.step_logits), expected, atol=1e-4, rtol=1e-4)
         # The window matters here: without it the same weights give other logits.
         assert (reference_logits(unwindowed, row, result.token_ids) - expected).abs().max() > 1e-2
+
+
+def test_a_kv_cache_too_small_for_the_packing_check_keeps_separate_passes(mistral_dir: Path) -> None:
+    # 2 usable blocks of 4 tokens: the check's two sequences (the window plus a few tokens, and 5) do not fit.
+    engine = Engine(
+        ServeConfig(
+            base_model=str(mistral_dir),
+            adapter_repository=str(mistral_dir / "adapters"),
+            kv_block_size="4",
+            kv_cache_memory_mb=str(3 * 4 * engine_token_bytes(mistral_dir) / 2**20),
+            max_tokens_limit="4",
+            default_max_tokens="4",
+            max_prompt_tokens="4",
+        )
+    )
+    assert engine.kv_cache.usable_blocks == 2 and not engine.runner.packs
+    assert engine.kv_cache.free_blocks == 2  # the check gave back what it took
+    (answer,) = engine.complete([CompletionRequest("a dog", max_tokens=2, ignore_eos=True)])
+    assert answer.output_tokens == 2
+
+
+def engine_token_bytes(model_path: Path) -> int:
+    """KV bytes per token of the tiny test models: 2 layers, keys and values, 2 heads of 16, float32."""
+    config = AutoConfig.from_pretrained(model_path)
+    head_dim = config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4
