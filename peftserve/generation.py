@@ -307,7 +307,8 @@ class ModelRunner:
             self.cache.release(b)
         expected = torch.stack(separate).float()
         error = (packed.float() - expected).abs().max() / expected.abs().max().clamp(min=1e-6)
-        tolerance = 1e-3 if expected.dtype == torch.float32 and packed.dtype == torch.float32 else 3e-2
+        # Half precision rounds the two layouts' sums differently; a mask error moves logits far more.
+        tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 3e-2
         if not error <= tolerance:
             logger.warning(
                 "prefill and decoding run in separate passes: a packed pass differed from separate ones by %.2g "
