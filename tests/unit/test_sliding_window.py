@@ -131,3 +131,10 @@ def engine_token_bytes(model_path: Path) -> int:
     config = AutoConfig.from_pretrained(model_path)
     head_dim = config.hidden_size // config.num_attention_heads
     return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4
+
+
+def test_a_half_precision_model_passes_the_packing_check(mistral_dir: Path) -> None:
+    engine = Engine(
+        ServeConfig(base_model=str(mistral_dir), adapter_repository=str(mistral_dir / "adapters"), dtype="bfloat16")
+    )
+    assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.runner.packs
