@@ -60,6 +60,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("peftserve.continuous")
 DEFAULT_TORCH_THREADS = torch.get_num_threads()  # torch's own choice, before any thread sets its own
 
+# The smallest prompt chunk: where prefill runs in passes of its own, a chunk costs a pass, so it is large
+# enough for short prompts to join whole; inside a packed pass a chunk costs only its tokens, so it can be
+# small and running streams wait less for it (measured in process, SmolLM2: worst gap 2.5x -> 2.2x).
+SEPARATE_MIN_CHUNK = 64
+PACKED_MIN_CHUNK = 16
+
 TextCallback = Callable[[str], None]
 DoneCallback = Callable[[Completion | PeftServeError], None]
 
@@ -99,7 +105,11 @@ class ContinuousBatcher:
         self.runner = engine.runner
         self.cache = cache
         self.max_rows = config.max_running_rows
-        self.prefill_budget = PrefillBudget(max_tokens=config.prefill_chunk_tokens, share=config.prefill_step_share)
+        self.prefill_budget = PrefillBudget(
+            max_tokens=config.prefill_chunk_tokens,
+            share=config.prefill_step_share,
+            min_tokens=PACKED_MIN_CHUNK if engine.runner.packs else SEPARATE_MIN_CHUNK,
+        )
         # Where prefill runs in passes of its own (no packed passes), starting one costs about as much on a CPU
         # as a decoding step of the whole batch: waiting requests are admitted when join_group of them wait (or
         # fill the free rows), when the oldest has waited join_every steps, or at once when nothing runs.
