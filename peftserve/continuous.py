@@ -374,12 +374,13 @@ class ContinuousBatcher:
         items = [(state, 1) for state in decoding] + chunks
         items.sort(key=lambda item: id(item[0].row.adapter))  # one adapter's tokens stay one slice
         started = time.perf_counter()
-        done = self._isolating_failures(items, lambda part: self.runner.packed(part, self._token_deltas(part)))
+        done = self._isolating_failures(
+            items, lambda part: self.runner.packed(part, self._deltas([s for s, n in part for _ in range(n)]))
+        )  # a packed pass's rows are its tokens
         self.prefill_budget.packed(
             sum(n for _, n in chunks), time.perf_counter() - started, streams_running=bool(decoding)
         )
-        finished_prefill = set(done) - set(decoding)
-        self._after_prefill([state for state in done if state in finished_prefill])
+        self._after_prefill([state for state in done if state in self._prefilling])
         self._after_decode(decoding)
 
     def _after_prefill(self, completed: list[SequenceState]) -> None:
@@ -419,11 +420,6 @@ class ContinuousBatcher:
     def _deltas(self, states: list[SequenceState]) -> BatchDeltas:
         with self.engine.lock:
             return BatchDeltas(self.engine.layers, [state.row.adapter for state in states])
-
-    def _token_deltas(self, items: list[tuple[SequenceState, int]]) -> BatchDeltas:
-        """Deltas for a packed pass, whose rows are its tokens."""
-        with self.engine.lock:
-            return BatchDeltas(self.engine.layers, [state.row.adapter for state, n in items for _ in range(n)])
 
     def _isolating_failures(self, chunks: list[tuple[SequenceState, int]], run) -> list[SequenceState]:
         """Run ``chunks`` together; if that fails, one by one, so that only the culprit fails."""
@@ -521,19 +517,15 @@ class ContinuousBatcher:
             logger.exception("sending a response failed")
 
 
-def leave_torch_threads_to_the_loop() -> None:
-    """Run torch single-threaded on the calling thread (a server's or a benchmark's main thread), so that
-    the decoding loop's OpenMP team is the only multi-threaded one (see ``torch_threads``). Call it before
-    the thread does any torch work: a team it has started already keeps slowing the loop down (measured).
-    Engines leave their caller's threads alone unless told so by this call."""
-    torch.set_num_threads(1)
-
-
 def run_torch_single_threaded() -> None:
-    """Background threads (adapter loaders, the watcher) run torch single-threaded: an OpenMP team started
-    from a second thread slows the loop's own small operations down (up to tenfold, measured on 2 cores).
+    """Run torch single-threaded on the calling thread, so that the decoding loop's OpenMP team is the only
+    multi-threaded one (see ``torch_threads``): a team started from a second thread slows the loop's own
+    small operations down (up to tenfold, measured on 2 cores). The engine's background threads (adapter
+    loaders, the watcher) call it; a server's or a benchmark's main thread calls it before any torch work,
+    since a team it has started already keeps slowing the loop down. Engines leave their caller's threads
+    alone otherwise.
 
-    They keep the loop's CPU priority. Ten nice levels lower, a loader that held the GIL while the kernel
+    Background threads keep the loop's CPU priority. Ten nice levels lower, a loader that held the GIL while the kernel
     ran the loop's busier threads instead kept the loop waiting for it: with 20 cold adapters arriving, the
     running streams' worst gap doubled and the loads took twice as long (docs/benchmarks.md)."""
     torch.set_num_threads(1)

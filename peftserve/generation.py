@@ -262,11 +262,12 @@ class ModelRunner:
         own), so the rule is checked, not trusted: sequence A prefills ``prompt_tokens`` (more than a sliding
         window, if the model has one), then A's next token and B's whole prompt run as separate passes and
         as one packed pass, through the base model."""
-        deltas = BatchDeltas(self.layers, [])
-        builder = packed_mask_builder(self.model.config, next(self.model.parameters()).dtype)
+        dtype = next(self.model.parameters()).dtype
+        builder = packed_mask_builder(self.model.config, dtype)
         if builder is None:
             logger.info("prefill and decoding run in separate passes: the model's attention takes no packed mask")
             return False
+        deltas = BatchDeltas(self.layers, [])
         window = getattr(self.model.config, "sliding_window", None) or 0
         length = max(prompt_tokens, min(window + 4, 256))
         generator = torch.Generator().manual_seed(0)
@@ -308,7 +309,7 @@ class ModelRunner:
         expected = torch.stack(separate).float()
         error = (packed.float() - expected).abs().max() / expected.abs().max().clamp(min=1e-6)
         # Half precision rounds the two layouts' sums differently; a mask error moves logits far more.
-        tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 3e-2
+        tolerance = 1e-3 if dtype == torch.float32 else 3e-2
         if not error <= tolerance:
             logger.warning(
                 "prefill and decoding run in separate passes: a packed pass differed from separate ones by %.2g "

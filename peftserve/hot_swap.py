@@ -1,13 +1,13 @@
 """Adapter hot-swap: notice new, changed and removed versions in the repository and switch safely.
 
-Like Triton's repository polling, but per adapter and without reloading the base model: every
-``interval`` seconds the watcher reads a fingerprint of each adapter the engine serves (its version
-directories' names and times, the serving version's files, a few ``stat`` calls) and looks closer only at
-adapters whose fingerprint changed, so a poll over thousands of served adapters stays short (measured with
-1,000: 532 ms of Python holding the GIL per poll when every adapter was listed and resolved in full, which
-slowed decoding by a fifth). When the highest version differs from the serving one — a new version was published, or the
-serving one was retired by a rollback — the candidate is loaded and smoke-checked in the background and
-then switched in atomically (:meth:`Engine.start_serving`); batches in flight finish on the old version.
+Like Triton's repository polling, but per adapter and without reloading the base model: every ``interval``
+seconds the watcher reads a fingerprint of each adapter the engine serves (its version directories' names
+and times, the serving version's files, a few ``stat`` calls) and looks closer only at adapters whose
+fingerprint changed, so a poll over thousands of served adapters stays short (measured with 1,000: 532 ms of
+Python holding the GIL per poll when every adapter was listed and resolved in full, which slowed decoding by
+a fifth). When the highest version differs from the serving one — a new version was published, or the
+serving one was retired by a rollback — the candidate is loaded and smoke-checked in the background and then
+switched in atomically (:meth:`Engine.start_serving`); batches in flight finish on the old version.
 A candidate that fails keeps the previous version serving and is remembered as rejected (until its files
 change), with a log line, a metric and a history record; the engine records it with its reason in the
 adapter status (:mod:`peftserve.adapter_status`), which the operator tools ask for.

@@ -207,20 +207,29 @@ class PagedKVCache:
         sequence.length = tokens
         self.bytes_written += tokens * self.bytes_per_token
 
+    def _claim(self, rows: list[tuple[int, int]]) -> tuple[list[_Sequence], torch.Tensor]:
+        """Advance each row's sequence by its ``n`` new tokens (all rows or, if one outgrew its blocks, none);
+        returns the sequences and the slots the new tokens go to, in row order."""
+        sequences = [self._sequences[sequence_id] for sequence_id, _ in rows]
+        for sequence, (sequence_id, new) in zip(sequences, rows, strict=True):
+            if sequence.length + new > len(sequence.slots):
+                raise MemoryError(f"sequence {sequence_id} outgrew the KV blocks reserved for it")
+        writes = []
+        for sequence, (_, new) in zip(sequences, rows, strict=True):
+            writes.append(sequence.slots[sequence.length : sequence.length + new])
+            sequence.length += new
+        return sequences, torch.cat(writes)
+
     def plan(self, rows: list[tuple[int, int]], query_length: int) -> torch.Tensor:
         """Prepare a forward pass in which row ``b`` = ``(sequence_id, n)`` adds ``n`` tokens, right-aligned in
         ``query_length`` query positions; returns the 2-D attention mask ``(rows, kv_length)``.
 
         The work is per row, never per cached token: each sequence's slots were laid out when its blocks
         were reserved, and the read index is one gather from them."""
-        sequences = [self._sequences[sequence_id] for sequence_id, _ in rows]
-        valid, writes = [], []
-        for b, (sequence, (sequence_id, new)) in enumerate(zip(sequences, rows, strict=True)):
-            if sequence.length + new > len(sequence.slots):
-                raise MemoryError(f"sequence {sequence_id} outgrew the KV blocks reserved for it")
-            writes.append(sequence.slots[sequence.length : sequence.length + new])
-            valid.extend(range(b * query_length + query_length - new, (b + 1) * query_length))
-            sequence.length += new
+        sequences, writes = self._claim(rows)
+        valid = []  # each row's new tokens are the last ``new`` of its ``query_length`` positions
+        for b, (_, new) in enumerate(rows):
+            valid.extend(range((b + 1) * query_length - new, (b + 1) * query_length))
         lengths = torch.tensor([sequence.length for sequence in sequences], device=self.device)
         kv_length = max(sequence.length for sequence in sequences)
         table = torch.nn.utils.rnn.pad_sequence([sequence.slots for sequence in sequences], batch_first=True)
@@ -229,7 +238,7 @@ class PagedKVCache:
         read = table.gather(1, offsets.clamp(min=0)).masked_fill(~present, 0)  # slot 0: block 0, always zero
         self._plan = _Plan(
             valid=torch.tensor(valid, device=self.device),
-            write=torch.cat(writes),
+            write=writes,
             read=read,
             query_length=query_length,
             kv_length=kv_length,
@@ -241,21 +250,13 @@ class PagedKVCache:
         ``(sequence_id, n)`` adds ``n``), attending to one row of keys, every row's keys so far in order.
         Returns who owns each query and key and at which position, for the caller to build the masks (causal,
         sliding) it needs. No padding: a decoding row and a prompt chunk share the pass at their own sizes."""
-        sequences = [self._sequences[sequence_id] for sequence_id, _ in rows]
-        writes, reads = [], []
-        for sequence, (sequence_id, new) in zip(sequences, rows, strict=True):
-            if sequence.length + new > len(sequence.slots):
-                raise MemoryError(f"sequence {sequence_id} outgrew the KV blocks reserved for it")
-            writes.append(sequence.slots[sequence.length : sequence.length + new])
-            sequence.length += new
-            reads.append(sequence.slots[: sequence.length])
+        sequences, writes = self._claim(rows)
+        reads = [sequence.slots[: sequence.length] for sequence in sequences]
         new = torch.tensor([n for _, n in rows], device=self.device)
         after = torch.tensor([sequence.length for sequence in sequences], device=self.device)
         owners = torch.arange(len(rows), device=self.device)
         read = torch.cat(reads)[None]
-        self._plan = _Plan(
-            valid=None, write=torch.cat(writes), read=read, query_length=int(new.sum()), kv_length=read.shape[1]
-        )
+        self._plan = _Plan(valid=None, write=writes, read=read, query_length=int(new.sum()), kv_length=read.shape[1])
         query_owner, key_owner = owners.repeat_interleave(new), owners.repeat_interleave(after)
         return PackedLayout(
             query_owner=query_owner,

@@ -163,7 +163,8 @@ class TorchKernels:
             out[start:stop].addmm_(y[start:stop], b[slot])
         if runs.gathered is not None:
             picked = y.index_select(0, runs.gathered).unsqueeze(1)
-            out.index_add_(0, runs.gathered, torch.bmm(picked, b.index_select(0, runs.gathered_slots)).squeeze(1))
+            delta = torch.bmm(picked, b.index_select(0, runs.gathered_slots)).squeeze(1)
+            out.index_put_((runs.gathered,), delta, accumulate=True)  # not index_add_: see AdapterSegments
 
     def scale(
         self,

@@ -1,14 +1,13 @@
 """How many prompt tokens the next prefill chunk may take, so running streams keep their pace.
 
 A prefill chunk runs between two decoding steps, or inside one (a packed pass), so every running stream
-waits for it. A fixed token count
-cannot suit every device: on a CPU a 256-token chunk of a small model costs ten decoding steps, on a GPU
-about one. The budget is therefore set in time: while streams are decoding, a chunk may take about
-``share`` times as long as a decoding step, converted to tokens with the prefill cost per token measured
-so far (moving averages of both). With nothing decoding, or before anything is measured, the chunk is
-``max_tokens``; it is never under ``min_tokens``, so a long prompt always progresses and a group of
-short prompts joins in one forward pass (each extra pass costs throughput: measured with
-``make bench-continuous``, splitting short joins cost a fifth of continuous batching's gain).
+waits for it. A fixed token count cannot suit every device: on a CPU a 256-token chunk of a small model
+costs ten decoding steps, on a GPU about one. The budget is therefore set in time: while streams are
+decoding, a chunk may take about ``share`` times as long as a decoding step, converted to tokens with the
+prefill cost per token measured so far (moving averages of both). With nothing decoding, or before anything
+is measured, the chunk is ``max_tokens``; it is never under ``min_tokens``, so a long prompt always
+progresses and a group of short prompts joins in one forward pass (each extra pass costs throughput:
+measured with ``make bench-continuous``, splitting short joins cost a fifth of continuous batching's gain).
 """
 
 from __future__ import annotations

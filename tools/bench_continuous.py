@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from peftserve.config import ServeConfig
-from peftserve.continuous import Work, leave_torch_threads_to_the_loop
+from peftserve.continuous import Work, run_torch_single_threaded
 from peftserve.engine import Engine
 from peftserve.requests import Completion, CompletionRequest
 from tools.bench_engine import build_assets, prompts
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("loadtests/reports/continuous.png"))
     parser.add_argument("--max-prompt-tokens", type=int, default=1024)
     args = parser.parse_args(argv)
-    leave_torch_threads_to_the_loop()
+    run_torch_single_threaded()
     with tempfile.TemporaryDirectory() as tmp:
         base_dir, loras, _ = build_assets(Path(tmp), hidden=args.hidden, layers=args.layers, lora_count=8)
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftserve.config import ServeConfig
-from peftserve.continuous import DEFAULT_TORCH_THREADS, leave_torch_threads_to_the_loop
+from peftserve.continuous import DEFAULT_TORCH_THREADS, run_torch_single_threaded
 from peftserve.engine import Engine
 from peftserve.requests import CompletionRequest
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args(argv)
-    leave_torch_threads_to_the_loop()  # the engine's loop gets the cores; PEFT's runs get them in own_threads
+    run_torch_single_threaded()  # the engine's loop gets the cores; PEFT's runs get them in own_threads
     torch.manual_seed(0)
     texts = prompts(args.prompts, 12)
     tokens = args.prompts * args.new_tokens

@@ -14,7 +14,7 @@ from dataclasses import replace
 import triton_python_backend_utils as pb_utils
 
 from peftserve.adapter_status import server_status
-from peftserve.continuous import Work, leave_torch_threads_to_the_loop
+from peftserve.continuous import Work, run_torch_single_threaded
 from peftserve.engine import Engine
 from peftserve.errors import InvalidRequestError, PeftServeError
 from peftserve.hot_swap import AdapterWatcher
@@ -44,7 +44,7 @@ class TritonPythonModel:
         logger.info("loading %s on %s", config.base_model, device)
         self.responses = ResponseLoop(final_flag=FINAL)
         self.metrics = TritonMetrics(config.served_model, run=self.responses.call)
-        leave_torch_threads_to_the_loop()  # before any torch work here: this thread hands requests over
+        run_torch_single_threaded()  # before any torch work here: this thread hands requests over
         engine = Engine(config, device=device, metrics=self.metrics)
         logger.info("loaded %s on %s as %s", config.base_model, device, engine.model.dtype)
         self.batcher = engine.batcher
