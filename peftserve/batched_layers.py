@@ -15,11 +15,12 @@ adapter's weights once however many rows use it.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -35,6 +36,15 @@ from peftserve.slot_tables import rank_bucket
 # adapter (the batcher keeps running rows sorted by adapter), since its stacked form would also index rows in
 # and out (measured: 8 mixed types 0.55x sliced against 0.47x indexed).
 _MAX_SLICED_ADAPTERS = 4
+
+# MaskedPairs computes a few low-rank adapters' columns for every row in three ops, against two or more per
+# adapter grouped; it takes adapters in order of rank up to this total rank, and is used where each op saved
+# spares at least as many multiply-adds as this wastes (on this project's CPUs a small op's dispatch costs
+# about as much as this many multiply-adds of a small matmul: measured 8-15 us against 31 GFLOP/s).
+_MASKED_MAX_RANK = 48
+_OP_MACS = 1 << 18
+
+_Stacked = TypeVar("_Stacked")
 
 
 @dataclass
@@ -60,13 +70,15 @@ class AdapterSegments:
 
     Each distinct adapter's pair is stacked once, and its rows are laid out ``(adapters, rows per adapter)``
     beside it, so a step reads each adapter's weights once (a per-row stack read them once per row: ~5% of a
-    decoding step on CPU with 4 LoRA over 16 rows). ``take`` picks the rows into that layout (an adapter with
-    fewer rows repeats one of its own), ``keep`` drops those repeats and ``rows`` says where each result goes;
-    all three are None when the batch already is that layout (equal runs, in order, over every row).
+    decoding step on CPU with 4 LoRA over 16 rows). Where the rows already are that layout (equal runs, in
+    order) they are the slice ``span`` of the batch, viewed in place; otherwise ``take`` picks the rows into
+    the layout (an adapter with fewer rows repeats one of its own), ``keep`` drops those repeats and ``rows``
+    says where each result goes.
     """
 
     a: torch.Tensor  # (adapters, in, r)
     b: torch.Tensor  # (adapters, r, out)
+    span: slice | None = None  # rows already laid out: every row if ``take`` is None too
     take: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     rows: torch.Tensor | None = None
@@ -74,8 +86,9 @@ class AdapterSegments:
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         adapters = self.a.shape[0]
         if self.take is None:
-            laid_out = x.reshape(adapters, -1, x.shape[-1])
-            out.view(adapters, -1, out.shape[-1]).baddbmm_(torch.bmm(laid_out, self.a), self.b)
+            target = out if self.span is None else out[self.span]
+            laid_out = (x if self.span is None else x[self.span]).reshape(adapters, -1, x.shape[-1])
+            target.view(adapters, -1, out.shape[-1]).baddbmm_(torch.bmm(laid_out, self.a), self.b)
             return out
         laid_out = x.index_select(0, self.take).reshape(adapters, -1, x.shape[-1])
         delta = torch.bmm(torch.bmm(laid_out, self.a), self.b).reshape(-1, *out.shape[1:])
@@ -87,14 +100,35 @@ class AdapterSegments:
 
 
 @dataclass
+class MaskedPairs:
+    """Rows of a few adapters in one call over all of them: every adapter's pair side by side, ``x @ [A1 A2 ..]``
+    for every row, each row's columns of other adapters zeroed by ``mask``, then ``@ [B1; B2; ..]``.
+
+    Three ops however many adapters and however their rows interleave, against two or more per adapter
+    otherwise; each row computes the other adapters' columns too, so it is used only where that waste is
+    small (few adapters, low ranks, small layers: :data:`_OP_MACS`). The zeroed columns add exact
+    zeros to a row's result.
+    """
+
+    a: torch.Tensor  # (in, total rank)
+    b: torch.Tensor  # (total rank, out)
+    mask: torch.Tensor  # (rows, 1, total rank): 1 on each row's own adapter's columns
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        low = torch.matmul(x, self.a).mul_(self.mask)
+        out.view(-1, out.shape[-1]).addmm_(low.view(-1, low.shape[-1]), self.b)  # in place on this call's output
+        return out
+
+
+@dataclass
 class RowDeltas:
     """Per-row tensors of one module for the batch in flight (``B`` = batch rows)."""
 
     batch: int
-    low_rank: list[LowRankGroup | AdapterSegments] = field(default_factory=list)
-    in_scale: torch.Tensor | None = None  # (B, 1, in), ones for rows without input scaling
-    out_scale: torch.Tensor | None = None  # (B, 1, out), ones for rows without output scaling
-    bias_scale: torch.Tensor | None = None  # (B, 1, out), set only when the layer has a bias
+    low_rank: list[LowRankGroup | AdapterSegments | MaskedPairs] = field(default_factory=list)
+    in_scale: torch.Tensor | None = None  # (B or 1, 1, in), ones for rows without input scaling
+    out_scale: torch.Tensor | None = None  # (B or 1, 1, out), ones for rows without output scaling
+    bias_scale: torch.Tensor | None = None  # (B or 1, 1, out), set only when the layer has a bias
     # On CUDA every term above comes from slot tables instead: (base layer, x) -> output.
     through_slots: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
@@ -147,6 +181,7 @@ class AdapterLayers:
         self.model = model
         self.wrapped: dict[str, AdapterLinear] = {}
         self.slot_path: SlotPath | None = None
+        self.stacks = StackMemo()
 
     def use_slot_path(self, path: SlotPath) -> None:
         """Compute every later batch through ``path`` (the engine does this on CUDA)."""
@@ -163,6 +198,7 @@ class AdapterLayers:
             wrapper = AdapterLinear(getattr(parent, child_name))
             setattr(parent, child_name, wrapper)
             self.wrapped[name] = wrapper
+            self.stacks.capacity = 4 * len(self.wrapped)
             if self.slot_path is not None:
                 self.slot_path.add_modules({name: wrapper.base})
 
@@ -185,76 +221,134 @@ class BatchDeltas:
         self.layers = layers
         self.batch = len(row_adapters)
         self.per_module: dict[str, RowDeltas] = {}
-        touched = {name for adapter in row_adapters if adapter for name in adapter.modules}
         if layers.slot_path is not None:
+            touched = {name for adapter in row_adapters if adapter for name in adapter.modules}
             forward = layers.slot_path.batch(row_adapters).forward
             self.per_module = {name: RowDeltas(self.batch, through_slots=partial(forward, name)) for name in touched}
             return
-        plans = _LayoutPlans(row_adapters)
-        for name in touched:
-            self.per_module[name] = _gather(name, row_adapters, self.layers.wrapped[name], plans)
+        layout = _BatchLayout(row_adapters, layers.stacks)
+        for name in {name for adapter in layout.distinct for name in adapter.modules}:
+            self.per_module[name] = _gather(name, layout, self.layers.wrapped[name])
 
     def install(self) -> None:
         for name, layer in self.layers.wrapped.items():
             layer.rows = self.per_module.get(name)
 
 
-def _gather(
-    name: str, row_adapters: Sequence[AdapterWeights | None], layer: AdapterLinear, plans: _LayoutPlans
-) -> RowDeltas:
+def _gather(name: str, layout: _BatchLayout, layer: AdapterLinear) -> RowDeltas:
     weight = layer.base.weight
-    deltas = [adapter.modules.get(name) if adapter else None for adapter in row_adapters]
-    batch = len(deltas)
-    result = RowDeltas(batch, low_rank=plans.groups(deltas, weight))
-    if not plans.scales:
+    deltas = [adapter.modules.get(name) for adapter in layout.distinct]
+    features = layer.in_features + layer.out_features
+    result = RowDeltas(layout.batch, low_rank=layout.groups(deltas, features, weight))
+    if not layout.scales:
         return result
-    result.in_scale = _row_vectors(deltas, "in_scale", batch, layer.in_features, weight)
-    result.out_scale = _row_vectors(deltas, "out_scale", batch, layer.out_features, weight)
-    if layer.base.bias is not None and any(d is not None and d.scales_bias for d in deltas):
-        result.bias_scale = weight.new_ones(batch, 1, layer.out_features)
-        for row, delta in enumerate(deltas):
-            if delta is not None and delta.scales_bias:
-                result.bias_scale[row, 0] = delta.out_scale
+    present = [d for d in deltas if d is not None]
+    if any(d.in_scale is not None for d in present):
+        result.in_scale = layout.row_vectors([d and d.in_scale for d in deltas], layer.in_features, weight)
+    if any(d.out_scale is not None for d in present):
+        result.out_scale = layout.row_vectors([d and d.out_scale for d in deltas], layer.out_features, weight)
+        if layer.base.bias is not None and any(d.scales_bias for d in present):
+            bias_scales = [d.out_scale if d is not None and d.scales_bias else None for d in deltas]
+            result.bias_scale = layout.row_vectors(bias_scales, layer.out_features, weight)
     return result
 
 
-class _LayoutPlans:
-    """The low-rank layout of one batch's rows, worked out once per pattern of ranks and shared by every module
-    with that pattern (with many distinct adapters the running set changes nearly every step, and this is
-    rebuilt for every module each time: per-module Python over the rows was most of that cost).
+class _BatchLayout:
+    """Which adapter each row of one batch uses, and the low-rank layouts that follow from it.
 
-    Within one batch a module's delta is the same object for rows of the same adapter and a different one
-    across adapters, so the layout follows from the rows' adapters and each row's rank in the module.
+    Work per module goes over the batch's distinct adapters, not its rows: a packed pass has a row per token,
+    and with many distinct adapters the batch changes nearly every step, so per-module Python over the rows
+    was most of the cost of a new batch. A module's low-rank layout follows from the rows' adapters and each
+    adapter's rank in that module, so it is worked out once per pattern of ranks and shared by every module
+    with that pattern.
     """
 
-    def __init__(self, row_adapters: Sequence[AdapterWeights | None]) -> None:
+    def __init__(self, row_adapters: Sequence[AdapterWeights | None], stacks: StackMemo) -> None:
+        self.stacks = stacks
         numbers: dict[int, int] = {}
-        self.adapter_of_row = [-1 if a is None else numbers.setdefault(id(a), len(numbers)) for a in row_adapters]
-        self.scales = any(adapter.scales for adapter in row_adapters if adapter is not None)
-        self._plans: dict[tuple[int, ...], list[_GroupPlan]] = {}
+        self.distinct: list[AdapterWeights] = []
+        self.adapter_of_row: list[int] = []  # -1: the base model
+        for adapter in row_adapters:
+            if adapter is None:
+                self.adapter_of_row.append(-1)
+                continue
+            number = numbers.setdefault(id(adapter), len(self.distinct))
+            if number == len(self.distinct):
+                self.distinct.append(adapter)
+            self.adapter_of_row.append(number)
+        self.batch = len(row_adapters)
+        self.scales = any(adapter.scales for adapter in self.distinct)
+        self._plans: dict[tuple[int, ...], tuple[list[_GroupPlan], _MaskedChoice | None]] = {}
+        self._table_rows: torch.Tensor | None = None
 
-    def groups(self, deltas: list[ModuleDelta | None], like: torch.Tensor) -> list[LowRankGroup | AdapterSegments]:
+    def groups(
+        self, deltas: list[ModuleDelta | None], features: int, like: torch.Tensor
+    ) -> list[LowRankGroup | AdapterSegments | MaskedPairs]:
+        """One module's low-rank groups; ``deltas[i]`` is the module's part of ``distinct[i]``, ``features`` the
+        module's input plus output features."""
         ranks = tuple(0 if d is None or d.lora_a is None else d.lora_a.shape[1] for d in deltas)
-        plan = self._plans.get(ranks)
-        if plan is None:
-            plan = self._plans[ranks] = self._plan(ranks, like.device)
-        return [group.build(deltas) for group in plan]
+        plans = self._plans.get(ranks)
+        if plans is None:
+            grouped = self._plan(ranks, like.device)
+            plans = self._plans[ranks] = grouped, self._masked(ranks, grouped, like)
+        grouped, masked = plans
+        if masked is not None and masked.wasted * features <= (_ops(grouped) - _ops(masked.plan)) * _OP_MACS:
+            return [group.build(deltas, self.stacks) for group in masked.plan]
+        return [group.build(deltas, self.stacks) for group in grouped]
+
+    def _masked(self, ranks: tuple[int, ...], grouped: list[_GroupPlan], like: torch.Tensor) -> _MaskedChoice | None:
+        """The lowest-rank adapters side by side (:class:`MaskedPairs`), the others grouped, where that takes
+        fewer ops than grouping them all; None otherwise."""
+        members: list[int] = []
+        for adapter in sorted((adapter for adapter, rank in enumerate(ranks) if rank), key=ranks.__getitem__):
+            if sum(ranks[member] for member in members) + ranks[adapter] > _MASKED_MAX_RANK:
+                break
+            members.append(adapter)
+        if len(members) < 2:
+            return None
+        rest = self._plan(tuple(0 if adapter in members else rank for adapter, rank in enumerate(ranks)), like.device)
+        columns = torch.tensor([adapter for adapter in members for _ in range(ranks[adapter])], device=like.device)
+        rows = torch.tensor(self.adapter_of_row, device=like.device)
+        mask = (rows[:, None] == columns[None, :]).to(like.dtype).unsqueeze(1)
+        plan = [_MaskedPlan(members, mask), *rest]
+        if _ops(plan) >= _ops(grouped):
+            return None
+        used = sum(ranks[adapter] for adapter in self.adapter_of_row if adapter in members)
+        return _MaskedChoice(plan, wasted=self.batch * mask.shape[-1] - used)
+
+    def row_vectors(self, vectors: list[torch.Tensor | None], width: int, like: torch.Tensor) -> torch.Tensor:
+        """Per-row scaling vectors ``(rows, 1, width)`` from one vector (or None: ones) per distinct adapter.
+
+        A table of the distinct vectors, ones first, indexed by row: three ops however many rows; a batch of
+        one adapter's rows broadcasts its vector instead.
+        """
+        if len(vectors) == 1 and -1 not in self.adapter_of_row and vectors[0] is not None:
+            return vectors[0].reshape(1, 1, width)
+
+        def stack_table() -> torch.Tensor:
+            ones = like.new_ones(1, width)
+            return torch.cat([ones, *(ones if v is None else v.reshape(1, width) for v in vectors)])
+
+        table = self.stacks.get(("scales", width), vectors, stack_table)
+        if self._table_rows is None or self._table_rows.device != like.device:
+            self._table_rows = torch.tensor([adapter + 1 for adapter in self.adapter_of_row], device=like.device)
+        return table.index_select(0, self._table_rows).unsqueeze(1)
 
     def _plan(self, ranks: tuple[int, ...], device: torch.device) -> list[_GroupPlan]:
         buckets: dict[int, list[int]] = {}
-        for row, rank in enumerate(ranks):
-            if rank:
-                buckets.setdefault(rank_bucket(rank), []).append(row)
+        for row, adapter in enumerate(self.adapter_of_row):
+            if adapter >= 0 and ranks[adapter]:
+                buckets.setdefault(rank_bucket(ranks[adapter]), []).append(row)
         plan: list[_GroupPlan] = []
         for rows in buckets.values():
             sliced, rows = self._peel_crowded(rows)
             runs = _contiguous_runs(rows, [self.adapter_of_row[row] for row in rows])
-            if len(runs) == 1 or (len(rows) < len(ranks) and len(runs) <= _MAX_SLICED_ADAPTERS):
+            if len(runs) == 1 or (len(rows) < self.batch and len(runs) <= _MAX_SLICED_ADAPTERS and not _laid_out(runs)):
                 sliced += runs
             elif rows:
-                plan.append(self._segments(rows, len(ranks), {ranks[row] for row in rows}, device))
-            plan += [_RunPlan(None if stop - start == len(ranks) else slice(start, stop), start, stop - start)
-                     for start, stop, _ in sliced]  # fmt: skip
+                plan.append(self._segments(rows, ranks, device))
+            plan += [_RunPlan(None if stop - start == self.batch else slice(start, stop), owner, stop - start)
+                     for start, stop, owner in sliced]  # fmt: skip
         return plan
 
     def _peel_crowded(self, rows: list[int]) -> tuple[list[tuple[int, int, int]], list[int]]:
@@ -275,7 +369,7 @@ class _LayoutPlans:
             peeled += _contiguous_runs(own, [busiest] * len(own))
             rows = [row for row in rows if self.adapter_of_row[row] != busiest]
 
-    def _segments(self, rows: list[int], batch: int, ranks: set[int], device: torch.device) -> _SegmentsPlan:
+    def _segments(self, rows: list[int], ranks: tuple[int, ...], device: torch.device) -> _SegmentsPlan:
         """Each distinct adapter once, its rows laid out ``(adapters, rows per adapter)``."""
         rows_of: dict[int, list[int]] = {}
         for row in rows:
@@ -283,9 +377,12 @@ class _LayoutPlans:
         owned = list(rows_of.values())
         per_adapter = max(len(own) for own in owned)
         layout = [own[min(i, len(own) - 1)] for own in owned for i in range(per_adapter)]
-        first_rows = [own[0] for own in owned]
-        if layout == list(range(batch)):
-            return _SegmentsPlan(first_rows, max(ranks) if len(ranks) > 1 else None)
+        adapters = list(rows_of)
+        group_ranks = {ranks[adapter] for adapter in adapters}
+        padded = max(group_ranks) if len(group_ranks) > 1 else None
+        if layout == list(range(layout[0], layout[0] + len(layout))):
+            span = None if len(layout) == self.batch else slice(layout[0], layout[0] + len(layout))
+            return _SegmentsPlan(adapters, padded, span=span)
         kept = [slot * per_adapter + i for slot, own in enumerate(owned) for i in range(len(own))]
         targets = [row for own in owned for row in own]
 
@@ -293,8 +390,7 @@ class _LayoutPlans:
             return torch.tensor(values, device=device)
 
         keep = None if len(kept) == len(layout) else index(kept)
-        padded = max(ranks) if len(ranks) > 1 else None
-        return _SegmentsPlan(first_rows, padded, take=index(layout), keep=keep, rows=index(targets))
+        return _SegmentsPlan(adapters, padded, take=index(layout), keep=keep, rows=index(targets))
 
 
 @dataclass(frozen=True)
@@ -302,11 +398,11 @@ class _RunPlan:
     """A run of rows of one adapter: a :class:`LowRankGroup` over its own pair, expanded without copies."""
 
     rows: slice | None
-    first: int
+    adapter: int  # its number among the batch's distinct adapters
     length: int
 
-    def build(self, deltas: list[ModuleDelta | None]) -> LowRankGroup:
-        member = deltas[self.first]
+    def build(self, deltas: list[ModuleDelta | None], stacks: StackMemo) -> LowRankGroup:
+        member = deltas[self.adapter]
         return LowRankGroup(
             self.rows, member.lora_a.expand(self.length, -1, -1), member.lora_b.expand(self.length, -1, -1)
         )
@@ -317,28 +413,103 @@ class _SegmentsPlan:
     """Rows of several adapters as :class:`AdapterSegments`: each adapter's pair stacked once (one op for
     pairs of one rank; zero-padded to ``padded_rank`` otherwise, which adds exact zeros)."""
 
-    first_rows: list[int]  # a row of each distinct adapter, in layout order
+    adapters: list[int]  # numbers among the batch's distinct adapters, in layout order
     padded_rank: int | None
+    span: slice | None = None
     take: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     rows: torch.Tensor | None = None
 
-    def build(self, deltas: list[ModuleDelta | None]) -> AdapterSegments:
-        members = [deltas[row] for row in self.first_rows]
+    def build(self, deltas: list[ModuleDelta | None], stacks: StackMemo) -> AdapterSegments:
+        members = [deltas[adapter] for adapter in self.adapters]
+        a, b = stacks.get(("pairs", self.padded_rank), members, partial(self._stack, members))
+        return AdapterSegments(a, b, span=self.span, take=self.take, keep=self.keep, rows=self.rows)
+
+    def _stack(self, members: list[ModuleDelta]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.padded_rank is None:
-            a = torch.stack([member.lora_a for member in members])
-            b = torch.stack([member.lora_b for member in members])
+            return torch.stack([member.lora_a for member in members]), torch.stack([m.lora_b for m in members])
+        like = members[0].lora_a
+        a = like.new_zeros(len(members), like.shape[0], self.padded_rank)
+        b = like.new_zeros(len(members), self.padded_rank, members[0].lora_b.shape[1])
+        for slot, member in enumerate(members):
+            a[slot, :, : member.lora_a.shape[1]] = member.lora_a
+            b[slot, : member.lora_b.shape[0], :] = member.lora_b
+        return a, b
+
+
+@dataclass(frozen=True)
+class _MaskedPlan:
+    """Rows of several adapters as :class:`MaskedPairs`: their pairs side by side, a row mask per batch."""
+
+    adapters: list[int]  # numbers among the batch's distinct adapters, in column order
+    mask: torch.Tensor
+
+    def build(self, deltas: list[ModuleDelta | None], stacks: StackMemo) -> MaskedPairs:
+        members = [deltas[adapter] for adapter in self.adapters]
+        a, b = stacks.get(("side by side",), members, partial(_side_by_side, members))
+        return MaskedPairs(a, b, self.mask)
+
+
+@dataclass(frozen=True)
+class _MaskedChoice:
+    """A plan with :class:`MaskedPairs`, and the columns per row it computes for nothing (times the module's
+    features: multiply-adds wasted)."""
+
+    plan: list[_GroupPlan | _MaskedPlan]
+    wasted: int
+
+
+def _ops(plan: list) -> int:
+    """Tensor ops a plan runs per forward: what its groups cost beyond their arithmetic on a CPU."""
+    total = 0
+    for group in plan:
+        if isinstance(group, _SegmentsPlan) and group.take is not None:
+            total += 4 if group.keep is None else 5
         else:
-            like = members[0].lora_a
-            a = like.new_zeros(len(members), like.shape[0], self.padded_rank)
-            b = like.new_zeros(len(members), self.padded_rank, members[0].lora_b.shape[1])
-            for slot, member in enumerate(members):
-                a[slot, :, : member.lora_a.shape[1]] = member.lora_a
-                b[slot, : member.lora_b.shape[0], :] = member.lora_b
-        return AdapterSegments(a, b, take=self.take, keep=self.keep, rows=self.rows)
+            total += 3 if isinstance(group, _MaskedPlan) else 2
+    return total
+
+
+def _side_by_side(members: list[ModuleDelta]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([m.lora_a for m in members], dim=1), torch.cat([m.lora_b for m in members])
 
 
 _GroupPlan = _RunPlan | _SegmentsPlan
+
+
+class StackMemo:
+    """Stacked adapter pairs and scaling tables of recent batches, reused while their adapters are the same.
+
+    With requests joining and leaving, the batch changes nearly every step while the set of adapters in it
+    rarely does; stacking each module's pairs again for every new batch was most of what a new batch cost.
+    Entries are keyed by the identity of the parts stacked and keep those parts alive (so an identity is
+    never reused while its entry exists); a bounded number of recent entries is kept, about two batches'
+    worth (four per wrapped module), so the copies held beyond the batch in flight stay bounded.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, tuple[list, Any]] = OrderedDict()
+
+    def get(self, kind: tuple, parts: list, make: Callable[[], _Stacked]) -> _Stacked:
+        key = (kind, *map(id, parts))
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry[1]
+        value = make()
+        self._entries[key] = (parts, value)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return value
+
+
+def _laid_out(runs: list[tuple[int, int, int]]) -> bool:
+    """Whether runs of distinct adapters are equal and back to back: a stack's layout, viewed in place."""
+    lengths = {stop - start for start, stop, _ in runs}
+    owners = {owner for _, _, owner in runs}
+    contiguous = all(runs[i][1] == runs[i + 1][0] for i in range(len(runs) - 1))
+    return len(lengths) == 1 and len(owners) == len(runs) and contiguous
 
 
 def _contiguous_runs(rows: list[int], owners: list[int]) -> list[tuple[int, int, int]]:
@@ -350,14 +521,3 @@ def _contiguous_runs(rows: list[int], owners: list[int]) -> list[tuple[int, int,
         else:
             runs.append((row, row + 1, owner))
     return runs
-
-
-def _row_vectors(deltas: list, field: str, batch: int, width: int, like: torch.Tensor) -> torch.Tensor | None:
-    """Stack one per-row scaling vector (ones where a row has none), or None if no row has one."""
-    if not any(d is not None and getattr(d, field) is not None for d in deltas):
-        return None
-    stacked = like.new_ones(batch, 1, width)
-    for row, delta in enumerate(deltas):
-        if delta is not None and getattr(delta, field) is not None:
-            stacked[row, 0] = getattr(delta, field)
-    return stacked

@@ -10,8 +10,16 @@ import pytest
 import torch
 from torch import nn
 
+from peftserve import batched_layers
 from peftserve.adapter_weights import AdapterWeights, ModuleDelta
-from peftserve.batched_layers import _MAX_SLICED_ADAPTERS, AdapterLayers, AdapterSegments, BatchDeltas, LowRankGroup
+from peftserve.batched_layers import (
+    _MAX_SLICED_ADAPTERS,
+    AdapterLayers,
+    AdapterSegments,
+    BatchDeltas,
+    LowRankGroup,
+    MaskedPairs,
+)
 
 IN, OUT, TOKENS = 24, 40, 3
 
@@ -63,6 +71,14 @@ CASES = {
     "few adapters in runs": [many[0], many[0], many[1], many[2], many[2]],
     "many adapters, every row (stacked, no index)": many,
     "adapters in equal runs over every row (stacked, no index)": [many[0], many[0], many[1], many[1], many[2], many[2]],
+    "adapters in equal runs beside base rows (stacked on a slice, no index)": [
+        None,
+        many[0],
+        many[0],
+        many[1],
+        many[1],
+        None,
+    ],
     "adapters in unequal runs (stacked, padded)": [many[0], many[0], many[0], many[1], many[2], many[2]],
     "one adapter's rows apart (stacked, indexed)": [many[0], many[1], many[0], many[2]],
     "many adapters interleaved with base rows (stacked, indexed)": [None, *many[:3], None, *many[3:]],
@@ -86,19 +102,64 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["grouped", "masked where it fits"])
+def masked_macs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Every case runs grouped (no masked pairs) and with masked pairs allowed for any size."""
+    limit = 0 if request.param == "grouped" else 1 << 40
+    monkeypatch.setattr(batched_layers, "_OP_MACS", limit)
+    return limit
+
+
 @pytest.mark.parametrize("rows", CASES.values(), ids=CASES.keys())
-def test_every_grouping_equals_each_row_alone(rows: list[AdapterWeights | None]) -> None:
+def test_every_grouping_equals_each_row_alone(rows: list[AdapterWeights | None], masked_macs: int) -> None:
     batched, expected = run_batch(rows)
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_a_crowded_adapter_is_sliced_instead_of_padding_the_stack() -> None:
+def low_rank_groups(rows: list[AdapterWeights | None]) -> list:
     model = nn.Sequential()
     model.add_module("proj", nn.Linear(IN, OUT))
     layers = AdapterLayers(model)
     layers.wrap(["proj"])
+    return BatchDeltas(layers, rows).per_module["proj"].low_rank
+
+
+def test_masked_pairs_take_interleaved_rows_of_a_few_small_adapters() -> None:
+    (masked,) = low_rank_groups([many[0], many[1], None, many[0], many[2]])
+    assert isinstance(masked, MaskedPairs) and masked.a.shape == (IN, 24) and masked.mask.shape == (5, 1, 24)
+    assert masked.mask[2].sum() == 0 and masked.mask[3].sum() == 8
+
+
+def test_rows_already_in_their_stacked_layout_stay_stacked() -> None:
+    (stacked,) = low_rank_groups([many[0], many[0], many[1], many[1]])
+    assert isinstance(stacked, AdapterSegments) and stacked.take is None and stacked.span is None
+    (on_a_slice,) = low_rank_groups([None, many[0], many[0], many[1], many[1], None])
+    assert isinstance(on_a_slice, AdapterSegments) and on_a_slice.take is None and on_a_slice.span == slice(1, 5)
+
+
+def test_masked_pairs_only_where_the_ops_saved_outweigh_the_columns_wasted(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [many[0], many[1], None, many[0], many[2]]  # grouped: four runs of rank 8, two ops each
+    wasted = (len(rows) * 24 - 4 * 8) * (IN + OUT)  # every row computes 24 columns, four rows need 8 each
+    saved_ops = 4 * 2 - 3
+    monkeypatch.setattr(batched_layers, "_OP_MACS", -(-wasted // saved_ops))
+    assert isinstance(low_rank_groups(rows)[0], MaskedPairs)
+    monkeypatch.setattr(batched_layers, "_OP_MACS", -(-wasted // saved_ops) - 1)
+    groups = low_rank_groups(rows)
+    assert len(groups) == 4 and not any(isinstance(group, MaskedPairs) for group in groups)
+
+
+def test_a_high_rank_adapter_stays_out_of_the_masked_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batched_layers, "_OP_MACS", 1 << 40)
+    high = lora(64, 40)
+    groups = low_rank_groups([many[0], many[1], high, many[0], many[2], high])
+    masked = [group for group in groups if isinstance(group, MaskedPairs)]
+    assert len(masked) == 1 and masked[0].a.shape[1] == 24 and len(groups) == 3  # the rank-64 rows: two runs
+
+
+def test_a_crowded_adapter_is_sliced_instead_of_padding_the_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batched_layers, "_OP_MACS", 0)
     rows = [*many[:3], *[many[3]] * 12, *many[4:]]
-    groups = BatchDeltas(layers, rows).per_module["proj"].low_rank
+    groups = low_rank_groups(rows)
     stacked = [group for group in groups if isinstance(group, AdapterSegments)]
     assert len(stacked) == 1 and stacked[0].a.shape[0] == len(many) - 1  # every adapter but the crowded one
     assert stacked[0].take is None or stacked[0].take.numel() < 2 * len(rows)
