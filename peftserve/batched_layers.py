@@ -19,7 +19,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from typing import Any, TypeVar
 
 import torch
@@ -167,10 +167,11 @@ class AdapterLinear(nn.Module):
         out = F.linear(x if rows.in_scale is None else x * rows.in_scale, linear_weight(self.base))
         for group in rows.low_rank:
             out = group.add_to(out, x)
+        # In place: ``out`` is this call's own output.
         if rows.out_scale is not None:
-            out = out * rows.out_scale
+            out.mul_(rows.out_scale)
         if self.base.bias is not None:
-            out = out + (self.base.bias if rows.bias_scale is None else self.base.bias * rows.bias_scale)
+            out.add_(self.base.bias if rows.bias_scale is None else self.base.bias * rows.bias_scale)
         return out
 
 
@@ -304,17 +305,15 @@ class _BatchLayout:
             if sum(ranks[member] for member in members) + ranks[adapter] > _MASKED_MAX_RANK:
                 break
             members.append(adapter)
-        if len(members) < 2:
+        if len(members) < 2 or _ops(grouped) <= 3:
             return None
         rest = self._plan(tuple(0 if adapter in members else rank for adapter, rank in enumerate(ranks)), like.device)
-        columns = torch.tensor([adapter for adapter in members for _ in range(ranks[adapter])], device=like.device)
-        rows = torch.tensor(self.adapter_of_row, device=like.device)
-        mask = (rows[:, None] == columns[None, :]).to(like.dtype).unsqueeze(1)
-        plan = [_MaskedPlan(members, mask), *rest]
+        columns = [adapter for adapter in members for _ in range(ranks[adapter])]
+        plan = [_MaskedPlan(members, _RowMask(self.adapter_of_row, columns, like.dtype, like.device)), *rest]
         if _ops(plan) >= _ops(grouped):
             return None
         used = sum(ranks[adapter] for adapter in self.adapter_of_row if adapter in members)
-        return _MaskedChoice(plan, wasted=self.batch * mask.shape[-1] - used)
+        return _MaskedChoice(plan, wasted=self.batch * len(columns) - used)
 
     def row_vectors(self, vectors: list[torch.Tensor | None], width: int, like: torch.Tensor) -> torch.Tensor:
         """Per-row scaling vectors ``(rows, 1, width)`` from one vector (or None: ones) per distinct adapter.
@@ -437,17 +436,35 @@ class _SegmentsPlan:
         return a, b
 
 
+class _RowMask:
+    """``(rows, 1, columns)``: 1 where a row's adapter owns the column; built on first use, since most plans
+    that could use it do not."""
+
+    def __init__(self, row_owners: list[int], column_owners: list[int], dtype: torch.dtype, device: torch.device):
+        self._owners = row_owners, column_owners, dtype, device
+
+    @cached_property
+    def tensor(self) -> torch.Tensor:
+        row_owners, column_owners, dtype, device = self._owners
+        rows, columns = torch.tensor(row_owners, device=device), torch.tensor(column_owners, device=device)
+        return (rows[:, None] == columns[None, :]).to(dtype).unsqueeze(1)
+
+
 @dataclass(frozen=True)
 class _MaskedPlan:
     """Rows of several adapters as :class:`MaskedPairs`: their pairs side by side, a row mask per batch."""
 
     adapters: list[int]  # numbers among the batch's distinct adapters, in column order
-    mask: torch.Tensor
+    mask: _RowMask
 
     def build(self, deltas: list[ModuleDelta | None], stacks: StackMemo) -> MaskedPairs:
         members = [deltas[adapter] for adapter in self.adapters]
         a, b = stacks.get(("side by side",), members, partial(_side_by_side, members))
-        return MaskedPairs(a, b, self.mask)
+        return MaskedPairs(a, b, self.mask.tensor)
+
+
+def _side_by_side(members: list[ModuleDelta]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([m.lora_a for m in members], dim=1), torch.cat([m.lora_b for m in members])
 
 
 @dataclass(frozen=True)
