@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -247,8 +248,11 @@ def _convert_lokr(config: dict[str, Any], tensors: dict[str, torch.Tensor], base
         rank = int(_pattern_value(module, config.get("rank_pattern"), config.get("r", 8)))
         alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("alpha", rank)))
         device, dtype = _factor_placement(module, base)
-        left, right = kronecker_pair(*([t.to(device=device, dtype=dtype) for t in chain] for chain in (w1, w2)))
-        weights.modules[module] = _low_rank_pair(right, left * (alpha / rank), base)
+        chains = [[t.to(device=device, dtype=dtype) for t in chain] for chain in (w1, w2)]
+        left, right = kronecker_pair(*chains)
+        factor1, factor2 = (chain[0] if len(chain) == 1 else chain[0] @ chain[1] for chain in chains)
+        kronecker = (_cast(factor1 * (alpha / rank), base), _cast(factor2.t(), base))
+        weights.modules[module] = replace(_low_rank_pair(right, left * (alpha / rank), base), kronecker=kronecker)
     return weights
 
 

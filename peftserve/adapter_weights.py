@@ -125,6 +125,10 @@ class ModuleDelta:
     in_scale: torch.Tensor | None = None  # (in,): IA3 on a feed-forward module scales the input
     out_scale: torch.Tensor | None = None  # (out,): IA3 elsewhere, and DoRA's magnitude / column norm
     scales_bias: bool = False  # IA3 scales the whole output, bias included; DoRA leaves the bias alone
+    # LoKr also keeps its Kronecker factors, ``(W1 * scaling (a, c), W2 transposed (d, b))`` with the delta
+    # ``kron(W1, W2)``: where the exact pair's rank is large the CPU path computes through them instead,
+    # reading a few thousand numbers instead of rank x (in + out) (peftserve.batched_layers).
+    kronecker: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -154,7 +158,7 @@ class AdapterWeights:
         """Every runtime tensor this adapter holds."""
         parts = [self.prefix_kv, self.virtual_embeddings]
         for delta in self.modules.values():
-            parts += [delta.lora_a, delta.lora_b, delta.in_scale, delta.out_scale]
+            parts += [delta.lora_a, delta.lora_b, delta.in_scale, delta.out_scale, *(delta.kronecker or ())]
         return [t for t in parts if t is not None]
 
     def copied_to(self, device: torch.device, *, pin: bool = False, non_blocking: bool = False) -> AdapterWeights:
@@ -175,6 +179,7 @@ class AdapterWeights:
                 lora_b=move(delta.lora_b),
                 in_scale=move(delta.in_scale),
                 out_scale=move(delta.out_scale),
+                kronecker=None if delta.kronecker is None else (move(delta.kronecker[0]), move(delta.kronecker[1])),
             )
             for name, delta in self.modules.items()
         }

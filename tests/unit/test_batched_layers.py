@@ -17,6 +17,7 @@ from peftserve.batched_layers import (
     AdapterLayers,
     AdapterSegments,
     BatchDeltas,
+    KroneckerRun,
     LowRankGroup,
     MaskedPairs,
 )
@@ -114,6 +115,35 @@ def masked_macs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 def test_every_grouping_equals_each_row_alone(rows: list[AdapterWeights | None], masked_macs: int) -> None:
     batched, expected = run_batch(rows)
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-4)
+
+
+def lokr(seed: int) -> AdapterWeights:
+    """A LoKr delta ``kron(W1 (5, 4), W2 (8, 6))`` on the (24 -> 40) layer, as a pair and as its factors."""
+    generator = torch.Generator().manual_seed(seed)
+    w1, w2 = torch.randn(5, 4, generator=generator), torch.randn(8, 6, generator=generator)
+    delta = torch.kron(w1, w2)  # (out, in)
+    pair_a, pair_b = torch.eye(IN), delta.t().contiguous()  # an exact pair of rank IN, only for the reference
+    return AdapterWeights("LOKR", {"proj": ModuleDelta(lora_a=pair_a, lora_b=pair_b, kronecker=(w1, w2.t()))})
+
+
+KRONECKER_CASES = {
+    "alone": [lokr(50)] * 3,
+    "beside other adapters and base rows": [None, lokr(50), lokr(50), many[0], lokr(51), many[1], None],
+}
+
+
+@pytest.mark.parametrize("rows", KRONECKER_CASES.values(), ids=KRONECKER_CASES.keys())
+def test_lokr_rows_through_their_kronecker_factors_equal_each_row_alone(
+    rows: list[AdapterWeights | None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batched_layers, "_STRUCTURED_MIN_READ", 0)
+    assert any(isinstance(group, KroneckerRun) for group in low_rank_groups(rows))
+    batched, expected = run_batch(rows)
+    torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_small_lokr_pair_stays_a_pair() -> None:
+    assert not any(isinstance(group, KroneckerRun) for group in low_rank_groups([lokr(50)] * 2))
 
 
 def low_rank_groups(rows: list[AdapterWeights | None]) -> list:

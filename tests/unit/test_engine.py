@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from peftserve import batched_layers
 from peftserve.engine import Engine
 from peftserve.errors import AdapterNotFoundError, InvalidRequestError, PeftServeError
 from peftserve.generation import GenerationRow
@@ -63,6 +64,32 @@ def test_logits_equal_peft_for_every_adapter_type(engine: Engine, peft_reference
             reference = peft_reference(adapter_id)(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
         expected = reference.logits[0, -len(row.prompt_ids) :]
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lokr_through_its_kronecker_factors_equals_peft(
+    engine: Engine, peft_reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's LoKr pair is small enough to stay a pair; with the threshold at 0 its rows go through the
+    Kronecker factors, here beside a LoRA's rows in one batch."""
+    monkeypatch.setattr(batched_layers, "_STRUCTURED_MIN_READ", 0)
+    calls = []
+    monkeypatch.setattr(batched_layers.KroneckerRun, "add_to", spy(batched_layers.KroneckerRun.add_to, calls))
+    adapter_ids = ["astronaut"] * len(PROMPTS) + ["pirate"] * 2
+    rows = rows_for(engine, "astronaut", PROMPTS) + rows_for(engine, "pirate", PROMPTS[:2])
+    for adapter_id, row, logits in zip(adapter_ids, rows, prompt_logits(engine, rows), strict=True):
+        input_ids = torch.tensor([row.prompt_ids])
+        with torch.no_grad():
+            reference = peft_reference(adapter_id)(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        torch.testing.assert_close(logits, reference.logits[0, -len(row.prompt_ids) :], atol=1e-4, rtol=1e-4)
+    assert calls
+
+
+def spy(function, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return wrapper
 
 
 def test_adapters_change_the_logits_enough_to_be_told_apart(engine: Engine) -> None:

@@ -108,7 +108,11 @@ def test_lokr_pair_equals_the_kronecker_delta(shapes: dict[str, tuple[int, int]]
     config = {"peft_type": "LOKR", "r": 4, "alpha": 6}
     delta = convert(config, factors, base_shape(in_features, out_features))
     assert delta.lora_a.shape[1] == served_rank <= min(out_features, in_features)
-    torch.testing.assert_close(served_delta(delta), make_kron(w1, w2, scale=6 / 4), rtol=1e-5, atol=1e-5)
+    expected = make_kron(w1, w2, scale=6 / 4)
+    torch.testing.assert_close(served_delta(delta), expected, rtol=1e-5, atol=1e-5)
+    factor1, factor2_t = delta.kronecker  # what the CPU path computes through where the pair is large
+    kron = torch.kron(factor1.double(), factor2_t.double().t().contiguous())
+    torch.testing.assert_close(kron, expected, rtol=1e-5, atol=1e-5)
 
 
 class Tiny(torch.nn.Module):
