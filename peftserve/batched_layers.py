@@ -307,13 +307,14 @@ class _BatchLayout:
                 self.distinct.append(adapter)
             self.adapter_of_row.append(number)
         self.batch = len(row_adapters)
+        self.has_base_rows = -1 in self.adapter_of_row
         self.scales = any(adapter.scales for adapter in self.distinct)
         self._plans: dict[tuple[int, ...], tuple[list[_GroupPlan], _MaskedChoice | None]] = {}
         self._table_rows: torch.Tensor | None = None
 
     def groups(
         self, deltas: list[ModuleDelta | None], features: int, like: torch.Tensor
-    ) -> list[LowRankGroup | AdapterSegments | MaskedPairs]:
+    ) -> list[LowRankGroup | AdapterSegments | MaskedPairs | KroneckerRun]:
         """One module's low-rank groups; ``deltas[i]`` is the module's part of ``distinct[i]``, ``features`` the
         module's input plus output features."""
         ranks = tuple(_served_rank(d, features) for d in deltas)
@@ -350,7 +351,7 @@ class _BatchLayout:
         A table of the distinct vectors, ones first, indexed by row: three ops however many rows; a batch of
         one adapter's rows broadcasts its vector instead.
         """
-        if len(vectors) == 1 and -1 not in self.adapter_of_row and vectors[0] is not None:
+        if len(vectors) == 1 and not self.has_base_rows and vectors[0] is not None:
             return vectors[0].reshape(1, 1, width)
 
         def stack_table() -> torch.Tensor:
