@@ -46,9 +46,10 @@ _OP_MACS = 1 << 18
 
 # A LoKr pair's rank is the product of its factors' ranks (64 for r=4 on a 512-wide layer). Where the pair
 # would read this many numbers or more per step, and at least 8 times its factors, its rows go through the
-# Kronecker structure (KroneckerRun): 3 ops instead of 2, but from DRAM a few KB instead of 256 KB+ (measured on
+# Kronecker structure (KroneckerRun): two ops like a pair, but from DRAM a few KB instead of 256 KB+ (measured on
 # bench-engine's 8 mixed types: the rank-64 LoKr pair's bmm took 54 us in a decoding step, 6 us with warm
-# caches). Smaller pairs stay pairs: on small layers an op costs more than reading them.
+# caches). Smaller pairs stay pairs: on small layers reading them costs less than the reshapes and the
+# expanded W1's strided batched matmul.
 _STRUCTURED = -1
 _STRUCTURED_MIN_READ = 1 << 15
 
@@ -143,9 +144,10 @@ class KroneckerRun:
             x, target = x[self.rows], out[self.rows]
         else:
             target = out
-        c, d = self.w1.shape[1], self.w2t.shape[0]
-        y = torch.matmul(self.w1, torch.matmul(x.reshape(-1, c, d), self.w2t))  # (tokens, a, b)
-        target.add_(y.view(target.shape))  # in place on this call's output
+        (a, c), (d, b) = self.w1.shape, self.w2t.shape
+        right = torch.matmul(x.reshape(-1, c, d), self.w2t)  # (tokens, c, b)
+        # W1 @ right added in place into this call's output (a view of it: a contiguous batch slice)
+        target.view(-1, a, b).baddbmm_(self.w1.expand(right.shape[0], a, c), right)
         return out
 
 
@@ -519,7 +521,7 @@ def _ops(plan: list) -> int:
         if isinstance(group, _SegmentsPlan) and group.take is not None:
             total += 4 if group.keep is None else 5
         else:
-            total += 3 if isinstance(group, _MaskedPlan | _KroneckerPlan) else 2
+            total += 3 if isinstance(group, _MaskedPlan) else 2
     return total
 
 
