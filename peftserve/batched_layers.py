@@ -10,7 +10,9 @@ broadcast multiplies for scaling vectors.
 Low-rank rows are grouped by rank bucket (powers of two), so a rank-128 LoKr row does not pad every rank-8
 LoRA row to 128; a group whose rows all use one adapter uses an expanded view of its pair, without copies,
 and a group of several adapters stacks each distinct pair once (not once per row), so a step reads every
-adapter's weights once however many rows use it.
+adapter's weights once however many rows use it. Where a few low-rank adapters' rows interleave, their pairs
+run side by side under a row mask (:class:`MaskedPairs`); a LoKr whose exact pair would be large runs through
+its Kronecker factors (:class:`KroneckerRun`).
 """
 
 from __future__ import annotations
@@ -523,10 +525,6 @@ def _ops(plan: list) -> int:
         else:
             total += 3 if isinstance(group, _MaskedPlan) else 2
     return total
-
-
-def _side_by_side(members: list[ModuleDelta]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cat([m.lora_a for m in members], dim=1), torch.cat([m.lora_b for m in members])
 
 
 @dataclass(frozen=True)
