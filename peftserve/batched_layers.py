@@ -17,6 +17,7 @@ its Kronecker factors (:class:`KroneckerRun`).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftserve.adapter_weights import AdapterWeights, ModuleDelta, linear_features, linear_weight
+from peftserve.shared_shrink import ShrinkForm, SiblingPart, SiblingTrace, share_shrinks
 from peftserve.slot_path import SlotPath
 from peftserve.slot_tables import rank_bucket
 
@@ -56,6 +58,7 @@ _STRUCTURED = -1
 _STRUCTURED_MIN_READ = 1 << 15
 
 _Stacked = TypeVar("_Stacked")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,16 +66,26 @@ class LowRankGroup:
     """Consecutive rows sharing one adapter's pair: ``x[rows] @ a @ b`` is added to their output."""
 
     rows: slice | None  # a contiguous slice of the batch, or None for every row
-    a: torch.Tensor  # (n, in, r): an expanded view of the pair, without copies
-    b: torch.Tensor  # (n, r, out)
+    a: torch.Tensor  # (in, r): the adapter's own pair
+    b: torch.Tensor  # (r, out)
+    length: int  # rows in the group
+    _a_rows: torch.Tensor = field(init=False, repr=False)
+    _b_rows: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # bmm over an expanded view (no copies), also for one shared pair: measured cheaper than matmul's
+        # broadcasting dispatch; baddbmm adds into the base output in the same call.
+        self._a_rows = self.a.expand(self.length, -1, -1)
+        self._b_rows = self.b.expand(self.length, -1, -1)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # bmm, also for one shared pair (expanded): measured cheaper than matmul's broadcasting dispatch;
-        # baddbmm adds into the base output in the same call.
         if self.rows is None:
-            return torch.baddbmm(out, torch.bmm(x, self.a), self.b)
-        out[self.rows].baddbmm_(torch.bmm(x[self.rows], self.a), self.b)  # in place on this call's fresh output
+            return torch.baddbmm(out, torch.bmm(x, self._a_rows), self._b_rows)
+        out[self.rows].baddbmm_(torch.bmm(x[self.rows], self._a_rows), self._b_rows)  # in place: a fresh output
         return out
+
+    def shrink_form(self) -> ShrinkForm:
+        return ShrinkForm("rows", self.rows, self.a, self.b)
 
 
 @dataclass
@@ -93,6 +106,12 @@ class AdapterSegments:
     take: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    adapters: tuple[int, ...] = ()  # numbers of the stacked pairs' adapters among the batch's distinct ones
+
+    def shrink_form(self) -> ShrinkForm | None:
+        if self.take is not None:
+            return None
+        return ShrinkForm("segments", self.span, self.a, self.b, adapters=self.adapters)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         adapters = self.a.shape[0]
@@ -124,6 +143,9 @@ class MaskedPairs:
     a: torch.Tensor  # (in, total rank)
     b: torch.Tensor  # (total rank, out)
     mask: torch.Tensor  # (rows, 1, total rank): 1 on each row's own adapter's columns
+
+    def shrink_form(self) -> ShrinkForm:
+        return ShrinkForm("rows", None, self.a, self.b, mask=self.mask)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         low = torch.matmul(x, self.a).mul_(self.mask)
@@ -158,7 +180,9 @@ class RowDeltas:
     """Per-row tensors of one module for the batch in flight (``B`` = batch rows)."""
 
     batch: int
-    low_rank: list[LowRankGroup | AdapterSegments | MaskedPairs | KroneckerRun] = field(default_factory=list)
+    low_rank: list[LowRankGroup | AdapterSegments | MaskedPairs | KroneckerRun | SiblingPart] = field(
+        default_factory=list
+    )
     in_scale: torch.Tensor | None = None  # (B or 1, 1, in), ones for rows without input scaling
     out_scale: torch.Tensor | None = None  # (B or 1, 1, out), ones for rows without output scaling
     bias_scale: torch.Tensor | None = None  # (B or 1, 1, out), set only when the layer has a bias
@@ -173,13 +197,17 @@ class AdapterLinear(nn.Module):
     so at most one of the terms differs from the identity for it.
     """
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, name: str) -> None:
         super().__init__()
         self.base = base
+        self.name = name
         self.in_features, self.out_features = linear_features(base)
         self.rows: RowDeltas | None = None
+        self.trace: SiblingTrace | None = None  # set while AdapterLayers learns which layers are siblings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trace is not None:
+            self.trace.record(self.name, x)
         rows = self.rows
         if rows is None:
             return self.base(x)
@@ -209,13 +237,20 @@ class AdapterLinear(nn.Module):
 
 
 class AdapterLayers:
-    """Owns the wrapped linear layers of one base model and installs per-row deltas batch by batch."""
+    """Owns the wrapped linear layers of one base model and installs per-row deltas batch by batch.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``probe`` runs a small forward pass of the model; after layers are wrapped it shows which of them are
+    siblings (called on one input, like q/k/v), whose low-rank shrinks then run as one (:mod:`shared_shrink`).
+    Without it every layer shrinks on its own.
+    """
+
+    def __init__(self, model: nn.Module, probe: Callable[[], object] | None = None) -> None:
         self.model = model
         self.wrapped: dict[str, AdapterLinear] = {}
         self.slot_path: SlotPath | None = None
         self.stacks = StackMemo()
+        self.siblings: list[list[str]] = []  # names of layers called one after another on one input
+        self._probe = probe
 
     def use_slot_path(self, path: SlotPath) -> None:
         """Compute every later batch through ``path`` (the engine does this on CUDA)."""
@@ -224,17 +259,32 @@ class AdapterLayers:
 
     def wrap(self, module_names: Sequence[str]) -> None:
         """Wrap the named linear layers (idempotent); done when an adapter targeting them loads."""
+        wrapped = len(self.wrapped)
         for name in module_names:
             if name in self.wrapped:
                 continue
             parent_name, _, child_name = name.rpartition(".")
             parent = self.model.get_submodule(parent_name)
-            wrapper = AdapterLinear(getattr(parent, child_name))
+            wrapper = AdapterLinear(getattr(parent, child_name), name)
             setattr(parent, child_name, wrapper)
             self.wrapped[name] = wrapper
-            self.stacks.capacity = 4 * len(self.wrapped)
+            self.stacks.capacity = 5 * len(self.wrapped)
             if self.slot_path is not None:
                 self.slot_path.add_modules({name: wrapper.base})
+        if len(self.wrapped) > wrapped and self._probe is not None:
+            self._learn_siblings(self._probe)
+
+    def _learn_siblings(self, probe: Callable[[], object]) -> None:
+        trace = SiblingTrace(list(self.wrapped.values()))
+        try:
+            with torch.inference_mode():
+                probe()
+        except Exception:  # a model the probe cannot run: every layer shrinks alone, which is only slower
+            logger.warning("could not trace the model's layers; sibling layers will not share shrinks", exc_info=True)
+            trace.finish()
+            self.siblings = []
+            return
+        self.siblings = trace.finish()
 
     @contextmanager
     def activated(self, row_adapters: Sequence[AdapterWeights | None]) -> Iterator[BatchDeltas]:
@@ -263,10 +313,16 @@ class BatchDeltas:
         layout = _BatchLayout(row_adapters, layers.stacks)
         for name in {name for adapter in layout.distinct for name in adapter.modules}:
             self.per_module[name] = _gather(name, layout, self.layers.wrapped[name])
+        groups_of = {name: rows.low_rank for name, rows in self.per_module.items()}
+        share_shrinks(groups_of, layers.siblings, partial(_concatenated, layers.stacks), self.batch, _OP_MACS)
 
     def install(self) -> None:
         for name, layer in self.layers.wrapped.items():
             layer.rows = self.per_module.get(name)
+
+
+def _concatenated(stacks: StackMemo, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return stacks.get(("siblings", dim), parts, lambda: torch.cat(parts, dim=dim))
 
 
 def _gather(name: str, layout: _BatchLayout, layer: AdapterLinear) -> RowDeltas:
@@ -442,9 +498,7 @@ class _RunPlan:
 
     def build(self, deltas: list[ModuleDelta | None], stacks: StackMemo) -> LowRankGroup:
         member = deltas[self.adapter]
-        return LowRankGroup(
-            self.rows, member.lora_a.expand(self.length, -1, -1), member.lora_b.expand(self.length, -1, -1)
-        )
+        return LowRankGroup(self.rows, member.lora_a, member.lora_b, self.length)
 
 
 @dataclass(frozen=True)
@@ -462,7 +516,9 @@ class _SegmentsPlan:
     def build(self, deltas: list[ModuleDelta | None], stacks: StackMemo) -> AdapterSegments:
         members = [deltas[adapter] for adapter in self.adapters]
         a, b = stacks.get(("pairs", self.padded_rank), members, partial(self._stack, members))
-        return AdapterSegments(a, b, span=self.span, take=self.take, keep=self.keep, rows=self.rows)
+        return AdapterSegments(
+            a, b, span=self.span, take=self.take, keep=self.keep, rows=self.rows, adapters=tuple(self.adapters)
+        )
 
     def _stack(self, members: list[ModuleDelta]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.padded_rank is None:
@@ -561,7 +617,8 @@ class StackMemo:
     rarely does; stacking each module's pairs again for every new batch was most of what a new batch cost.
     Entries are keyed by the identity of the parts stacked and keep those parts alive (so an identity is
     never reused while its entry exists); a bounded number of recent entries is kept, about two batches'
-    worth (four per wrapped module), so the copies held beyond the batch in flight stay bounded.
+    worth (five per wrapped module: its pairs, scale tables and its share of siblings' concatenated pairs), so
+    the copies held beyond the batch in flight stay bounded.
     """
 
     def __init__(self, capacity: int = 0) -> None:

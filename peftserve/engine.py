@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,7 +78,7 @@ class Engine:
         self.device = torch.device(device)
         self.tokenizer, self.model = base or _load_base_model(config, self.device)
         self.base_shape = BaseModelShape.describe(self.model)
-        self.layers = AdapterLayers(self.model)
+        self.layers = AdapterLayers(self.model, probe=partial(_probe_forward, self.model, self.device))
         if _uses_slot_tables(config, self.device):
             # Twice the running rows: the decode batch kept from the last step plus every row joining now.
             self.layers.use_slot_path(SlotPath(slots_per_bucket=2 * config.max_running_rows, device=self.device))
@@ -414,6 +415,11 @@ class Engine:
                 f"{what} has {len(ids)} tokens, more than max_prompt_tokens ({self.config.max_prompt_tokens})"
             )
         return ids
+
+
+def _probe_forward(model: PreTrainedModel, device: torch.device) -> None:
+    """One token through the base model, no cache: shows AdapterLayers which wrapped layers are siblings."""
+    model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
 
 
 def _sampling_params(request: CompletionRequest) -> SamplingParams:
