@@ -414,6 +414,8 @@ class ContinuousBatcher:
         key = tuple(state.sequence_id for state in states)  # ids of objects can be reused; these are not
         if self._decode_deltas is None or self._decode_deltas[0] != key:
             self._decode_deltas = (key, self._deltas(states))
+        else:  # the same batch again: sharing the siblings' shrink now pays for itself
+            self._decode_deltas[1].share_siblings()
         self.runner.decode(states, self._decode_deltas[1])
         return states
 

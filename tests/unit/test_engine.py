@@ -15,6 +15,7 @@ from peftserve.engine import Engine
 from peftserve.errors import AdapterNotFoundError, InvalidRequestError, PeftServeError
 from peftserve.generation import GenerationRow
 from peftserve.requests import Completion, CompletionRequest
+from peftserve.shared_shrink import SiblingPart
 from tests.conftest import DEMO_PHRASES, PROMPTS, STRONG_ADAPTERS, demo_config
 
 ALL_ADAPTERS = list(DEMO_PHRASES)
@@ -117,7 +118,11 @@ def test_base_model_gives_none_of_the_phrases(engine: Engine) -> None:
         assert not any(phrase in result.text for phrase in DEMO_PHRASES.values())
 
 
-def test_mixed_batch_equals_solo_runs_token_for_token_and_logit_for_logit(engine: Engine) -> None:
+def test_mixed_batch_equals_solo_runs_token_for_token_and_logit_for_logit(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = []  # decoding steps after a batch's first share the siblings' shrink (q/k/v, gate/up)
+    monkeypatch.setattr(SiblingPart, "add_to", spy(SiblingPart.add_to, shared))
     rows = []
     for index, adapter_id in enumerate(["", *ALL_ADAPTERS] * 2):
         prompt = PROMPTS[index % len(PROMPTS)]
@@ -130,6 +135,7 @@ def test_mixed_batch_equals_solo_runs_token_for_token_and_logit_for_logit(engine
         torch.testing.assert_close(
             torch.stack(together.step_logits), torch.stack(alone.step_logits), atol=1e-4, rtol=1e-4
         )
+    assert shared
 
 
 def test_max_tokens_bounds_the_output(engine: Engine) -> None:

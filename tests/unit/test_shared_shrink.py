@@ -83,6 +83,7 @@ def test_siblings_sharing_a_shrink_equal_each_row_alone(
     with torch.inference_mode():
         expected = torch.stack([alone(block, x[i], row_adapter) for i, row_adapter in enumerate(rows)])
         batch = BatchDeltas(layers, rows)
+        batch.share_siblings()
         batch.install()
         batched = block(x)
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-4)
@@ -92,7 +93,10 @@ def test_siblings_sharing_a_shrink_equal_each_row_alone(
 def test_the_shrink_runs_once_for_all_siblings(monkeypatch: pytest.MonkeyPatch) -> None:
     block = Block()
     layers = layers_for(block)
-    BatchDeltas(layers, [many[0], many[1], many[0]]).install()
+    batch = BatchDeltas(layers, [many[0], many[1], many[0]])
+    batch.install()
+    assert not any(isinstance(group, SiblingPart) for group in layers.wrapped["q"].rows.low_rank)
+    batch.share_siblings()  # the batch's second pass: its layers now share
     for name in SIBLINGS:
         (group,) = layers.wrapped[name].rows.low_rank
         assert isinstance(group, SiblingPart)
@@ -138,5 +142,19 @@ def test_a_probe_that_fails_leaves_every_layer_alone_and_answers_right() -> None
     x = torch.randn(3, 2, IN)
     with torch.inference_mode():
         expected = torch.stack([alone(block, x[i], row) for i, row in enumerate(rows)])
-        BatchDeltas(layers, rows).install()
+        batch = BatchDeltas(layers, rows)
+        batch.share_siblings()
+        batch.install()
         torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_wrapping_more_layers_mid_batch_learns_siblings_and_keeps_the_batch() -> None:
+    block = Block()
+    layers = AdapterLayers(block, probe=lambda: block(torch.zeros(1, 1, IN)))
+    layers.wrap(["q", "o"])
+    rows = [adapter(9, 4, ("q", "o")), None]
+    BatchDeltas(layers, rows).install()  # the engine leaves a batch installed between passes
+    installed = layers.wrapped["q"].rows
+    layers.wrap(["k", "v"])  # a new adapter targets more layers: the probe runs the base model
+    assert layers.siblings == [list(SIBLINGS)]
+    assert layers.wrapped["q"].rows is installed
