@@ -57,7 +57,9 @@ class AdapterCache(Generic[K, V]):
 
     @property
     def nbytes(self) -> int:
-        return sum(value.nbytes for value in self._entries.values())
+        # Under the lock: loader threads read this while other loaders add (summing a changing dict raises).
+        with self._lock:
+            return sum(value.nbytes for value in self._entries.values())
 
     def sizes(self) -> dict[K, int]:
         """Bytes held per cached key."""

@@ -1,3 +1,5 @@
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -67,3 +69,39 @@ def test_an_adapter_larger_than_the_cache_is_refused() -> None:
     with pytest.raises(AdapterLoadError, match="more than the whole adapter cache"):
         fill(cache, "huge", 11)
     assert len(cache) == 0
+
+
+class SlowBlob:
+    """A value whose size takes a moment to read, so a reader of the cache's bytes yields mid-iteration."""
+
+    @property
+    def nbytes(self) -> int:
+        time.sleep(0.0005)
+        return 1
+
+
+def test_bytes_can_be_read_while_other_threads_add_and_evict() -> None:
+    """Loader threads report the cache's bytes while other loaders add to it (a background load once failed
+    with RuntimeError: the entries changed size while they were summed)."""
+    cache: AdapterCache[int, SlowBlob] = AdapterCache(max_entries=8, max_bytes=1 << 20)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def add() -> None:
+        for key in range(400):
+            cache.add(key, SlowBlob())
+        stop.set()
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                assert cache.nbytes <= 8
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
