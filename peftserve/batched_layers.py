@@ -272,8 +272,8 @@ class AdapterLayers:
             self.stacks.capacity = 5 * len(self.wrapped)
             if self.slot_path is not None:
                 self.slot_path.add_modules({name: wrapper.base})
-        if len(self.wrapped) > wrapped and self._probe is not None:
-            self._learn_siblings(self._probe)
+        if len(self.wrapped) > wrapped and self._probe is not None and self.slot_path is None:
+            self._learn_siblings(self._probe)  # the slot path (CUDA) runs its own kernels: no sharing there
 
     def _learn_siblings(self, probe: Callable[[], object]) -> None:
         installed = {name: layer.rows for name, layer in self.wrapped.items()}  # the probe runs the base model
