@@ -198,17 +198,13 @@ class AdapterLinear(nn.Module):
     so at most one of the terms differs from the identity for it.
     """
 
-    def __init__(self, base: nn.Module, name: str) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
-        self.name = name
         self.in_features, self.out_features = linear_features(base)
         self.rows: RowDeltas | None = None
-        self.trace: SiblingTrace | None = None  # set while AdapterLayers learns which layers are siblings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.trace is not None:
-            self.trace.record(self.name, x)
         rows = self.rows
         if rows is None:
             return self.base(x)
@@ -266,7 +262,7 @@ class AdapterLayers:
                 continue
             parent_name, _, child_name = name.rpartition(".")
             parent = self.model.get_submodule(parent_name)
-            wrapper = AdapterLinear(getattr(parent, child_name), name)
+            wrapper = AdapterLinear(getattr(parent, child_name))
             setattr(parent, child_name, wrapper)
             self.wrapped[name] = wrapper
             self.stacks.capacity = 5 * len(self.wrapped)
@@ -277,7 +273,7 @@ class AdapterLayers:
 
     def _learn_siblings(self, probe: Callable[[], object]) -> None:
         installed = {name: layer.rows for name, layer in self.wrapped.items()}  # the probe runs the base model
-        trace = SiblingTrace(list(self.wrapped.values()))
+        trace = SiblingTrace(self.wrapped)
         try:
             for layer in self.wrapped.values():
                 layer.rows = None
@@ -328,7 +324,7 @@ class BatchDeltas:
         building the batch. Measured in process on the demo model with its trained adapters, where the batch
         changes at nearly every step: sharing from a batch's first pass gave 0.75x of the base model against
         0.77x without sharing; from its second decoding step, level (0.736x against 0.734x)."""
-        if self._shared or self.layers.slot_path is not None:
+        if self._shared:  # on the slot path no siblings are learned (AdapterLayers.wrap): nothing to share
             return
         self._shared = True
         groups_of = {name: rows.low_rank for name, rows in self.per_module.items()}

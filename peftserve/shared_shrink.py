@@ -18,9 +18,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -161,22 +163,28 @@ def _slice_key(rows: slice | None) -> tuple | None:
 
 
 class SiblingTrace:
-    """Records the wrapped layers' calls during one forward pass, to tell which layers are siblings."""
+    """Records the calls of wrapped layers during one forward pass, to tell which layers are siblings.
 
-    def __init__(self, layers: list[Any]) -> None:
-        self._layers = layers
+    It listens through forward pre-hooks, removed by :meth:`finish`, so the layers' own forward carries no
+    tracing code between probes.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
         self._calls: list[tuple[str, tuple, torch.Tensor]] = []
-        for layer in layers:
-            layer.trace = self
+        self._hooks = [
+            layer.register_forward_pre_hook(partial(self._record, name), with_kwargs=True)
+            for name, layer in layers.items()
+        ]
 
-    def record(self, name: str, x: torch.Tensor) -> None:
+    def _record(self, name: str, _layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
         self._calls.append((name, _input_key(x), x))
 
     def finish(self) -> list[list[str]]:
         """Stop recording; the groups of layers called one after another on one tensor. A layer called more
         than once in the pass (shared weights) is left out: its calls need not share one input."""
-        for layer in self._layers:
-            layer.trace = None
+        for hook in self._hooks:
+            hook.remove()
         counts = Counter(name for name, _, _ in self._calls)
         groups: list[list[str]] = []
         previous: tuple | None = None
