@@ -36,12 +36,21 @@ class CacheStats:
 
 
 class AdapterCache(Generic[K, V]):
-    """LRU over loaded adapters; ``on_evict`` is called with each evicted key (for metrics and logs)."""
+    """LRU over loaded adapters; ``on_evict`` is called with each evicted key (for metrics and logs), and
+    ``on_drop`` with every value that leaves, evicted or retired (so whatever else holds it can let go)."""
 
-    def __init__(self, *, max_entries: int, max_bytes: int, on_evict: Callable[[K], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        max_bytes: int,
+        on_evict: Callable[[K], None] | None = None,
+        on_drop: Callable[[V], None] | None = None,
+    ) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.on_evict = on_evict
+        self.on_drop = on_drop
         self.stats = CacheStats()
         self._entries: OrderedDict[K, V] = OrderedDict()
         self._pinned: set[K] = set()
@@ -76,7 +85,7 @@ class AdapterCache(Generic[K, V]):
             if key in self._leases:
                 self._retired.add(key)
             else:
-                self._entries.pop(key, None)
+                self._drop(key)
 
     def get(self, key: K) -> V | None:
         """The cached value, touched as most recently used, without a lease; None on a miss (nothing loaded)."""
@@ -119,7 +128,7 @@ class AdapterCache(Generic[K, V]):
             del self._leases[key]
             if key in self._retired:
                 self._retired.discard(key)
-                self._entries.pop(key, None)
+                self._drop(key)
 
     def _make_room(self, incoming_bytes: int, incoming_key: K) -> None:
         if incoming_bytes > self.max_bytes:
@@ -134,7 +143,12 @@ class AdapterCache(Generic[K, V]):
                     f"adapter cache full ({len(self._entries)} adapters, {self.nbytes} bytes), every entry pinned or "
                     "in use; raise max_loaded_adapters or max_adapter_memory_mb"
                 )
-            del self._entries[victim]
+            self._drop(victim)
             self.stats.evictions += 1
             if self.on_evict is not None:
                 self.on_evict(victim)
+
+    def _drop(self, key: K) -> None:
+        value = self._entries.pop(key, None)
+        if value is not None and self.on_drop is not None:
+            self.on_drop(value)

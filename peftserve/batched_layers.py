@@ -12,8 +12,9 @@ LoRA row to 128; a group whose rows all use one adapter uses an expanded view of
 and a group of several adapters stacks each distinct pair once (not once per row), so a step reads every
 adapter's weights once however many rows use it. Where a few low-rank adapters' rows interleave, their pairs
 run side by side under a row mask (:class:`MaskedPairs`); a LoKr whose exact pair would be large runs through
-its Kronecker factors (:class:`KroneckerRun`). From a batch's second decoding step, sibling layers (q/k/v,
-gate/up) share one shrink (:mod:`peftserve.shared_shrink`).
+its Kronecker factors (:class:`KroneckerRun`). From a batch's second pass, sibling layers (q/k/v, gate/up)
+share one shrink (:mod:`peftserve.shared_shrink`). A batch whose rows use the same adapters as a recent one is
+that one again (:mod:`peftserve.batch_memo`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftserve.adapter_weights import AdapterWeights, ModuleDelta, linear_features, linear_weight
+from peftserve.batch_memo import BatchMemo
 from peftserve.shared_shrink import ShrinkForm, SiblingPart, SiblingTrace, share_shrinks
 from peftserve.slot_path import SlotPath
 from peftserve.slot_tables import rank_bucket
@@ -57,6 +59,11 @@ _OP_MACS = 1 << 18
 # expanded W1's strided batched matmul.
 _STRUCTURED = -1
 _STRUCTURED_MIN_READ = 1 << 15
+
+# Recent batches kept for their arrangement of adapters to be found again (peftserve.batch_memo), and the
+# bytes they may hold in stacked copies of adapters' pairs: a few batches of many large adapters at most.
+_RECENT_BATCHES = 64
+_RECENT_BATCH_BYTES = 64 << 20
 
 _Stacked = TypeVar("_Stacked")
 logger = logging.getLogger(__name__)
@@ -247,12 +254,24 @@ class AdapterLayers:
         self.slot_path: SlotPath | None = None
         self.stacks = StackMemo()
         self.siblings: list[list[str]] = []  # names of layers called one after another on one input
+        self.recent: BatchMemo[BatchDeltas] = BatchMemo(max_entries=_RECENT_BATCHES, max_bytes=_RECENT_BATCH_BYTES)
         self._probe = probe
 
     def use_slot_path(self, path: SlotPath) -> None:
         """Compute every later batch through ``path`` (the engine does this on CUDA)."""
         path.add_modules({name: layer.base for name, layer in self.wrapped.items()})
         self.slot_path = path
+        # A batch on the slot path leases its adapters' slots while it lives: keep only the one in flight.
+        self.recent = BatchMemo(max_entries=1, max_bytes=0)
+
+    def deltas(self, row_adapters: Sequence[AdapterWeights | None]) -> BatchDeltas:
+        """The deltas of a batch whose row ``i`` uses ``row_adapters[i]``: a recent batch's with the same
+        adapters row for row, or built now."""
+        return self.recent.get(row_adapters, partial(BatchDeltas, self, row_adapters))
+
+    def forget(self, adapter: AdapterWeights) -> None:
+        """``adapter`` left the adapter cache: no recent batch may keep its memory."""
+        self.recent.forget(adapter)
 
     def wrap(self, module_names: Sequence[str]) -> None:
         """Wrap the named linear layers (idempotent); done when an adapter targeting them loads."""
@@ -268,8 +287,10 @@ class AdapterLayers:
             self.stacks.capacity = 5 * len(self.wrapped)
             if self.slot_path is not None:
                 self.slot_path.add_modules({name: wrapper.base})
-        if len(self.wrapped) > wrapped and self._probe is not None and self.slot_path is None:
-            self._learn_siblings(self._probe)  # the slot path (CUDA) runs its own kernels: no sharing there
+        if len(self.wrapped) > wrapped:
+            self.recent.clear()  # built for fewer layers and older siblings
+            if self._probe is not None and self.slot_path is None:
+                self._learn_siblings(self._probe)  # the slot path (CUDA) runs its own kernels: no sharing there
 
     def _learn_siblings(self, probe: Callable[[], object]) -> None:
         installed = {name: layer.rows for name, layer in self.wrapped.items()}  # the probe runs the base model
@@ -289,25 +310,16 @@ class AdapterLayers:
                 self.wrapped[name].rows = rows
         self.siblings = trace.finish()
 
-    @contextmanager
-    def activated(self, row_adapters: Sequence[AdapterWeights | None]) -> Iterator[BatchDeltas]:
-        """Install per-row deltas for a batch whose row ``i`` uses ``row_adapters[i]`` (None: base model)."""
-        batch = BatchDeltas(self, row_adapters)
-        try:
-            batch.install()
-            yield batch
-        finally:
-            for layer in self.wrapped.values():
-                layer.rows = None
-
 
 class BatchDeltas:
-    """The per-module :class:`RowDeltas` of one batch (built again whenever the batch changes)."""
+    """The per-module :class:`RowDeltas` of one batch, for every pass the batch runs."""
 
     def __init__(self, layers: AdapterLayers, row_adapters: Sequence[AdapterWeights | None]) -> None:
         self.layers = layers
         self.batch = len(row_adapters)
         self.per_module: dict[str, RowDeltas] = {}
+        self.held_bytes = 0  # stacked or concatenated copies of adapters' tensors (BatchMemo bounds them)
+        self._passes = 0
         self._shared = False
         if layers.slot_path is not None:
             touched = {name for adapter in row_adapters if adapter for name in adapter.modules}
@@ -315,8 +327,10 @@ class BatchDeltas:
             self.per_module = {name: RowDeltas(self.batch, through_slots=partial(forward, name)) for name in touched}
             return
         layout = _BatchLayout(row_adapters, layers.stacks)
-        for name in {name for adapter in layout.distinct for name in adapter.modules}:
-            self.per_module[name] = _gather(name, layout, self.layers.wrapped[name])
+        with layers.stacks.handed_out() as handed:
+            for name in {name for adapter in layout.distinct for name in adapter.modules}:
+                self.per_module[name] = _gather(name, layout, self.layers.wrapped[name])
+        self.held_bytes = sum(handed.values())
 
     def share_siblings(self) -> None:
         """Let sibling layers share one shrink (:mod:`peftserve.shared_shrink`) for the later passes of this
@@ -329,9 +343,15 @@ class BatchDeltas:
         self._shared = True
         groups_of = {name: rows.low_rank for name, rows in self.per_module.items()}
         stacked = partial(_concatenated, self.layers.stacks)
-        share_shrinks(groups_of, self.layers.siblings, stacked, self.batch, _OP_MACS)
+        with self.layers.stacks.handed_out() as handed:
+            share_shrinks(groups_of, self.layers.siblings, stacked, self.batch, _OP_MACS)
+        self.held_bytes += sum(handed.values())
 
     def install(self) -> None:
+        """Put this batch's deltas into the layers for a pass; from its second pass, siblings share shrinks."""
+        self._passes += 1
+        if self._passes == 2:
+            self.share_siblings()
         for name, layer in self.layers.wrapped.items():
             layer.rows = self.per_module.get(name)
 
@@ -639,17 +659,32 @@ class StackMemo:
     def __init__(self, capacity: int = 0) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[tuple, tuple[list, Any]] = OrderedDict()
+        self._handed: dict[int, int] | None = None
+
+    @contextmanager
+    def handed_out(self) -> Iterator[dict[int, int]]:
+        """Within it, the bytes of every value :meth:`get` returns (made or found), by value identity: what a
+        batch built meanwhile keeps alive beyond its adapters' own tensors."""
+        self._handed = handed = {}
+        try:
+            yield handed
+        finally:
+            self._handed = None
 
     def get(self, kind: tuple, parts: list, make: Callable[[], _Stacked]) -> _Stacked:
         key = (kind, *map(id, parts))
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
-            return entry[1]
-        value = make()
-        self._entries[key] = (parts, value)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+            value = entry[1]
+        else:
+            value = make()
+            self._entries[key] = (parts, value)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        if self._handed is not None:
+            tensors = value if isinstance(value, tuple) else (value,)
+            self._handed[id(value)] = sum(tensor.nbytes for tensor in tensors)
         return value
 
 

@@ -121,7 +121,6 @@ class ContinuousBatcher:
         self._waiting: deque[Work] = deque()
         self._prefilling: list[SequenceState] = []
         self._running: list[SequenceState] = []
-        self._decode_deltas: tuple[tuple[int, ...], BatchDeltas] | None = None
         self._ids = itertools.count(1)
         self._steps_since_admission = 0
         self._wakeup = threading.Condition()
@@ -411,17 +410,12 @@ class ContinuousBatcher:
                 self._retire(state)
 
     def _decode(self, states: list[SequenceState]) -> list[SequenceState]:
-        key = tuple(state.sequence_id for state in states)  # ids of objects can be reused; these are not
-        if self._decode_deltas is None or self._decode_deltas[0] != key:
-            self._decode_deltas = (key, self._deltas(states))
-        else:  # the same batch again: sharing the siblings' shrink now pays for itself
-            self._decode_deltas[1].share_siblings()
-        self.runner.decode(states, self._decode_deltas[1])
+        self.runner.decode(states, self._deltas(states))
         return states
 
     def _deltas(self, states: list[SequenceState]) -> BatchDeltas:
         with self.engine.lock:
-            return BatchDeltas(self.engine.layers, [state.row.adapter for state in states])
+            return self.engine.layers.deltas([state.row.adapter for state in states])
 
     def _isolating_failures(self, chunks: list[tuple[SequenceState, int]], run) -> list[SequenceState]:
         """Run ``chunks`` together; if that fails, one by one, so that only the culprit fails."""

@@ -87,6 +87,7 @@ class Engine:
             max_entries=config.max_loaded_adapters,
             max_bytes=config.max_adapter_memory_bytes,
             on_evict=self._evicted,
+            on_drop=self.layers.forget,
         )
         self.host_tier = HostAdapterTier(max_bytes=config.host_adapter_cache_bytes, device=self.device)
         eos = _eos_token_ids(self.model, self.tokenizer)

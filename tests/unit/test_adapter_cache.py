@@ -105,3 +105,16 @@ def test_bytes_can_be_read_while_other_threads_add_and_evict() -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert errors == []
+
+
+def test_every_value_that_leaves_is_handed_to_on_drop() -> None:
+    dropped: list[Blob] = []
+    cache: AdapterCache[str, Blob] = AdapterCache(max_entries=2, max_bytes=1000, on_drop=dropped.append)
+    evicted, retired_idle, retired_busy = fill(cache, "a"), fill(cache, "b"), Blob(1)
+    fill(cache, "c")  # a is evicted
+    cache.retire("b")  # idle: leaves now
+    cache.acquire("busy", lambda: retired_busy)
+    cache.retire("busy")  # leased: leaves when released
+    assert dropped == [evicted, retired_idle]
+    cache.release("busy")
+    assert dropped == [evicted, retired_idle, retired_busy]
