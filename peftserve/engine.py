@@ -80,7 +80,7 @@ class Engine:
         self.base_shape = BaseModelShape.describe(self.model)
         self.layers = AdapterLayers(self.model, probe=partial(_probe_forward, self.model, self.device))
         if _uses_slot_tables(config, self.device):
-            # Twice the running rows: the decode batch kept from the last step plus every row joining now.
+            # Twice the running rows: the last pass's batch (still installed) plus every row joining now.
             self.layers.use_slot_path(SlotPath(slots_per_bucket=2 * config.max_running_rows, device=self.device))
         self.repository = AdapterRepository(Path(config.adapter_repository))
         self.cache: AdapterCache[AdapterVersion, AdapterWeights] = AdapterCache(

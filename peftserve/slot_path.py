@@ -5,10 +5,11 @@ and hands each batch a :class:`SlotBatch`, whose per-module :meth:`SlotBatch.for
 per-row gathering of :mod:`peftserve.batched_layers`. Assigning an adapter copies its weights into free
 slots once; a batch joining or leaving then writes only index tensors.
 
-A batch holds a lease on its adapters' slots for as long as the batch object lives (the batcher keeps its
-decode batch across steps while prefill batches come and go); only unleased adapters are released, least
-recently used first, when a slot is needed. With ``slots_per_bucket`` of at least twice the running
-rows every live batch fits: the decode batch still held from the last step plus the rows joining now.
+A batch holds a lease on its adapters' slots for as long as the batch object lives (the layers keep the
+last pass's batch installed, and ``AdapterLayers.recent`` keeps it to run again while its rows stay the
+same); only unleased adapters are released, least recently used first, when a slot is needed. With
+``slots_per_bucket`` of at least twice the running rows every live batch fits: the last pass's batch plus
+the rows joining now.
 A bucket starts with one slot and doubles when full, up to ``slots_per_bucket``: its memory follows the
 distinct adapters in use, not the worst case (a preallocated rank-256 bucket of 64 slots on a
 Llama-3-8B shape would be ~86 GB in bf16).
