@@ -56,8 +56,8 @@ class ServeConfig(BaseModel):
         "auto",
         description="how adapter terms are computed: per_row stacks each batch's adapter pairs per rank bucket "
         "(torch; the CPU path), slot_tables keeps adapters in preallocated per-module stacks indexed per token "
-        "(triton-lang kernels where triton and CUDA are present, torch otherwise); auto: slot_tables on CUDA, "
-        "per_row elsewhere",
+        "(triton-lang kernels where triton and CUDA are present, torch otherwise); auto: slot_tables on CUDA; "
+        "elsewhere per_row for batches of up to 8 distinct adapters and slot_tables for more",
     )
     default_max_tokens: int = Field(32, ge=1, description="`max_tokens` of a request that omits it")
     max_tokens_limit: int = Field(256, ge=1, description="largest `max_tokens` a request may ask for")

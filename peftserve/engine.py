@@ -25,7 +25,7 @@ from peftserve.adapter_repository import AdapterRepository, AdapterVersion, cont
 from peftserve.adapter_status import AdapterStates
 from peftserve.adapter_types import convert_adapter
 from peftserve.adapter_weights import AdapterWeights, BaseModelShape, read_adapter_files
-from peftserve.batched_layers import AdapterLayers
+from peftserve.batched_layers import CPU_SLOTS_FROM_ADAPTERS, AdapterLayers
 from peftserve.blocked_content import BlockedContent
 from peftserve.chat import parse_messages, render_messages
 from peftserve.config import ServeConfig
@@ -79,9 +79,11 @@ class Engine:
         self.tokenizer, self.model = base or _load_base_model(config, self.device)
         self.base_shape = BaseModelShape.describe(self.model)
         self.layers = AdapterLayers(self.model, probe=partial(_probe_forward, self.model, self.device))
-        if _uses_slot_tables(config, self.device):
+        slots_from = _slot_tables_from(config, self.device)
+        if slots_from is not None:
             # Twice the running rows: the last pass's batch (still installed) plus every row joining now.
-            self.layers.use_slot_path(SlotPath(slots_per_bucket=2 * config.max_running_rows, device=self.device))
+            path = SlotPath(slots_per_bucket=2 * config.max_running_rows, device=self.device)
+            self.layers.use_slot_path(path, from_adapters=slots_from)
         self.repository = AdapterRepository(Path(config.adapter_repository))
         self.cache: AdapterCache[AdapterVersion, AdapterWeights] = AdapterCache(
             max_entries=config.max_loaded_adapters,
@@ -502,8 +504,8 @@ def _eos_token_ids(model: PreTrainedModel, tokenizer: AutoTokenizer) -> set[int]
     return ids
 
 
-def _uses_slot_tables(config: ServeConfig, device: torch.device) -> bool:
-    """Slot tables and their kernels on CUDA unless configured otherwise; CPU keeps the per-row stacks."""
+def _slot_tables_from(config: ServeConfig, device: torch.device) -> int | None:
+    """The distinct adapters from which a batch goes through slot tables (0: every batch; None: none)."""
     if config.adapter_compute == "auto":
-        return device.type == "cuda"
-    return config.adapter_compute == "slot_tables"
+        return 0 if device.type == "cuda" else CPU_SLOTS_FROM_ADAPTERS
+    return 0 if config.adapter_compute == "slot_tables" else None
