@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -54,21 +54,24 @@ class BatchMemo(Generic[B]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, row_adapters: Sequence[object | None], build: Callable[[], B]) -> B:
-        """The batch for ``row_adapters``: found again, or built by ``build`` (outside the lock)."""
+    def find(self, row_adapters: Sequence[object | None]) -> B | None:
+        """The batch kept for ``row_adapters`` (each row's adapter the very same object), or None."""
         key = tuple(map(id, row_adapters))
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return entry.batch
-            self.misses += 1
-            self._make_room()  # before building: an entry on the slot path leases slots the new batch may need
-        batch = build()
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry.batch
+
+    def add(self, row_adapters: Sequence[object | None], batch: B) -> B:
+        """Keep ``batch`` for ``row_adapters`` (the least recent go to make room); returns it."""
         distinct = list({id(adapter): adapter for adapter in row_adapters if adapter is not None}.values())
         with self._lock:
-            self._entries[key] = _Entry(distinct, batch)
+            self._make_room()
+            self._entries[tuple(map(id, row_adapters))] = _Entry(distinct, batch)
         return batch
 
     def forget(self, adapter: object) -> None:

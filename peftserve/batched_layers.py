@@ -286,9 +286,23 @@ class AdapterLayers:
 
     def deltas(self, row_adapters: Sequence[AdapterWeights | None]) -> BatchDeltas:
         """The deltas of a batch whose row ``i`` uses ``row_adapters[i]``: a recent batch's with the same
-        adapters row for row, or built now."""
-        memo = self.recent_through_slots if self.through_slots(row_adapters) else self.recent
-        return memo.get(row_adapters, partial(BatchDeltas, self, row_adapters))
+        adapters row for row, or built now.
+
+        Where both paths serve (CPU), a batch of many adapters runs its first pass through slot tables, which
+        build nothing, and is built per row if it runs again, where each step costs less (bench-engine's
+        steady 16 LoRA batch: 0.86x of the base model through slot tables, 0.89-0.93x per row).
+        """
+        batch = self.recent.find(row_adapters)
+        if batch is not None:
+            return batch
+        if self.through_slots(row_adapters):
+            slotted = self.recent_through_slots.find(row_adapters)
+            if slotted is None:
+                slotted = BatchDeltas(self, row_adapters, through_slots=True)
+                return self.recent_through_slots.add(row_adapters, slotted)
+            if self.slots_from == 0:  # every batch through slot tables
+                return slotted
+        return self.recent.add(row_adapters, BatchDeltas(self, row_adapters, through_slots=False))
 
     def forget(self, adapter: AdapterWeights) -> None:
         """``adapter`` left the adapter cache: no recent batch may keep its memory."""
@@ -337,14 +351,20 @@ class AdapterLayers:
 class BatchDeltas:
     """The per-module :class:`RowDeltas` of one batch, for every pass the batch runs."""
 
-    def __init__(self, layers: AdapterLayers, row_adapters: Sequence[AdapterWeights | None]) -> None:
+    def __init__(
+        self,
+        layers: AdapterLayers,
+        row_adapters: Sequence[AdapterWeights | None],
+        *,
+        through_slots: bool | None = None,  # None: as the layers choose for these rows
+    ) -> None:
         self.layers = layers
         self.batch = len(row_adapters)
         self.per_module: dict[str, RowDeltas] = {}
         self.held_bytes = 0  # stacked or concatenated copies of adapters' tensors (BatchMemo bounds them)
         self._passes = 0
         self._shared = False
-        if layers.through_slots(row_adapters):
+        if layers.through_slots(row_adapters) if through_slots is None else through_slots:
             touched = {name for adapter in row_adapters if adapter for name in adapter.modules}
             forward = layers.slot_path.batch(row_adapters).forward
             self.per_module = {name: RowDeltas(self.batch, through_slots=partial(forward, name)) for name in touched}

@@ -107,14 +107,14 @@ class Held:
 def test_the_memo_keeps_recent_batches_within_its_count_and_bytes() -> None:
     memo: BatchMemo[Held] = BatchMemo(max_entries=3, max_bytes=100)
     adapters = [object() for _ in range(5)]
-    batches = [memo.get([adapter], lambda: Held(40)) for adapter in adapters[:3]]  # 120 bytes: over, but kept
+    batches = [memo.add([adapter], Held(40)) for adapter in adapters[:3]]  # 120 bytes: over, but kept
     assert len(memo) == 3
-    memo.get([adapters[0]], lambda: Held(0))  # found again, now the most recent
-    memo.get([adapters[3]], lambda: Held(0))  # room for one: the least recent (adapters[1]) goes, then bytes fit
-    assert len(memo) == 3 and (memo.hits, memo.misses) == (1, 4)
-    assert memo.get([adapters[0]], lambda: Held(0)) is batches[0]
-    assert memo.get([adapters[1]], lambda: Held(0)) is not batches[1]
-    big = memo.get([adapters[4]], lambda: Held(1000))  # the newest stays whatever its size: it is in flight
-    assert memo.get([adapters[4]], lambda: Held(0)) is big
-    memo.get([None], lambda: Held(0))
+    assert memo.find([adapters[0]]) is batches[0]  # now the most recent
+    memo.add([adapters[3]], Held(0))  # room for one: the least recent (adapters[1]) goes, then bytes fit
+    assert len(memo) == 3 and memo.find([adapters[1]]) is None
+    assert memo.find([adapters[0]]) is batches[0] and memo.find([adapters[2]]) is batches[2]
+    assert (memo.hits, memo.misses) == (3, 1)
+    big = memo.add([adapters[4]], Held(1000))  # the newest stays whatever its size: it is in flight
+    assert memo.find([adapters[4]]) is big
+    memo.add([None], Held(0))
     assert len(memo) == 1  # everything older went to bring the bytes back under the bound

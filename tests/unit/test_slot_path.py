@@ -169,3 +169,23 @@ def test_adapter_compute_setting_puts_a_cpu_engine_on_slot_tables_with_the_same_
     assert auto.layers.slot_path.tables.rank_capacity, "the batch of every adapter went through slot tables"
     for engine in engines.values():
         engine.batcher.close()
+
+
+def test_a_batch_of_many_adapters_starts_through_slot_tables_and_runs_per_row_from_its_second_pass() -> None:
+    layers = AdapterLayers(torch.nn.ModuleDict({"proj": torch.nn.Linear(24, 40)}))
+    layers.wrap(["proj"])
+    layers.use_slot_path(path(4), from_adapters=2)
+    many, few = [lora(8, 1), lora(8, 2), None], [lora(8, 3), None]
+    x = torch.randn(3, 2, 24)
+    proj = layers.wrapped["proj"]
+    expected = torch.stack([solo(proj.base, x[i], adapter) for i, adapter in enumerate(many)])
+    passes = [layers.deltas(many) for _ in range(3)]
+    assert passes[0].per_module["proj"].through_slots is not None  # nothing to stack for a first pass
+    assert passes[1].per_module["proj"].through_slots is None and passes[2] is passes[1]  # per row from then on
+    for batch in passes[:2]:
+        batch.install()
+        with torch.inference_mode():
+            torch.testing.assert_close(proj(x), expected, rtol=1e-5, atol=1e-4)
+    assert layers.deltas(few).per_module["proj"].through_slots is None  # too few adapters: per row at once
+    layers.slots_from = 0  # every batch through slot tables (CUDA)
+    assert layers.deltas([few[0], few[0]]).per_module["proj"].through_slots is not None
