@@ -73,6 +73,13 @@ _RECENT_BATCH_BYTES = 64 << 20
 # 0.57-0.60x against 0.65x.
 CPU_SLOTS_FROM_ADAPTERS = 9
 
+# Such a batch is built per row once it has run this many passes through slot tables: each step then costs
+# less (bench-engine's steady batch of 16 LoRA: 0.91x of the base model against 0.86x through slot tables),
+# but a build over many adapters costs a few steps' savings, so only a batch that has lasted is rebuilt.
+# Measured in process, demo, Zipf over 64 adapters, 16 clients: rebuilt after 1 / 3 / 6 passes 0.57 / 0.56 /
+# 0.62x, never 0.64x (medians of four rounds; about +-0.03).
+PASSES_BEFORE_PER_ROW = 6
+
 _Stacked = TypeVar("_Stacked")
 logger = logging.getLogger(__name__)
 
@@ -288,9 +295,8 @@ class AdapterLayers:
         """The deltas of a batch whose row ``i`` uses ``row_adapters[i]``: a recent batch's with the same
         adapters row for row, or built now.
 
-        Where both paths serve (CPU), a batch of many adapters runs its first pass through slot tables, which
-        build nothing, and is built per row if it runs again, where each step costs less (bench-engine's
-        steady 16 LoRA batch: 0.86x of the base model through slot tables, 0.89-0.93x per row).
+        Where both paths serve (CPU), a batch of many adapters runs through slot tables, which build nothing,
+        and is built per row once it has lasted :data:`PASSES_BEFORE_PER_ROW` passes.
         """
         batch = self.recent.find(row_adapters)
         if batch is not None:
@@ -300,7 +306,7 @@ class AdapterLayers:
             if slotted is None:
                 slotted = BatchDeltas(self, row_adapters, through_slots=True)
                 return self.recent_through_slots.add(row_adapters, slotted)
-            if self.slots_from == 0:  # every batch through slot tables
+            if self.slots_from == 0 or slotted.passes < PASSES_BEFORE_PER_ROW:
                 return slotted
         return self.recent.add(row_adapters, BatchDeltas(self, row_adapters, through_slots=False))
 
@@ -362,7 +368,7 @@ class BatchDeltas:
         self.batch = len(row_adapters)
         self.per_module: dict[str, RowDeltas] = {}
         self.held_bytes = 0  # stacked or concatenated copies of adapters' tensors (BatchMemo bounds them)
-        self._passes = 0
+        self.passes = 0  # installed for this many passes so far
         self._shared = False
         if layers.through_slots(row_adapters) if through_slots is None else through_slots:
             touched = {name for adapter in row_adapters if adapter for name in adapter.modules}
@@ -392,8 +398,8 @@ class BatchDeltas:
 
     def install(self) -> None:
         """Put this batch's deltas into the layers for a pass; from its second pass, siblings share shrinks."""
-        self._passes += 1
-        if self._passes == 2:
+        self.passes += 1
+        if self.passes == 2:
             self.share_siblings()
         for name, layer in self.layers.wrapped.items():
             layer.rows = self.per_module.get(name)

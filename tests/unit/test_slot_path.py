@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peftserve.batched_layers import AdapterLayers, BatchDeltas
+from peftserve.batched_layers import PASSES_BEFORE_PER_ROW, AdapterLayers, BatchDeltas
 from peftserve.errors import CacheFullError
 from peftserve.lora_kernels import TorchKernels
 from peftserve.slot_path import SlotPath
@@ -171,7 +171,7 @@ def test_adapter_compute_setting_puts_a_cpu_engine_on_slot_tables_with_the_same_
         engine.batcher.close()
 
 
-def test_a_batch_of_many_adapters_starts_through_slot_tables_and_runs_per_row_from_its_second_pass() -> None:
+def test_a_batch_of_many_adapters_runs_through_slot_tables_until_it_has_lasted_then_per_row() -> None:
     layers = AdapterLayers(torch.nn.ModuleDict({"proj": torch.nn.Linear(24, 40)}))
     layers.wrap(["proj"])
     layers.use_slot_path(path(4), from_adapters=2)
@@ -179,13 +179,16 @@ def test_a_batch_of_many_adapters_starts_through_slot_tables_and_runs_per_row_fr
     x = torch.randn(3, 2, 24)
     proj = layers.wrapped["proj"]
     expected = torch.stack([solo(proj.base, x[i], adapter) for i, adapter in enumerate(many)])
-    passes = [layers.deltas(many) for _ in range(3)]
-    assert passes[0].per_module["proj"].through_slots is not None  # nothing to stack for a first pass
-    assert passes[1].per_module["proj"].through_slots is None and passes[2] is passes[1]  # per row from then on
-    for batch in passes[:2]:
-        batch.install()
+    passes = []
+    for _ in range(PASSES_BEFORE_PER_ROW + 2):
+        passes.append(layers.deltas(many))
+        passes[-1].install()
         with torch.inference_mode():
             torch.testing.assert_close(proj(x), expected, rtol=1e-5, atol=1e-4)
+    slotted, per_row = passes[0], passes[PASSES_BEFORE_PER_ROW]
+    assert slotted.per_module["proj"].through_slots is not None  # nothing to stack while it may not last
+    assert passes[1:PASSES_BEFORE_PER_ROW] == [slotted] * (PASSES_BEFORE_PER_ROW - 1)
+    assert per_row.per_module["proj"].through_slots is None and passes[-1] is per_row  # it lasted: per row
     assert layers.deltas(few).per_module["proj"].through_slots is None  # too few adapters: per row at once
     layers.slots_from = 0  # every batch through slot tables (CUDA)
     assert layers.deltas([few[0], few[0]]).per_module["proj"].through_slots is not None
