@@ -6,10 +6,10 @@ per-row gathering of :mod:`peftserve.batched_layers`. Assigning an adapter copie
 slots once; a batch joining or leaving then writes only index tensors.
 
 A batch holds a lease on its adapters' slots for as long as the batch object lives (the layers keep the
-last pass's batch installed, and ``AdapterLayers.recent`` keeps it to run again while its rows stay the
-same); only unleased adapters are released, least recently used first, when a slot is needed. With
-``slots_per_bucket`` of at least twice the running rows every live batch fits: the last pass's batch plus
-the rows joining now.
+last pass's batch installed, and ``AdapterLayers.recent_through_slots`` keeps the latest to run again
+while its rows stay the same); only unleased adapters are released, least recently used first, when a
+slot is needed. With ``slots_per_bucket`` of at least twice the running rows every live batch fits: the
+last pass's batch plus the rows joining now.
 A bucket starts with one slot and doubles when full, up to ``slots_per_bucket``: its memory follows the
 distinct adapters in use, not the worst case (a preallocated rank-256 bucket of 64 slots on a
 Llama-3-8B shape would be ~86 GB in bf16).

@@ -1,6 +1,6 @@
-"""The slot path (the engine's compute on CUDA) forced on CPU: its slot policy, the wrapped layers through
-it on the torch backend, and the demo engine's logits through the triton kernels under the interpreter
-against PEFT's own models, every adapter type in one mixed batch."""
+"""The slot path (the engine's compute on CUDA, and on CPU for batches of many adapters) forced on CPU: its
+slot policy, the wrapped layers through it on the torch backend, and the demo engine's logits through the
+triton kernels under the interpreter against PEFT's own models, every adapter type in one mixed batch."""
 
 from __future__ import annotations
 
