@@ -255,8 +255,9 @@ def cold_stall(server: TritonServer, config: ServeConfig, cold: list[str]) -> St
     return StallFacts(
         streams=STREAMS,
         cold_adapters=f"{len(cold)} synthetic adapters (`{cold[0]}`-`{cold[-1]}`) outside every pattern",
-        median_gap_s=gaps.median_before,
+        step_s=gaps.step,
         worst_gap_s=gaps.worst_during,
+        worst_added_s=gaps.worst_added,
         per_token_before_s=gaps.per_token_before,
         per_token_during_s=gaps.per_token_during,
         outlasted=gaps.outlasted,

@@ -2,15 +2,15 @@
 
 Through a real tritonserver, on any model repository (the demo, or the SmolLM2 one): four gRPC streams
 decode; once each has streamed a few pieces, a request with a prompt of exactly ``max_prompt_tokens``
-tokens arrives. For each stream, the gaps between its pieces before the arrival give the undisturbed
-median; the gaps that overlap the long prompt's prefill (until its answer) give the worst. The server runs
-twice, side by side in one command: prompts prefilled whole (``prefill_chunk_tokens`` and
-``prefill_step_share`` 0) and in chunks (the repository's own settings).
+tokens arrives. A piece of text can hold several tokens (an end-of-sequence token under ``ignore_eos``
+sends no text of its own), so a gap is judged against the same piece's gap in a run of the same streams
+with nothing arriving: what the arrival added to a piece, in decoding steps (the undisturbed run's time per
+token), is the stall. The server runs twice, side by side in one command: prompts prefilled whole
+(``prefill_chunk_tokens`` and ``prefill_step_share`` 0) and in chunks (the repository's own settings).
 
 ``--cold``: instead of a long prompt, the first requests for every adapter of the repository arrive at once
 (none preloaded, so each is read, converted and smoke-checked while the streams decode), on the repository's
-own settings; the worst gap lasts until the last of them is answered.
-"""
+own settings; the stall is measured until the last of them is answered."""
 
 from __future__ import annotations
 
@@ -93,37 +93,130 @@ def cold_adapters_arrive(server: TritonServer, adapters: list[str]) -> Callable[
 
 
 @dataclass(frozen=True)
+class PieceGap:
+    """The time a stream waited for one piece of text, and what the same piece took with nothing arriving.
+
+    A piece can hold several tokens: one whose text is empty (an end-of-sequence token under ``ignore_eos``)
+    sends nothing, so its time joins the next piece's. The undisturbed run shows how long each piece takes by
+    itself, so that a gap is judged against its own piece, not against a one-token piece.
+    """
+
+    seconds: float
+    undisturbed: float
+
+
+@dataclass(frozen=True)
 class StreamGaps:
     """Gaps between consecutive pieces of the decoding streams, split by when ``arrive`` ran (seconds)."""
 
-    before: list[float]  # gaps that ended before the arrival: the undisturbed pace
-    during: list[float]  # gaps that overlap the arrival, until ``arrive`` returned
+    before: list[PieceGap]  # gaps that ended before the arrival: the undisturbed pace
+    during: list[PieceGap]  # gaps that overlap the arrival, until ``arrive`` returned
     outlasted: bool  # every stream was still decoding when ``arrive`` returned (else ``during`` is cut short)
-
-    @property
-    def median_before(self) -> float:
-        return statistics.median(self.before)
+    step: float  # a decoding step with nothing arriving: the undisturbed run's time per token
+    diverged: int = 0  # streams whose text left the undisturbed run's (their later pieces count one token each)
 
     @property
     def worst_during(self) -> float:
-        return max(self.during)
+        """The longest gap during the arrival, whatever its piece held."""
+        return max(gap.seconds for gap in self.during)
+
+    @property
+    def worst_added(self) -> float:
+        """The most the arrival added to one piece's wait: the stall it caused."""
+        return max(gap.seconds - gap.undisturbed for gap in self.during)
+
+    @property
+    def extra_steps(self) -> float:
+        """The worst added wait in decoding steps (the target is at most one)."""
+        return max(self.worst_added, 0.0) / self.step
+
+    @property
+    def stall_ratio(self) -> float:
+        """A one-token piece's worst wait during the arrival, as a multiple of its undisturbed time."""
+        return 1 + self.extra_steps
 
     @property
     def per_token_before(self) -> float:
-        """Time per output token of the running streams before the arrival (their mean gap)."""
-        return statistics.fmean(self.before)
+        """Time per output token of the running streams before the arrival."""
+        return self._per_token(self.before)
 
     @property
     def per_token_during(self) -> float:
         """Time per output token of the running streams while the arrival was served."""
-        return statistics.fmean(self.during)
+        return self._per_token(self.during)
+
+    def _per_token(self, gaps: list[PieceGap]) -> float:
+        tokens = sum(max(1, round(gap.undisturbed / self.step)) for gap in gaps)
+        return sum(gap.seconds for gap in gaps) / tokens
+
+
+@dataclass(frozen=True)
+class StreamRun:
+    """What the streams of one run received, and when ``arrive`` started and returned."""
+
+    times: list[list[float]]  # per stream, when each response came
+    pieces: list[list[str]]  # per stream, each response's text
+    tokens: list[int]  # per stream, the output tokens its final response counted
+    arrived: float
+    answered: float
 
 
 def measure_streams(
     server: TritonServer, arrive: Callable[[], None], *, max_tokens: int, adapter: str = "", streams: int = STREAMS
 ) -> StreamGaps:
-    """``streams`` gRPC streams of ``max_tokens`` pieces decode; once each has streamed 20, ``arrive`` runs."""
+    """``streams`` gRPC streams of ``max_tokens`` pieces decode; once each has streamed 20, ``arrive`` runs.
+
+    The same streams run once before with nothing arriving (greedy, so they stream the same pieces): that
+    run gives each piece's undisturbed time.
+    """
+    reference = _run_streams(server, None, max_tokens=max_tokens, adapter=adapter, streams=streams)
+    measured = _run_streams(server, arrive, max_tokens=max_tokens, adapter=adapter, streams=streams)
+    return compare_runs(reference, measured)
+
+
+def compare_runs(reference: StreamRun, measured: StreamRun) -> StreamGaps:
+    """Each gap of ``measured`` beside the same piece's gap in ``reference`` (median over its streams)."""
+    expected_pieces = reference.pieces[0]
+    expected = [
+        statistics.median(gaps)
+        for gaps in zip(*(_gaps(t) for t in reference.times), strict=False)  # the shortest stream's length
+    ]
+    # A decoding step: the time per token of the undisturbed streams, from their first piece to their last.
+    step = statistics.median(
+        (t[-1] - t[0]) / (tokens - 1) for t, tokens in zip(reference.times, reference.tokens, strict=True)
+    )
+    before: list[PieceGap] = []
+    during: list[PieceGap] = []
+    diverged = 0
+    for times, pieces in zip(measured.times, measured.pieces, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(pieces, expected_pieces, strict=False)) if a != b), len(pieces))
+        diverged += same < len(pieces)
+        for index, (start, end) in enumerate(itertools.pairwise(times)):
+            # Gap ``index`` ends with piece ``index + 1``; after a divergence, pieces count as one token each.
+            undisturbed = expected[index] if index + 1 < same and index < len(expected) else step
+            if end < measured.arrived:
+                before.append(PieceGap(end - start, undisturbed))
+            elif start < measured.answered:
+                during.append(PieceGap(end - start, undisturbed))
+    return StreamGaps(
+        before=before,
+        during=during,
+        outlasted=all(t[-1] > measured.answered for t in measured.times),
+        step=step,
+        diverged=diverged,
+    )
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [end - start for start, end in itertools.pairwise(times)]
+
+
+def _run_streams(
+    server: TritonServer, arrive: Callable[[], None] | None, *, max_tokens: int, adapter: str, streams: int
+) -> StreamRun:
     times: list[list[float]] = [[] for _ in range(streams)]
+    pieces: list[list[str]] = [[] for _ in range(streams)]
+    tokens = [0] * streams
     finished: queue.Queue = queue.Queue()
     clients = []
     for index in range(streams):
@@ -134,7 +227,10 @@ def measure_streams(
                 finished.put(error)
                 return
             times[index].append(time.perf_counter())
-            if result.as_numpy("output_tokens") is not None:
+            pieces[index].append(result.as_numpy("text_output").reshape(-1)[0].decode())
+            counted = result.as_numpy("output_tokens")
+            if counted is not None:
+                tokens[index] = int(counted.reshape(-1)[0])
                 finished.put(None)
 
         client.start_stream(callback=on_piece)
@@ -143,7 +239,8 @@ def measure_streams(
     while min(len(t) for t in times) < 20:
         time.sleep(0.01)
     arrived = time.perf_counter()
-    arrive()
+    if arrive is not None:
+        arrive()
     answered = time.perf_counter()
     for _ in range(streams):
         error = finished.get(timeout=600)
@@ -151,11 +248,7 @@ def measure_streams(
             raise error
     for client in clients:
         client.stop_stream()
-    return StreamGaps(
-        before=[b - a for t in times for a, b in itertools.pairwise(t) if b < arrived],
-        during=[b - a for t in times for a, b in itertools.pairwise(t) if b > arrived and a < answered],
-        outlasted=all(t[-1] > answered for t in times),
-    )
+    return StreamRun(times, pieces, tokens, arrived, answered)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,15 +274,32 @@ def main(argv: list[str] | None = None) -> int:
                     max_tokens=config.max_tokens_limit,
                     adapter=args.adapter,
                 )
-        median, worst = gaps.median_before, gaps.worst_during
-        rows.append((name, median, worst))
-        print(f"{name}: median gap {1000 * median:.1f} ms, worst {1000 * worst:.1f} ms", flush=True)
+        rows.append((name, gaps))
+        print(f"{name}: {describe(gaps)}", flush=True)
     print(f"\n{config.max_prompt_tokens}-token prompt joining {STREAMS} streams ({args.repository}, adapter "
           f"{args.adapter or '(base)'})")  # fmt: skip
-    print(f"{'prefill':<24}{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
-    for name, median, worst in rows:
-        print(f"{name:<24}{1000 * median:>16.1f}{1000 * worst:>16.1f}{worst / median:>13.1f}x")
+    print_table(rows)
     return 0
+
+
+def describe(gaps: StreamGaps) -> str:
+    return (
+        f"step {1000 * gaps.step:.1f} ms, worst gap {1000 * gaps.worst_during:.1f} ms, at most "
+        f"{1000 * gaps.worst_added:.1f} ms added to one piece ({gaps.extra_steps:.1f} steps)"
+    )
+
+
+def print_table(rows: list[tuple[str, StreamGaps]]) -> None:
+    """Per run: the undisturbed step, the worst gap as measured, the most the arrival added to one piece (also
+    in steps) and the worst wait of a one-token piece as a multiple of the step."""
+    print(f"{'run':<24}{'step (ms)':>11}{'worst gap (ms)':>16}{'added (ms)':>12}{'steps added':>13}{'ratio':>8}")
+    for name, gaps in rows:
+        print(
+            f"{name:<24}{1000 * gaps.step:>11.1f}{1000 * gaps.worst_during:>16.1f}{1000 * gaps.worst_added:>12.1f}"
+            f"{gaps.extra_steps:>13.1f}{gaps.stall_ratio:>7.1f}x"
+        )
+        if gaps.diverged:
+            print(f"  ({gaps.diverged} streams' text left the undisturbed run's: their later pieces count one token)")
 
 
 def measure_cold(source: Path, config: ServeConfig) -> int:
@@ -199,10 +309,8 @@ def measure_cold(source: Path, config: ServeConfig) -> int:
         server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
         with server:
             gaps = measure_streams(server, cold_adapters_arrive(server, adapters), max_tokens=config.max_tokens_limit)
-    median, worst = gaps.median_before, gaps.worst_during
     print(f"\n{len(adapters)} cold adapters' first requests arriving while {STREAMS} streams decode ({source})")
-    print(f"{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
-    print(f"{1000 * median:>16.1f}{1000 * worst:>16.1f}{worst / median:>13.1f}x")
+    print_table([("cold adapters", gaps)])
     return 0
 
 
