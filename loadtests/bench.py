@@ -258,6 +258,7 @@ def cold_stall(server: TritonServer, config: ServeConfig, cold: list[str]) -> St
         step_s=gaps.step,
         worst_gap_s=gaps.worst_during,
         worst_added_s=gaps.worst_added,
+        steps_per_arrival=gaps.total_added_steps / len(cold),
         per_token_before_s=gaps.per_token_before,
         per_token_during_s=gaps.per_token_during,
         outlasted=gaps.outlasted,

@@ -113,6 +113,7 @@ class StreamGaps:
     during: list[PieceGap]  # gaps that overlap the arrival, until ``arrive`` returned
     outlasted: bool  # every stream was still decoding when ``arrive`` returned (else ``during`` is cut short)
     step: float  # a decoding step with nothing arriving: the undisturbed run's time per token
+    streams: int = 1
     diverged: int = 0  # streams whose text left the undisturbed run's (their later pieces count one token each)
 
     @property
@@ -134,6 +135,12 @@ class StreamGaps:
     def stall_ratio(self) -> float:
         """A one-token piece's worst wait during the arrival, as a multiple of its undisturbed time."""
         return 1 + self.extra_steps
+
+    @property
+    def total_added_steps(self) -> float:
+        """What the arrival added to a stream's wait over all its pieces, in decoding steps (mean of the
+        streams): divided by the requests that arrived, the delay one arriving request costs the streams."""
+        return sum(gap.seconds - gap.undisturbed for gap in self.during) / self.streams / self.step
 
     @property
     def per_token_before(self) -> float:
@@ -203,6 +210,7 @@ def compare_runs(reference: StreamRun, measured: StreamRun) -> StreamGaps:
         during=during,
         outlasted=all(t[-1] > measured.answered for t in measured.times),
         step=step,
+        streams=len(measured.times),
         diverged=diverged,
     )
 
@@ -275,28 +283,25 @@ def main(argv: list[str] | None = None) -> int:
                     adapter=args.adapter,
                 )
         rows.append((name, gaps))
-        print(f"{name}: {describe(gaps)}", flush=True)
+        print(f"{name}: done", flush=True)
     print(f"\n{config.max_prompt_tokens}-token prompt joining {STREAMS} streams ({args.repository}, adapter "
           f"{args.adapter or '(base)'})")  # fmt: skip
-    print_table(rows)
+    print_table(rows, arrivals=1)
     return 0
 
 
-def describe(gaps: StreamGaps) -> str:
-    return (
-        f"step {1000 * gaps.step:.1f} ms, worst gap {1000 * gaps.worst_during:.1f} ms, at most "
-        f"{1000 * gaps.worst_added:.1f} ms added to one piece ({gaps.extra_steps:.1f} steps)"
+def print_table(rows: list[tuple[str, StreamGaps]], arrivals: int) -> None:
+    """Per run: the undisturbed step, the worst gap as measured, the most the arrival added to one piece (in
+    steps, and the worst wait of a one-token piece as a multiple of the step), and the delay each of the
+    ``arrivals`` requests cost the streams over the whole arrival, in steps."""
+    print(
+        f"{'run':<24}{'step (ms)':>11}{'worst gap (ms)':>16}{'most added (ms)':>17}{'(steps)':>9}{'ratio':>8}"
+        f"{'steps per arrival':>19}"
     )
-
-
-def print_table(rows: list[tuple[str, StreamGaps]]) -> None:
-    """Per run: the undisturbed step, the worst gap as measured, the most the arrival added to one piece (also
-    in steps) and the worst wait of a one-token piece as a multiple of the step."""
-    print(f"{'run':<24}{'step (ms)':>11}{'worst gap (ms)':>16}{'added (ms)':>12}{'steps added':>13}{'ratio':>8}")
     for name, gaps in rows:
         print(
-            f"{name:<24}{1000 * gaps.step:>11.1f}{1000 * gaps.worst_during:>16.1f}{1000 * gaps.worst_added:>12.1f}"
-            f"{gaps.extra_steps:>13.1f}{gaps.stall_ratio:>7.1f}x"
+            f"{name:<24}{1000 * gaps.step:>11.1f}{1000 * gaps.worst_during:>16.1f}{1000 * gaps.worst_added:>17.1f}"
+            f"{gaps.extra_steps:>9.1f}{gaps.stall_ratio:>7.1f}x{gaps.total_added_steps / arrivals:>19.1f}"
         )
         if gaps.diverged:
             print(f"  ({gaps.diverged} streams' text left the undisturbed run's: their later pieces count one token)")
@@ -310,7 +315,7 @@ def measure_cold(source: Path, config: ServeConfig) -> int:
         with server:
             gaps = measure_streams(server, cold_adapters_arrive(server, adapters), max_tokens=config.max_tokens_limit)
     print(f"\n{len(adapters)} cold adapters' first requests arriving while {STREAMS} streams decode ({source})")
-    print_table([("cold adapters", gaps)])
+    print_table([("cold adapters", gaps)], arrivals=len(adapters))
     return 0
 
 

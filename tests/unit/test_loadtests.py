@@ -89,7 +89,7 @@ def test_report_has_headline_tables_and_plots(tmp_path: Path) -> None:
             PatternFacts("zipf-64", "64 synthetic", target=0.9),
         ],
         memory=[MemoryFact("adapter memory on the device", "`max_adapter_memory_mb` 512 MiB", "0.2 MiB")],
-        stall=StallFacts(4, "20 synthetic adapters", 0.010, 0.035, 0.025, 0.011, 0.016, outlasted=True),
+        stall=StallFacts(4, "20 synthetic adapters", 0.010, 0.035, 0.025, 1.5, 0.011, 0.016, outlasted=True),
     )
     assert headline_ratio(points, "uniform-8", 16) == pytest.approx(1.0)  # 40 x 10 tokens vs 100 x 4 tokens
     report = build_report(points, locust, facts, tmp_path)
@@ -104,7 +104,8 @@ def test_report_has_headline_tables_and_plots(tmp_path: Path) -> None:
     assert "| zipf-64 | 16 (unstable) | 20.0 | 10.0 | 200 | 10 | 20 | 30 |" in text
     assert "did not agree within 50%" in text
     assert "| adapter memory on the device | `max_adapter_memory_mb` 512 MiB | 0.2 MiB |" in text
-    assert "| 10.0 ms | 35.0 ms | 25.0 ms | **2.5** (target <= 1: not met) | 11.0 ms | 16.0 ms |" in text
+    stall_row = "| 10.0 ms | 35.0 ms | 25.0 ms (2.5 steps) | **1.5 steps** (target <= 1: not met) | 11.0 ms | 16.0 ms |"
+    assert stall_row in text
     assert "may be understated" not in text
     assert "| uniform-8 | 16 | 40.0 | 10.0 | 400 | 10 | 20 | 30 |" in text
     assert "| http | uniform-8 | 120 | 0 | 12.5 | 80 | 120 | 150 |" in text
@@ -127,6 +128,7 @@ def test_a_gap_is_judged_against_its_own_piece_undisturbed() -> None:
     assert gaps.worst_added == pytest.approx(0.025)
     assert gaps.extra_steps == pytest.approx(2.5)
     assert gaps.stall_ratio == pytest.approx(3.5)
+    assert gaps.total_added_steps == pytest.approx(3.0)  # 0.005 + 0.025 over one stream, in 0.010 s steps
     assert gaps.per_token_before == pytest.approx(0.042 / 4)  # 1 + 2 + 1 tokens
     assert gaps.per_token_during == pytest.approx(0.060 / 3)
 
