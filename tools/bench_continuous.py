@@ -9,15 +9,14 @@ latency (all requests, and short ones) for both, with their ratio, and writes a 
 run alternately for ``--rounds`` rounds; the table shows the round of median ratio, with every round's ratio.
 
 Then the chunked-prefill figure: four streams decode while a prompt of the maximum allowed length joins;
-their worst gap between two streamed pieces during the join, against their undisturbed median gap, with
-the prompt prefilled whole (``prefill_chunk_tokens`` and ``prefill_step_share`` 0) and in chunks (the
-defaults), side by side.
+what the join added to the streams' waits, each piece against the same piece with nothing joining (in
+decoding steps, as ``make bench-stall`` measures through Triton), with the prompt prefilled whole
+(``prefill_chunk_tokens`` and ``prefill_step_share`` 0) and in chunks (the defaults), side by side.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import random
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -38,6 +38,7 @@ from peftserve.continuous import Work, run_torch_single_threaded
 from peftserve.engine import Engine
 from peftserve.requests import Completion, CompletionRequest
 from tools.bench_engine import build_assets, prompts
+from tools.bench_stream_stall import StreamGaps, StreamRun, compare_runs, print_table
 
 SHORT_TOKENS = 16  # requests up to this many tokens count as "short"
 
@@ -140,54 +141,50 @@ def run_continuous(engine: Engine, planned: list[Arrival]) -> Outcome:
     return _outcome("continuous batching", planned, submitted, answered, started)
 
 
-@dataclass
-class Stall:
-    chunked: bool
-    median_gap: float  # seconds between streamed pieces before the long prompt arrived
-    worst_gap: float  # the longest gap while it joined (until its first token)
+def measure_prefill_stall(engine: Engine, long_prompt: str, streams: int = 4) -> StreamGaps:
+    """Streams decode; a maximum-length prompt joins; what does it add to the streams' waits?
 
-    @property
-    def ratio(self) -> float:
-        return self.worst_gap / self.median_gap
+    The same streams run first with nothing joining, so each piece is judged against its own undisturbed
+    time (``bench_stream_stall.compare_runs``, the measurement ``make bench-stall`` makes through Triton)."""
+    reference = _run_streams(engine, None, streams)
+    return compare_runs(reference, _run_streams(engine, long_prompt, streams))
 
 
-def measure_prefill_stall(engine: Engine, long_prompt: str, streams: int = 4) -> Stall:
-    """Streams decode; a maximum-length prompt joins; how long do the streams wait for their next piece?"""
+def _run_streams(engine: Engine, long_prompt: str | None, streams: int) -> StreamRun:
     times: list[list[float]] = [[] for _ in range(streams)]
-    answers: list[object] = []
+    pieces: list[list[str]] = [[] for _ in range(streams)]
+    answers: dict[object, object] = {}
     all_done = threading.Event()
-    long_events: list[float] = []  # when the long request streamed or finished
+    prefilled = threading.Event()
+    expected = streams + (long_prompt is not None)
 
-    def done(answer: object) -> None:  # runs on the batching loop: it must not block
-        answers.append(answer)
-        if len(answers) == streams + 1:
+    def done(key: object, answer: object) -> None:  # runs on the batching loop: it must not block
+        answers[key] = answer
+        if key == "long":
+            prefilled.set()
+        if len(answers) == expected:
             all_done.set()
 
-    for index in range(streams):
-        request = CompletionRequest(f"w{10 + index} w20 w30", "", 120, ignore_eos=True)
-        engine.batcher.submit(
-            Work(request, on_done=done, on_text=lambda _, i=index: times[i].append(time.perf_counter()))
-        )
+    def on_text(index: int, text: str) -> None:
+        times[index].append(time.perf_counter())
+        pieces[index].append(text)
+
+    for index in range(streams):  # one prompt for all: compare_runs takes the streams' text to be the same
+        request = CompletionRequest("w10 w20 w30", "", 120, ignore_eos=True)
+        engine.batcher.submit(Work(request, on_done=partial(done, index), on_text=partial(on_text, index)))
     while min(len(t) for t in times) < 30:
         time.sleep(0.01)
-    joined_at = time.perf_counter()
-    long_request = CompletionRequest(long_prompt, "", 4, ignore_eos=True)
-    engine.batcher.submit(
-        Work(
-            long_request,
-            on_done=lambda answer: (long_events.append(time.perf_counter()), done(answer)),
-            on_text=lambda _: long_events.append(time.perf_counter()),
-        )
-    )
+    arrived = time.perf_counter()
+    if long_prompt is not None:  # one token: answered once the prompt is in
+        engine.batcher.submit(Work(CompletionRequest(long_prompt, "", 1), on_done=partial(done, "long")))
+        prefilled.wait()
+    answered = time.perf_counter()
     all_done.wait()
-    failures = [answer for answer in answers if not isinstance(answer, Completion)]
+    failures = [answer for answer in answers.values() if not isinstance(answer, Completion)]
     if failures:
         raise RuntimeError(f"prefill stall run failed: {failures}")
-    answered_at = long_events[0]  # its first token: the prompt is in
-    before = [b - a for t in times for a, b in itertools.pairwise(t) if b < joined_at]
-    during = [b - a for t in times for a, b in itertools.pairwise(t) if b > joined_at and a < answered_at]
-    chunked = bool(engine.config.prefill_chunk_tokens or engine.config.prefill_step_share)
-    return Stall(chunked, statistics.median(before), max(during))
+    tokens = [answers[index].output_tokens for index in range(streams)]
+    return StreamRun(times, pieces, tokens, arrived, answered)
 
 
 def longest_prompt(tokenizer, tokens: int) -> str:
@@ -198,14 +195,6 @@ def longest_prompt(tokenizer, tokens: int) -> str:
         ids = ids[:-1]
         text = tokenizer.decode(ids)
     return text
-
-
-def print_stalls(stalls: list[Stall], prompt_tokens: int) -> None:
-    print(f"\nstreams' gaps while a {prompt_tokens}-token prompt joins (max_prompt_tokens):")
-    print(f"{'prefill':<24}{'median gap (ms)':>16}{'worst gap (ms)':>16}{'worst/median':>14}")
-    for stall in stalls:
-        name = "chunked (default)" if stall.chunked else "whole prompt"
-        print(f"{name:<24}{1000 * stall.median_gap:>16.1f}{1000 * stall.worst_gap:>16.1f}{stall.ratio:>13.1f}x")
 
 
 def _outcome(mode, planned, submitted, answered, started) -> Outcome:
@@ -305,8 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         plot(whole, continuous, planned, args.out)
         long_prompt = longest_prompt(engine.tokenizer, args.max_prompt_tokens)
         whole_prompt = {"prefill_chunk_tokens": 0, "prefill_step_share": 0.0}
-        stalls = [measure_prefill_stall(engine_with(**settings), long_prompt) for settings in (whole_prompt, {})]
-    print_stalls(stalls, args.max_prompt_tokens)
+        stalls = [
+            (name, measure_prefill_stall(engine_with(**settings), long_prompt))
+            for name, settings in (("whole prompt", whole_prompt), ("chunked (default)", {}))
+        ]
+    print(f"\nstreams' waits while a {args.max_prompt_tokens}-token prompt joins (max_prompt_tokens):")
+    print_table(stalls, arrivals=1)
     return 0
 
 
