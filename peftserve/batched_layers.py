@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftserve.adapter_weights import AdapterWeights, ModuleDelta, linear_features, linear_weight
+from peftserve.adapter_weights import AdapterWeights, ModuleDelta, is_linear_like, linear_features, linear_weight
 from peftserve.batch_memo import BatchMemo
 from peftserve.shared_shrink import ShrinkForm, SiblingPart, SiblingTrace, share_shrinks
 from peftserve.slot_path import SlotPath
@@ -258,9 +258,10 @@ class AdapterLinear(nn.Module):
 class AdapterLayers:
     """Owns the wrapped linear layers of one base model and installs per-row deltas batch by batch.
 
-    ``probe`` runs a small forward pass of the model; after layers are wrapped it shows which of them are
-    siblings (called on one input, like q/k/v), whose low-rank shrinks then run as one (:mod:`shared_shrink`).
-    Without it every layer shrinks on its own.
+    ``probe`` runs a small forward pass of the model; run once here, over every linear layer, it shows which
+    of them are siblings (called on one input, like q/k/v), whose low-rank shrinks then run as one
+    (:mod:`shared_shrink`) once wrapped. Learning them once means an adapter's first load, which wraps its
+    layers under the engine's lock, runs no forward pass there. Without a probe every layer shrinks alone.
 
     A batch is computed per row (:class:`BatchDeltas`' own layouts) or, with a slot path in use, through slot
     tables when it has at least ``slots_from`` distinct adapters (0: every batch, as on CUDA).
@@ -276,7 +277,8 @@ class AdapterLayers:
         self.recent: BatchMemo[BatchDeltas] = BatchMemo(max_entries=_RECENT_BATCHES, max_bytes=_RECENT_BATCH_BYTES)
         # A batch through slot tables leases its adapters' slots while it lives: only the last one is kept.
         self.recent_through_slots: BatchMemo[BatchDeltas] = BatchMemo(max_entries=1, max_bytes=0)
-        self._probe = probe
+        # Sibling groups over every linear layer, wrapped or not: ``siblings`` keeps their wrapped members.
+        self._sibling_groups = _trace_siblings(model, probe) if probe is not None else []
 
     def use_slot_path(self, path: SlotPath, *, from_adapters: int = 0) -> None:
         """Compute later batches of at least ``from_adapters`` distinct adapters through ``path`` (0: every
@@ -332,26 +334,25 @@ class AdapterLayers:
         if len(self.wrapped) > wrapped:
             self.recent.clear()  # built for fewer layers and older siblings
             self.recent_through_slots.clear()
-            if self._probe is not None and (self.slot_path is None or self.slots_from):
-                self._learn_siblings(self._probe)  # slot tables run their own kernels: no sharing there
+            if self.slot_path is None or self.slots_from:  # slot tables run their own kernels: no sharing there
+                self.siblings = [
+                    kept
+                    for group in self._sibling_groups
+                    if len(kept := [name for name in group if name in self.wrapped]) > 1
+                ]
 
-    def _learn_siblings(self, probe: Callable[[], object]) -> None:
-        installed = {name: layer.rows for name, layer in self.wrapped.items()}  # the probe runs the base model
-        trace = SiblingTrace(self.wrapped)
-        try:
-            for layer in self.wrapped.values():
-                layer.rows = None
-            with torch.inference_mode():
-                probe()
-        except Exception:  # a model the probe cannot run: every layer shrinks alone, which is only slower
-            logger.warning("could not trace the model's layers; sibling layers will not share shrinks", exc_info=True)
-            trace.finish()
-            self.siblings = []
-            return
-        finally:
-            for name, rows in installed.items():
-                self.wrapped[name].rows = rows
-        self.siblings = trace.finish()
+
+def _trace_siblings(model: nn.Module, probe: Callable[[], object]) -> list[list[str]]:
+    """The groups of linear layers that ``probe``'s forward pass calls one after another on one input."""
+    trace = SiblingTrace({name: module for name, module in model.named_modules() if is_linear_like(module)})
+    try:
+        with torch.inference_mode():
+            probe()
+    except Exception:  # a model the probe cannot run: every layer shrinks alone, which is only slower
+        logger.warning("could not trace the model's layers; sibling layers will not share shrinks", exc_info=True)
+        trace.finish()
+        return []
+    return trace.finish()
 
 
 class BatchDeltas:

@@ -155,6 +155,6 @@ def test_wrapping_more_layers_mid_batch_learns_siblings_and_keeps_the_batch() ->
     rows = [adapter(9, 4, ("q", "o")), None]
     BatchDeltas(layers, rows).install()  # the engine leaves a batch installed between passes
     installed = layers.wrapped["q"].rows
-    layers.wrap(["k", "v"])  # a new adapter targets more layers: the probe runs the base model
+    layers.wrap(["k", "v"])  # a new adapter targets more layers: their siblings were learned at the start
     assert layers.siblings == [list(SIBLINGS)]
     assert layers.wrapped["q"].rows is installed
