@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Any, TypeVar
@@ -317,20 +317,30 @@ class AdapterLayers:
         self.recent.forget(adapter)
         self.recent_through_slots.forget(adapter)
 
-    def wrap(self, module_names: Sequence[str]) -> None:
-        """Wrap the named linear layers (idempotent); done when an adapter targeting them loads."""
+    def wrap(self, module_names: Sequence[str], lock: AbstractContextManager | None = None) -> None:
+        """Wrap the named linear layers (idempotent); done when an adapter targeting them loads.
+
+        Their slot stacks are allocated first; only swapping each layer for its wrapper happens under ``lock``
+        (the engine's, which every forward pass holds), so a load never stalls decoding while it allocates.
+        """
+        new = {name: _unwrapped(self.model.get_submodule(name)) for name in module_names if name not in self.wrapped}
+        if not new:
+            return
+        if self.slot_path is not None:
+            self.slot_path.add_modules(new)
+        with lock or nullcontext():
+            self._wrap(new)
+
+    def _wrap(self, modules: dict[str, nn.Module]) -> None:
         wrapped = len(self.wrapped)
-        for name in module_names:
-            if name in self.wrapped:
+        for name, module in modules.items():
+            if name in self.wrapped:  # another loader was first
                 continue
             parent_name, _, child_name = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name)
-            wrapper = AdapterLinear(getattr(parent, child_name))
-            setattr(parent, child_name, wrapper)
+            wrapper = AdapterLinear(module)
+            setattr(self.model.get_submodule(parent_name), child_name, wrapper)
             self.wrapped[name] = wrapper
             self.stacks.capacity = 5 * len(self.wrapped)
-            if self.slot_path is not None:
-                self.slot_path.add_modules({name: wrapper.base})
         if len(self.wrapped) > wrapped:
             self.recent.clear()  # built for fewer layers and older siblings
             self.recent_through_slots.clear()
@@ -340,6 +350,10 @@ class AdapterLayers:
                     for group in self._sibling_groups
                     if len(kept := [name for name in group if name in self.wrapped]) > 1
                 ]
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, AdapterLinear) else module
 
 
 def _trace_siblings(model: nn.Module, probe: Callable[[], object]) -> list[list[str]]:

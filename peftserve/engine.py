@@ -145,8 +145,7 @@ class Engine:
         self.adapter_states.loading(adapter_id, number)
         try:
             version, weights = self.read_adapter(version)
-            with self._lock:
-                self.layers.wrap(list(weights.modules))
+            self.layers.wrap(list(weights.modules), lock=self._lock)
             self._smoke_check(version, weights)
         except Exception as exc:
             if path.is_dir():  # a version retired while it was read (the tools' rollback) is gone, not rejected
@@ -263,8 +262,7 @@ class Engine:
             self.metrics.host_cache_event("hit", version.adapter_id)
             return weights  # its layers were wrapped when it was accepted
         _, weights = self.read_adapter(version)
-        with self._lock:
-            self.layers.wrap(list(weights.modules))
+        self.layers.wrap(list(weights.modules), lock=self._lock)
         with self._serving_lock:  # a version retired meanwhile must not come back into the host tier
             if self._serving.get(version.adapter_id) == version:
                 self.host_tier.keep(version, weights)

@@ -44,9 +44,12 @@ class SlotPath:
         self._lock = threading.RLock()
 
     def add_modules(self, modules: dict[str, nn.Module]) -> None:
-        """Stacks for newly wrapped layers (``AdapterLayers.wrap`` calls this)."""
-        with self._lock, torch.inference_mode(False), torch.no_grad():
-            self.tables.add_modules(modules)
+        """Stacks for newly wrapped layers (``AdapterLayers.wrap`` calls this), allocated before the lock that
+        batches assign slots under is taken (at every size but a toy's, allocating is what takes time)."""
+        with torch.inference_mode(False), torch.no_grad():
+            prepared = self.tables.new_stacks(modules)
+            with self._lock:
+                self.tables.add_modules(modules, prepared)
 
     def batch(self, row_adapters: Sequence[AdapterWeights | None]) -> SlotBatch:
         """Assign the batch's adapters (releasing unleased ones if needed) and lease them to the batch."""

@@ -107,25 +107,40 @@ class SlotTables:
         for bucket, capacity in sorted(rank_capacity.items()):
             self.add_bucket(bucket, capacity)
 
-    def add_modules(self, modules: Mapping[str, nn.Module]) -> None:
-        """Allocate the stacks of modules wrapped after construction. Their rows start as identities for
-        every adapter assigned so far, which is right: none of those targets a module not wrapped then."""
+    def new_stacks(self, modules: Mapping[str, nn.Module]) -> dict[str, ModuleStacks]:
+        """Stacks for the modules not held yet, allocated without touching the tables, so that a caller can
+        allocate outside the locks that guard them; :meth:`add_modules` takes them in."""
+        capacity = dict(self.rank_capacity)  # a snapshot: buckets added meanwhile are allocated when added
+        return {name: self._stacks_of(module, capacity) for name, module in modules.items() if name not in self.modules}
+
+    def add_modules(self, modules: Mapping[str, nn.Module], prepared: Mapping[str, ModuleStacks] | None = None) -> None:
+        """Take in the stacks of modules wrapped after construction (``prepared`` by :meth:`new_stacks`, or
+        allocated here). Their rows start as identities for every adapter assigned so far, which is right: none
+        of those targets a module not wrapped then."""
         for name, module in modules.items():
             if name in self.modules:
                 continue
-            weight = linear_weight(module)
-            dtype, device = self._dtype or weight.dtype, self._device or weight.device
-            features_in, features_out = linear_features(module)
-            scale_slots = self.scale_capacity + 1
-            self.modules[name] = ModuleStacks(
-                a={},
-                b={},
-                in_scale=torch.ones(scale_slots, features_in, dtype=dtype, device=device),
-                out_scale=torch.ones(scale_slots, features_out, dtype=dtype, device=device),
-                bias_scaled=torch.zeros(scale_slots, dtype=torch.bool, device=device),
-            )
-            for bucket, capacity in self.rank_capacity.items():
-                self._allocate_bucket(self.modules[name], bucket, capacity)
+            stacks = (prepared or {}).get(name) or self._stacks_of(module, {})
+            for bucket, capacity in self.rank_capacity.items():  # buckets added or grown since it was prepared
+                if bucket not in stacks.a or len(stacks.a[bucket]) != capacity + 1:
+                    self._allocate_bucket(stacks, bucket, capacity)
+            self.modules[name] = stacks
+
+    def _stacks_of(self, module: nn.Module, rank_capacity: Mapping[int, int]) -> ModuleStacks:
+        weight = linear_weight(module)
+        dtype, device = self._dtype or weight.dtype, self._device or weight.device
+        features_in, features_out = linear_features(module)
+        scale_slots = self.scale_capacity + 1
+        stacks = ModuleStacks(
+            a={},
+            b={},
+            in_scale=torch.ones(scale_slots, features_in, dtype=dtype, device=device),
+            out_scale=torch.ones(scale_slots, features_out, dtype=dtype, device=device),
+            bias_scaled=torch.zeros(scale_slots, dtype=torch.bool, device=device),
+        )
+        for bucket, capacity in rank_capacity.items():
+            self._allocate_bucket(stacks, bucket, capacity)
+        return stacks
 
     def add_bucket(self, bucket: int, capacity: int) -> None:
         """Allocate a rank bucket of ``capacity`` slots in every module (for ranks first seen after start)."""

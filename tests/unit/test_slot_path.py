@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peftserve.batched_layers import PASSES_BEFORE_PER_ROW, AdapterLayers, BatchDeltas
+from peftserve.batched_layers import PASSES_BEFORE_PER_ROW, AdapterLayers, AdapterLinear, BatchDeltas
 from peftserve.errors import CacheFullError
 from peftserve.lora_kernels import TorchKernels
 from peftserve.slot_path import SlotPath
@@ -30,6 +30,26 @@ def wrapped(slot_path: SlotPath) -> AdapterLayers:
     layers.wrap(["proj"])
     layers.use_slot_path(slot_path)
     return layers
+
+
+def test_wrapping_allocates_slot_stacks_before_taking_the_lock_and_swaps_layers_under_it() -> None:
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(24, 40), "out": torch.nn.Linear(40, 8)})
+    layers = AdapterLayers(model)
+    slot_path = path(2)
+    layers.use_slot_path(slot_path)
+    seen: list[tuple[set[str], type]] = []
+
+    class Lock:  # the engine's lock: every forward pass holds it
+        def __enter__(self) -> None:
+            seen.append((set(slot_path.tables.modules), type(model["proj"])))
+
+        def __exit__(self, *_: object) -> None:
+            seen.append((set(slot_path.tables.modules), type(model["proj"])))
+
+    layers.wrap(["proj", "out"], lock=Lock())
+    assert seen == [({"proj", "out"}, torch.nn.Linear), ({"proj", "out"}, AdapterLinear)]
+    layers.wrap(["proj"], lock=Lock())  # nothing new: the lock is not taken
+    assert len(seen) == 2
 
 
 def test_live_batches_keep_their_slots_and_idle_adapters_make_room() -> None:

@@ -172,6 +172,20 @@ def test_modules_and_buckets_added_later_get_their_stacks() -> None:
     assert slot_tables.assign(lora(20, 2, down_rank=30)).low_rank == {32: 1}
 
 
+def test_stacks_prepared_before_a_bucket_changed_get_it_when_taken_in() -> None:
+    layers = model()
+    slot_tables = SlotTables({"up": layers["up"]}, rank_capacity={8: 1}, scale_capacity=1)
+    prepared = slot_tables.new_stacks({"up": layers["up"], "down": layers["down"]})
+    assert list(prepared) == ["down"] and "down" not in slot_tables.modules  # allocated, not taken in yet
+    slot_tables.grow_bucket(8, 3)  # meanwhile, a batch grew a bucket and added one
+    slot_tables.add_bucket(16, 1)
+    slot_tables.add_modules({"down": layers["down"]}, prepared)
+    down = slot_tables.modules["down"]
+    assert down.in_scale is prepared["down"].in_scale  # what was prepared is what serves
+    assert {bucket: len(stack) for bucket, stack in down.a.items()} == {8: 4, 16: 2}
+    assert slot_tables.assign(lora(8, 1, down_rank=16)).low_rank == {8: 1, 16: 1}
+
+
 def test_ranks_share_buckets_and_one_adapter_can_span_two() -> None:
     assert [rank_bucket(rank) for rank in (1, 3, 8, 9, 16, 17, 64)] == [8, 8, 8, 16, 16, 32, 64]
     slot_tables = tables()
