@@ -8,6 +8,7 @@ virtual token embeddings.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from transformers.pytorch_utils import Conv1D
 
 from peftserve.errors import AdapterLoadError
@@ -194,31 +195,44 @@ class AdapterWeights:
 
 
 def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load ``adapter_config.json`` and the safetensors weights of one adapter version directory.
+    """Load ``adapter_config.json`` and the safetensors weights of one adapter version directory (the engine
+    reads a version's files once with ``read_version``, hashing them, and parses them with
+    :func:`parse_adapter_files`)."""
+    files: dict[str, bytes] = {}
+    for name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE):
+        file = path / name
+        if file.is_symlink():
+            raise AdapterLoadError(f"{file} is a symlink; adapter files must be regular files")
+        if file.is_file():
+            files[name] = b"" if name == PICKLE_WEIGHTS_FILE else file.read_bytes()  # only its presence matters
+    return parse_adapter_files(files, path)
+
+
+def parse_adapter_files(files: Mapping[str, bytes], path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and tensors of one version from its files' bytes (``files``: by name relative to ``path``).
 
     Pickle-based ``adapter_model.bin`` is refused: unpickling untrusted files executes code.
     """
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for file in (config_path, weights_path):
-        if file.is_symlink():
-            raise AdapterLoadError(f"{file} is a symlink; adapter files must be regular files")
-    if not weights_path.is_file():
-        if (path / PICKLE_WEIGHTS_FILE).exists():
+    if WEIGHTS_FILE not in files:
+        if PICKLE_WEIGHTS_FILE in files:
             raise AdapterLoadError(
                 f"{path} holds only pickle weights ({PICKLE_WEIGHTS_FILE}), refused because loading them can run "
                 f"code; convert them to {WEIGHTS_FILE} (save_pretrained(..., safe_serialization=True))"
             )
         raise AdapterLoadError(f"{path} has no {WEIGHTS_FILE}")
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+    if CONFIG_FILE not in files:
+        raise AdapterLoadError(f"{path} has no {CONFIG_FILE}")
+    if len(files[CONFIG_FILE]) > MAX_CONFIG_BYTES:
         raise AdapterLoadError(f"{config_path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(files[CONFIG_FILE].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise AdapterLoadError(f"{config_path} must hold a JSON object")
     try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = dict(sorted(load_safetensors(files[WEIGHTS_FILE]).items()))  # by name, as files list them
+    except (SafetensorError, ValueError) as exc:
         raise AdapterLoadError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
     return config, tensors

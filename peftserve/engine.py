@@ -21,10 +21,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from peftserve.adapter_cache import AdapterCache
-from peftserve.adapter_repository import AdapterRepository, AdapterVersion, content_digest
+from peftserve.adapter_repository import AdapterRepository, AdapterVersion, read_version
 from peftserve.adapter_status import AdapterStates
 from peftserve.adapter_types import convert_adapter
-from peftserve.adapter_weights import AdapterWeights, BaseModelShape, read_adapter_files
+from peftserve.adapter_weights import AdapterWeights, BaseModelShape, parse_adapter_files
 from peftserve.batched_layers import CPU_SLOTS_FROM_ADAPTERS, AdapterLayers
 from peftserve.blocked_content import BlockedContent
 from peftserve.chat import parse_messages, render_messages
@@ -116,7 +116,7 @@ class Engine:
         started = time.perf_counter()
         if self.host_tier.enabled:  # every read from files is a host-tier miss
             self.metrics.host_cache_event("miss", version.adapter_id)
-        digest = content_digest(version.path)
+        digest, files = read_version(version.path)
         if version.digest and digest != version.digest:
             self.metrics.adapter_event("files_changed", version.adapter_id, version.version)
             raise AdapterLoadError(
@@ -124,7 +124,7 @@ class Engine:
                 f"{version.digest[:12]}... now {digest[:12]}...); versions are immutable: publish the change as "
                 "a new version"
             )
-        config, tensors = read_adapter_files(version.path)
+        config, tensors = parse_adapter_files(files, version.path)
         weights = convert_adapter(config, tensors, self.base_shape)
         seconds = time.perf_counter() - started
         self.metrics.adapter_loaded(version.adapter_id, seconds=seconds, nbytes=weights.nbytes)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peftserve import engine as engine_module
-from peftserve.adapter_repository import AdapterVersion
+from peftserve.adapter_repository import AdapterVersion, content_digest
 from peftserve.config import ServeConfig, read_model_config
 from peftserve.engine import Engine
 from peftserve.errors import AdapterLoadError, AdapterNotFoundError
@@ -42,13 +42,13 @@ class HostTierMetrics(EngineMetrics):
 def file_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Adapter ids whose files the engine read, counted (the function every load goes through)."""
     reads: Counter[str] = Counter()
-    real = engine_module.read_adapter_files
+    real = engine_module.read_version
 
     def counting(path: Path):
         reads[path.parent.name] += 1
         return real(path)
 
-    monkeypatch.setattr(engine_module, "read_adapter_files", counting)
+    monkeypatch.setattr(engine_module, "read_version", counting)
     return reads
 
 
@@ -205,6 +205,24 @@ def test_host_miss_reads_the_files_again_and_checks_their_digest(
     assert serving(one, "a") not in one.host_tier
 
 
+def test_what_is_hashed_is_what_is_parsed_even_if_the_files_change_after_the_read(
+    model_dir: Path, repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = answer(make_engine(model_dir, repository), "a")
+    real = engine_module.read_version
+
+    def read_then_swapped(path: Path):
+        read = real(path)
+        pirate_files = model_dir / "adapters" / "pirate" / "1" / "adapter_model.safetensors"
+        shutil.copyfile(pirate_files, path / "adapter_model.safetensors")  # changed in place right after
+        return read
+
+    monkeypatch.setattr(engine_module, "read_version", read_then_swapped)
+    engine = make_engine(model_dir, repository)
+    assert answer(engine, "a").text == expected.text  # robot's weights, as hashed: never pirate's
+    assert serving(engine, "a").digest == content_digest(model_dir / "adapters" / "robot" / "1")
+
+
 def test_a_swap_removes_the_old_version_from_both_tiers(model_dir: Path, repository: Path) -> None:
     engine = make_engine(model_dir, repository)
     watcher = AdapterWatcher(engine, interval=0)
@@ -281,7 +299,7 @@ def test_a_slow_adapter_read_runs_beside_decoding_and_its_request_then_answers_e
 
     engine = make_engine(model_dir, repository, max_tokens_limit="900")
     reading = threading.Event()
-    real = engine_module.read_adapter_files
+    real = engine_module.read_version
 
     def slow(path: Path):
         if path.parent.name == "a":
@@ -289,7 +307,7 @@ def test_a_slow_adapter_read_runs_beside_decoding_and_its_request_then_answers_e
             time.sleep(1.0)
         return real(path)
 
-    monkeypatch.setattr(engine_module, "read_adapter_files", slow)
+    monkeypatch.setattr(engine_module, "read_version", slow)
     pieces: list[float] = []
     stream = CompletionRequest(PROMPT, "pirate", max_tokens=900, ignore_eos=True)
     engine.batcher.submit(Work(stream, on_done=lambda _: None, on_text=lambda _: pieces.append(time.perf_counter())))
@@ -307,5 +325,5 @@ def test_a_slow_adapter_read_runs_beside_decoding_and_its_request_then_answers_e
     during_read = [t for t in pieces if read_started < t < read_started + 0.9]
     assert len(during_read) >= 5, f"the stream sent {len(during_read)} pieces during a 1 s adapter read"
     assert isinstance(results[0], Completion) and results[0].adapter_version == "a@1"
-    monkeypatch.setattr(engine_module, "read_adapter_files", real)
+    monkeypatch.setattr(engine_module, "read_version", real)
     assert results[0].text == answer(make_engine(model_dir, repository), "a").text
