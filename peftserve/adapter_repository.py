@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,37 +112,33 @@ class AdapterRepository:
 
 def content_digest(directory: Path) -> str:
     """SHA-256 over the names and bytes of every regular file in a version directory (sorted, recursive)."""
-    digest = hashlib.sha256()
-    for path, name in _version_files(directory):
-        with path.open("rb") as handle:
-            _hash_entry(digest, name, iter(lambda handle=handle: handle.read(1 << 20), b""))
-    return digest.hexdigest()
+    return read_version(directory, keep=())[0]
 
 
-def read_version(directory: Path) -> tuple[str, dict[str, bytes]]:
-    """Every regular file of a version directory (by relative name), read once, and :func:`content_digest`
-    of exactly those bytes: what is hashed is what gets parsed, even if the files change while being read."""
+def read_version(directory: Path, keep: Collection[str]) -> tuple[str, dict[str, bytes]]:
+    """:func:`content_digest` of a version, and the bytes of its files named in ``keep`` (relative names),
+    read once: what is hashed is what gets parsed, even if the files change while being read. Every other
+    file is hashed as it streams and listed with empty bytes (its presence can matter, its size is not
+    bounded)."""
     digest = hashlib.sha256()
     files: dict[str, bytes] = {}
-    for path, name in _version_files(directory):
-        files[name] = path.read_bytes()
-        _hash_entry(digest, name, [files[name]])
-    return digest.hexdigest(), files
-
-
-def _version_files(directory: Path) -> Iterator[tuple[Path, str]]:
     for path in sorted(Path(directory).rglob("*")):
         if path.is_symlink():
             raise AdapterLoadError(f"{path} is a symlink; adapter files must be regular files inside the repository")
-        if path.is_file():
-            yield path, path.relative_to(directory).as_posix()
-
-
-def _hash_entry(digest: hashlib._Hash, name: str, blocks: Iterable[bytes]) -> None:
-    digest.update(name.encode() + b"\0")
-    for block in blocks:
-        digest.update(block)
-    digest.update(b"\0")
+        if not path.is_file():
+            continue
+        name = path.relative_to(directory).as_posix()
+        digest.update(name.encode() + b"\0")
+        with path.open("rb") as handle:
+            if name in keep:
+                files[name] = handle.read()
+                digest.update(files[name])
+            else:
+                files[name] = b""
+                for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                    digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest(), files
 
 
 def recorded_digest(directory: Path) -> str:

@@ -25,6 +25,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 1 << 20
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # the files parse_adapter_files reads the bytes of
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ class AdapterWeights:
 
 def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load ``adapter_config.json`` and the safetensors weights of one adapter version directory (the engine
-    reads a version's files once with ``read_version``, hashing them, and parses them with
+    reads a version's :data:`ADAPTER_FILES` once with ``read_version``, hashing them, and parses them with
     :func:`parse_adapter_files`)."""
     files: dict[str, bytes] = {}
     for name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE):
@@ -209,7 +210,8 @@ def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 
 def parse_adapter_files(files: Mapping[str, bytes], path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The config and tensors of one version from its files' bytes (``files``: by name relative to ``path``).
+    """The config and tensors of one version from its files (``files``: by name relative to ``path``; the
+    bytes of :data:`ADAPTER_FILES`, any other file only named).
 
     Pickle-based ``adapter_model.bin`` is refused: unpickling untrusted files executes code.
     """

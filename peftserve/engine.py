@@ -24,7 +24,7 @@ from peftserve.adapter_cache import AdapterCache
 from peftserve.adapter_repository import AdapterRepository, AdapterVersion, read_version
 from peftserve.adapter_status import AdapterStates
 from peftserve.adapter_types import convert_adapter
-from peftserve.adapter_weights import AdapterWeights, BaseModelShape, parse_adapter_files
+from peftserve.adapter_weights import ADAPTER_FILES, AdapterWeights, BaseModelShape, parse_adapter_files
 from peftserve.batched_layers import CPU_SLOTS_FROM_ADAPTERS, AdapterLayers
 from peftserve.blocked_content import BlockedContent
 from peftserve.chat import parse_messages, render_messages
@@ -116,7 +116,7 @@ class Engine:
         started = time.perf_counter()
         if self.host_tier.enabled:  # every read from files is a host-tier miss
             self.metrics.host_cache_event("miss", version.adapter_id)
-        digest, files = read_version(version.path)
+        digest, files = read_version(version.path, keep=ADAPTER_FILES)
         if version.digest and digest != version.digest:
             self.metrics.adapter_event("files_changed", version.adapter_id, version.version)
             raise AdapterLoadError(

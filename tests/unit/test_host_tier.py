@@ -44,9 +44,9 @@ def file_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     reads: Counter[str] = Counter()
     real = engine_module.read_version
 
-    def counting(path: Path):
+    def counting(path: Path, **kwargs):
         reads[path.parent.name] += 1
-        return real(path)
+        return real(path, **kwargs)
 
     monkeypatch.setattr(engine_module, "read_version", counting)
     return reads
@@ -211,8 +211,8 @@ def test_what_is_hashed_is_what_is_parsed_even_if_the_files_change_after_the_rea
     expected = answer(make_engine(model_dir, repository), "a")
     real = engine_module.read_version
 
-    def read_then_swapped(path: Path):
-        read = real(path)
+    def read_then_swapped(path: Path, **kwargs):
+        read = real(path, **kwargs)
         pirate_files = model_dir / "adapters" / "pirate" / "1" / "adapter_model.safetensors"
         shutil.copyfile(pirate_files, path / "adapter_model.safetensors")  # changed in place right after
         return read
@@ -301,11 +301,11 @@ def test_a_slow_adapter_read_runs_beside_decoding_and_its_request_then_answers_e
     reading = threading.Event()
     real = engine_module.read_version
 
-    def slow(path: Path):
+    def slow(path: Path, **kwargs):
         if path.parent.name == "a":
             reading.set()
             time.sleep(1.0)
-        return real(path)
+        return real(path, **kwargs)
 
     monkeypatch.setattr(engine_module, "read_version", slow)
     pieces: list[float] = []
