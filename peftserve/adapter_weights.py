@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from transformers.pytorch_utils import Conv1D
 
+from peftserve.adapter_repository import read_version
 from peftserve.errors import AdapterLoadError
 
 CONFIG_FILE = "adapter_config.json"
@@ -196,17 +197,9 @@ class AdapterWeights:
 
 
 def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load ``adapter_config.json`` and the safetensors weights of one adapter version directory (the engine
-    reads a version's :data:`ADAPTER_FILES` once with ``read_version``, hashing them, and parses them with
-    :func:`parse_adapter_files`)."""
-    files: dict[str, bytes] = {}
-    for name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE):
-        file = path / name
-        if file.is_symlink():
-            raise AdapterLoadError(f"{file} is a symlink; adapter files must be regular files")
-        if file.is_file():
-            files[name] = b"" if name == PICKLE_WEIGHTS_FILE else file.read_bytes()  # only its presence matters
-    return parse_adapter_files(files, path)
+    """Load ``adapter_config.json`` and the safetensors weights of one adapter version directory, through the
+    engine's own read (``read_version``: symlinks refused, each file read once) and :func:`parse_adapter_files`."""
+    return parse_adapter_files(read_version(path, keep=ADAPTER_FILES)[1], path)
 
 
 def parse_adapter_files(files: Mapping[str, bytes], path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
