@@ -292,7 +292,10 @@ class PagedKVCache:
                 new = new.index_select(0, plan.valid)
             cached.index_copy_(0, plan.write, new.to(cached.dtype))
             self.bytes_written += new.numel() * cached.element_size()
-            read.append(cached[plan.read].to(states.dtype).transpose(1, 2))
+            # index_select over the flat read index, not ``cached[plan.read]``: on CPU the advanced-indexing
+            # kernel took 3.5x as long for 16 rows of 400 keys (332 us against 95 us, 2 threads).
+            gathered = cached.index_select(0, plan.read.view(-1)).view(*plan.read.shape, *cached.shape[1:])
+            read.append(gathered.to(states.dtype).transpose(1, 2))
         return read[0], read[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
