@@ -195,3 +195,59 @@ def test_a_crowded_adapter_is_sliced_instead_of_padding_the_stack(monkeypatch: p
     assert stacked[0].take is None or stacked[0].take.numel() < 2 * len(rows)
     (chunk,) = [group for group in groups if isinstance(group, LowRankGroup)]
     assert chunk.rows == slice(3, 15)
+
+
+def test_every_modules_scaling_vectors_come_from_one_gather_and_each_row_gets_its_own() -> None:
+    """IA3 input and output scales, output scales beside a pair (DoRA's form) and bias scales of two layers
+    of different widths: one table for the whole batch, read by row once, each module viewing its columns;
+    every row still equals its adapter's layers computed alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("up", nn.Linear(IN, OUT))
+    model.add_module("down", nn.Linear(OUT, IN))
+    generator = torch.Generator().manual_seed(7)
+
+    def vector(width: int) -> torch.Tensor:
+        return torch.rand(width, generator=generator) + 0.5
+
+    scaled_input = AdapterWeights("IA3", {"down": ModuleDelta(in_scale=vector(OUT))})
+    scaled_output = AdapterWeights(
+        "IA3",
+        {
+            "up": ModuleDelta(out_scale=vector(OUT), scales_bias=True),
+            "down": ModuleDelta(out_scale=vector(IN), scales_bias=True),
+        },
+    )
+    pair = lora(4, 3).modules["proj"]
+    dora_like = AdapterWeights(
+        "LORA", {"up": ModuleDelta(lora_a=pair.lora_a, lora_b=pair.lora_b, out_scale=vector(OUT))}
+    )
+    rows = [scaled_input, None, scaled_output, dora_like, scaled_output]
+    reference = {name: module for name, module in model.named_children()}
+    layers = AdapterLayers(model)
+    layers.wrap(["up", "down"])
+    deltas = BatchDeltas(layers, rows)
+    vectors = [
+        vector
+        for module in deltas.per_module.values()
+        for vector in (module.in_scale, module.out_scale, module.bias_scale)
+        if vector is not None
+    ]
+    assert len(vectors) == 5 and len({vector.untyped_storage().data_ptr() for vector in vectors}) == 1
+
+    def alone(name: str, x: torch.Tensor, adapter: AdapterWeights | None) -> torch.Tensor:
+        delta = adapter.modules.get(name, ModuleDelta()) if adapter else ModuleDelta()
+        layer = reference[name]
+        out = (x if delta.in_scale is None else x * delta.in_scale) @ layer.weight.T
+        if delta.lora_a is not None:
+            out = out + x @ delta.lora_a @ delta.lora_b
+        if delta.out_scale is not None:
+            out = out * delta.out_scale
+        return out + (layer.bias * delta.out_scale if delta.scales_bias else layer.bias)
+
+    x = torch.randn(len(rows), TOKENS, IN)
+    deltas.install()
+    with torch.inference_mode():
+        batched = model(x)
+        expected = torch.stack([alone("down", alone("up", x[i], a), a) for i, a in enumerate(rows)])
+    torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-4)
