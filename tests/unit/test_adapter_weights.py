@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftserve.adapter_types import convert_adapter
+from peftserve.adapter_types import check_finite, convert_adapter
 from peftserve.adapter_weights import read_adapter_files
 from peftserve.engine import Engine
 from peftserve.errors import AdapterLoadError, UnsupportedAdapterError
@@ -131,3 +131,22 @@ def test_demo_adapters_convert_to_their_runtime_form(engine: Engine, model_dir: 
     assert poet.prefix_kv.shape == (4, 2, 2, 10, 32) and poet.prefix_length == 10
     assert oracle.virtual_embeddings.shape == (4, 128) and oracle.virtual_length == 4
     assert pirate.nbytes == sum(d.lora_a.numel() + d.lora_b.numel() for d in pirate.modules.values()) * 4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_value_among_tensors_of_several_dtypes_is_named(bad: float) -> None:
+    tensors = {
+        "a": torch.randn(8, 16),
+        "b": torch.full((4, 4), 60000.0, dtype=torch.float16),  # near float16's largest value, finite
+        "c": torch.randn(16, 8, dtype=torch.bfloat16),
+        "d": torch.arange(6),  # integers are always finite
+        "e": torch.randn(5, dtype=torch.float16),
+    }
+    check_finite(tensors)
+    tensors["e"][3] = bad
+    with pytest.raises(AdapterLoadError, match="tensor 'e' holds NaN or Inf"):
+        check_finite(tensors)
+    tensors["e"][3] = 0.0
+    tensors["c"][2, 5] = bad
+    with pytest.raises(AdapterLoadError, match="tensor 'c' holds NaN or Inf"):
+        check_finite(tensors)
