@@ -477,7 +477,7 @@ class _BatchLayout:
         self._plans: dict[tuple[int, ...], tuple[list[_GroupPlan], _MaskedChoice | None]] = {}
         self._chosen: dict[tuple[tuple[int, ...], int], list[_GroupPlan | _MaskedPlan]] = {}
         self._row_numbers: dict[torch.device, torch.Tensor] = {}
-        self._pending_vectors: list[tuple[RowDeltas, str, list[torch.Tensor | None], int, torch.Tensor]] = []
+        self._pending_vectors: list[_VectorRequest] = []
 
     def groups(
         self, deltas: list[ModuleDelta | None], features: int, like: torch.Tensor
@@ -537,24 +537,24 @@ class _BatchLayout:
         if len(vectors) == 1 and not self.has_base_rows and vectors[0] is not None:
             setattr(into, field_name, vectors[0].reshape(1, 1, width))
         else:
-            self._pending_vectors.append((into, field_name, vectors, width, like))
+            self._pending_vectors.append(_VectorRequest(into, field_name, vectors, width, like.dtype, like.device))
 
     def gather_row_vectors(self) -> None:
         """Fill in every requested scaling vector: one table of every module's distinct vectors side by side,
         ones first, indexed by row (one op for the batch, where a table per module took two ops per module:
         measured, 16 DoRA modules made a sixth of the cost of a new batch on the demo).
         """
-        by_kind: dict[tuple[torch.dtype, torch.device], list] = {}
+        by_kind: dict[tuple[torch.dtype, torch.device], list[_VectorRequest]] = {}
         for request in self._pending_vectors:
-            by_kind.setdefault((request[4].dtype, request[4].device), []).append(request)
+            by_kind.setdefault((request.dtype, request.device), []).append(request)
         self._pending_vectors = []
         for (dtype, device), requests in by_kind.items():
-            parts = [vector for _, _, vectors, _, _ in requests for vector in vectors]
-            widths = tuple(width for *_, width, _ in requests)
+            parts = [vector for request in requests for vector in request.vectors]
+            widths = tuple(request.width for request in requests)
             table = self.stacks.get(("scales", widths), parts, partial(_scale_table, requests, dtype, device))
             rows = table.index_select(0, self.row_numbers(device)).unsqueeze(1)
-            for (into, field_name, *_), vectors in zip(requests, rows.split(widths, dim=2), strict=True):
-                setattr(into, field_name, vectors)
+            for request, vectors in zip(requests, rows.split(widths, dim=2), strict=True):
+                setattr(request.into, request.field_name, vectors)
 
     def _plan(self, ranks: tuple[int, ...], device: torch.device) -> list[_GroupPlan]:
         buckets: dict[int, list[int]] = {}
@@ -694,13 +694,26 @@ def _column_owner_table(
     )
 
 
-def _scale_table(requests: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+@dataclass(frozen=True)
+class _VectorRequest:
+    """A module's per-row scaling vectors, asked for while a batch is built and set by one gather after."""
+
+    into: RowDeltas
+    field_name: str  # in_scale, out_scale or bias_scale
+    vectors: list[torch.Tensor | None]  # one per distinct adapter; None: ones
+    width: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _scale_table(requests: list[_VectorRequest], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(adapters + 1, widths)``: each request's distinct vectors in its columns, ones for the base model's
     row and for adapters without a vector."""
     blocks = []
-    for _, _, vectors, width, _ in requests:
-        ones = torch.ones(1, width, dtype=dtype, device=device)
-        blocks.append(torch.cat([ones, *(ones if v is None else v.reshape(1, width).to(dtype) for v in vectors)]))
+    for request in requests:
+        ones = torch.ones(1, request.width, dtype=dtype, device=device)
+        vectors = (ones if v is None else v.reshape(1, request.width).to(dtype) for v in request.vectors)
+        blocks.append(torch.cat([ones, *vectors]))
     return torch.cat(blocks, dim=1)
 
 

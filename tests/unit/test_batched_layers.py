@@ -38,10 +38,11 @@ def ia3(seed: int) -> AdapterWeights:
     return AdapterWeights("IA3", {"proj": ModuleDelta(out_scale=scale, scales_bias=True)})
 
 
-def solo(layer: nn.Linear, x: torch.Tensor, adapter: AdapterWeights | None) -> torch.Tensor:
-    """One row by the definition: (W x + x A B) * out_scale + bias * (out_scale if it scales the bias)."""
-    delta = adapter.modules["proj"] if adapter else ModuleDelta()
-    out = x @ layer.weight.T
+def solo(layer: nn.Linear, x: torch.Tensor, adapter: AdapterWeights | None, name: str = "proj") -> torch.Tensor:
+    """One row by the definition: (W (x * in_scale) + x A B) * out_scale + bias * (out_scale if it scales the
+    bias); an adapter without a part in ``name`` leaves the layer as it is."""
+    delta = adapter.modules.get(name, ModuleDelta()) if adapter else ModuleDelta()
+    out = (x if delta.in_scale is None else x * delta.in_scale) @ layer.weight.T
     if delta.lora_a is not None:
         out = out + x @ delta.lora_a @ delta.lora_b
     if delta.out_scale is not None:
@@ -235,19 +236,11 @@ def test_every_modules_scaling_vectors_come_from_one_gather_and_each_row_gets_it
     ]
     assert len(vectors) == 5 and len({vector.untyped_storage().data_ptr() for vector in vectors}) == 1
 
-    def alone(name: str, x: torch.Tensor, adapter: AdapterWeights | None) -> torch.Tensor:
-        delta = adapter.modules.get(name, ModuleDelta()) if adapter else ModuleDelta()
-        layer = reference[name]
-        out = (x if delta.in_scale is None else x * delta.in_scale) @ layer.weight.T
-        if delta.lora_a is not None:
-            out = out + x @ delta.lora_a @ delta.lora_b
-        if delta.out_scale is not None:
-            out = out * delta.out_scale
-        return out + (layer.bias * delta.out_scale if delta.scales_bias else layer.bias)
-
     x = torch.randn(len(rows), TOKENS, IN)
     deltas.install()
     with torch.inference_mode():
         batched = model(x)
-        expected = torch.stack([alone("down", alone("up", x[i], a), a) for i, a in enumerate(rows)])
+        expected = torch.stack(
+            [solo(reference["down"], solo(reference["up"], x[i], a, "up"), a, "down") for i, a in enumerate(rows)]
+        )
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-4)
