@@ -50,10 +50,12 @@ def _forward(request, *, engine_model: str) -> None:
             requested_output_names=list(OUTPUT_NAMES),
             parameters={FORWARDED_PARAMETER: True, **status_parameter(request)},
         )
+        answers = forwarded.exec(decoupled=True)  # referenced until the stub's cleanup: see below
         answer = None
-        for response in forwarded.exec(decoupled=True):
+        for response in answers:
             if response.has_error() or response.output_tensors():
                 answer = response
+        _wait_for_stub_cleanup(request)
         if answer is None:
             raise RuntimeError(f"{engine_model} sent no answer")
         if answer.has_error():
@@ -67,3 +69,17 @@ def _forward(request, *, engine_model: str) -> None:
             output_tensors=[], error=pb_utils.TritonError(f"forwarding failed: {exc}", pb_utils.TritonError.INTERNAL)
         )
     sender.send(reply, flags=FINAL)
+
+
+def _wait_for_stub_cleanup(request) -> None:
+    """Return once the stub has forgotten the finished response iterator, so that its responses die here.
+
+    Triton 24.10's stub keeps each BLS decoupled response iterator in a map that its stub-to-parent thread
+    empties when the iterator's cleanup message comes up in that thread's queue. Should that happen after
+    this thread dropped its references, the iterator and its responses (whose tensors hold numpy arrays)
+    are freed on that C++ thread without the GIL: heap corruption, and a segfault later in any thread.
+    A cancellation check is a round trip through the same first-in-first-out queue, queued after the
+    iterator's cleanup (sent when the last response was read), so when it returns the map no longer holds
+    the iterator and the references dropped on this thread are the last ones.
+    """
+    request.is_cancelled()

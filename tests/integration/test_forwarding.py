@@ -1,0 +1,119 @@
+"""peft_llm's forwarding through BLS frees every engine answer on its own thread, with the GIL.
+
+Triton 24.10's stub frees a finished BLS response iterator, and the answers it holds, on its stub-to-parent
+thread, without the GIL, if that thread's queue reaches the iterator's cleanup after the forwarding thread
+let go of it: heap corruption and, sooner or later, a segfault of the forwarder (seen in CI during a model
+swap; under this test's load the forwarder without ``_wait_for_stub_cleanup`` crashed after 68-100 s).
+This test makes the late cleanup the rule (threads keep that queue busy with log messages, each a round
+trip to the server) and watches where each answer's output array is freed: a weakref callback notes any
+free off the forwarding thread, and a reporter thread writes the count into the server log.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.integration.conftest import private_repository, serving
+from tools.client import build_inputs
+from tools.triton_server import TritonServer, free_port
+
+SECONDS = 30
+CLIENTS = 16
+LOGGING_THREADS = 2
+OFF_THREAD = "answers freed off their forwarding thread:"
+_POOL_LINE = "        self.pool = ThreadPoolExecutor("
+_BUSY_QUEUE = f"""\
+        for target in [_report_off_thread_frees] + [_keep_the_queue_busy] * {LOGGING_THREADS}:
+            _threading.Thread(target=target, daemon=True).start()
+"""
+_ANSWER_LINE = "        if answer is None:"
+_WATCH = """\
+        if answer is not None and answer.output_tensors():
+            _weakref.finalize(answer.output_tensors()[0].as_numpy(), _note_free, _threading.get_ident())
+"""
+_WATCHERS = f"""
+
+import threading as _threading
+import time as _time
+import weakref as _weakref
+
+_OFF_THREAD_FREES = []
+
+
+def _note_free(owner):
+    if _threading.get_ident() != owner:
+        _OFF_THREAD_FREES.append(owner)
+
+
+def _report_off_thread_frees():
+    while True:
+        _time.sleep(0.2)
+        if _OFF_THREAD_FREES:
+            logger.error("{OFF_THREAD} %d", len(_OFF_THREAD_FREES))
+
+
+def _keep_the_queue_busy():
+    while True:
+        pb_utils.Logger.log_verbose("busy")
+"""
+
+
+@pytest.fixture(scope="module")
+def busy_forwarder(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    workdir = tmp_path_factory.mktemp("forwarding")
+    repository = workdir / "model_repository"
+    private_repository(model_dir, repository, ["pirate", "robot", "chef"])
+    forwarder = repository / "peft_llm" / "1" / "model.py"
+    source = forwarder.read_text()
+    for line in (_POOL_LINE, _ANSWER_LINE):
+        assert source.count(line) == 1, f"the forwarder has no single line {line.strip()!r} to instrument"
+    source = source.replace(_POOL_LINE, _BUSY_QUEUE + _POOL_LINE).replace(_ANSWER_LINE, _WATCH + _ANSWER_LINE)
+    forwarder.write_text(source + _WATCHERS)
+    server = TritonServer(
+        repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_path=workdir / "server.log",
+        address="127.0.0.1",
+    )
+    yield from serving(server)
+
+
+def test_answers_are_freed_on_their_forwarding_thread_while_the_stub_is_busy(busy_forwarder: TritonServer) -> None:
+    failures: list[str] = []
+    answered = [0] * CLIENTS
+    stop = threading.Event()
+
+    def client_loop(number: int) -> None:
+        client = httpclient.InferenceServerClient(busy_forwarder.http_url)
+        adapter_id = ["pirate", "robot", "chef", ""][number % 4]
+        while not stop.is_set():
+            try:
+                result = client.infer("peft_llm", build_inputs(httpclient, "the cat", adapter_id, 2))
+                assert result.as_numpy("text_output")[0, 0], "an empty answer"
+                answered[number] += 1
+            except InferenceServerException as exc:
+                failures.append(str(exc))
+                stop.set()
+
+    clients = [threading.Thread(target=client_loop, args=(n,), daemon=True) for n in range(CLIENTS)]
+    for thread in clients:
+        thread.start()
+    deadline = time.monotonic() + SECONDS
+    while time.monotonic() < deadline and not stop.is_set():
+        time.sleep(0.5)
+    stop.set()
+    for thread in clients:
+        thread.join(timeout=60)
+    assert failures == [], failures[:3]
+    assert all(answered), f"a client got no answer in {SECONDS} s: {answered}"
+    log = busy_forwarder.log_path.read_text(errors="replace")
+    assert OFF_THREAD not in log and "Segmentation fault" not in log, busy_forwarder.log_tail()
