@@ -20,9 +20,9 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.conftest import private_repository, serving
+from tests.integration.conftest import private_repository, running_server
 from tools.client import build_inputs
-from tools.triton_server import TritonServer, free_port
+from tools.triton_server import TritonServer
 
 SECONDS = 30
 CLIENTS = 16
@@ -76,15 +76,7 @@ def busy_forwarder(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         assert source.count(line) == 1, f"the forwarder has no single line {line.strip()!r} to instrument"
     source = source.replace(_POOL_LINE, _BUSY_QUEUE + _POOL_LINE).replace(_ANSWER_LINE, _WATCH + _ANSWER_LINE)
     forwarder.write_text(source + _WATCHERS)
-    server = TritonServer(
-        repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_path=workdir / "server.log",
-        address="127.0.0.1",
-    )
-    yield from serving(server)
+    yield from running_server(repository, workdir / "server.log")
 
 
 def test_answers_are_freed_on_their_forwarding_thread_while_the_stub_is_busy(busy_forwarder: TritonServer) -> None:
