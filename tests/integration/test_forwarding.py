@@ -1,5 +1,6 @@
-"""peft_llm's forwarding through BLS frees every engine answer on its own thread, with the GIL.
+"""peft_llm's forwarding on a busy stub, and both models coming back after their stub process dies.
 
+Forwarding through BLS frees every engine answer on its own thread, with the GIL:
 Triton 24.10's stub frees a finished BLS response iterator, and the answers it holds, on its stub-to-parent
 thread, without the GIL, if that thread's queue reaches the iterator's cleanup after the forwarding thread
 let go of it: heap corruption and, sooner or later, a segfault of the forwarder (seen in CI during a model
@@ -11,6 +12,8 @@ free off the forwarding thread, and a reporter thread writes the count into the 
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +23,8 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.conftest import private_repository, running_server
+from peftserve.triton.stub_watch import stub_pids
+from tests.integration.conftest import infer, outputs, private_repository, running_server
 from tools.client import build_inputs
 from tools.triton_server import TritonServer
 
@@ -109,3 +113,33 @@ def test_answers_are_freed_on_their_forwarding_thread_while_the_stub_is_busy(bus
     assert all(answered), f"a client got no answer in {SECONDS} s: {answered}"
     log = busy_forwarder.log_path.read_text(errors="replace")
     assert OFF_THREAD not in log and "Segmentation fault" not in log, busy_forwarder.log_tail()
+
+
+@pytest.fixture(scope="module")
+def watched_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    workdir = tmp_path_factory.mktemp("stub_watch")
+    private_repository(model_dir, workdir / "model_repository", ["pirate"])
+    explicit = ("--model-control-mode=explicit", "--load-model=*")
+    yield from running_server(workdir / "model_repository", workdir / "server.log", extra_args=explicit)
+
+
+@pytest.mark.parametrize("model", ["peft_llm", "peft_llm_stream"])
+def test_a_model_whose_stub_died_serves_again(watched_server: TritonServer, model: str) -> None:
+    """Killed with SIGKILL, a model's stub is found gone by the other model's watch, which loads it again."""
+    expected = outputs(infer(watched_server, "the cat", "pirate", 6))
+    server_pid = str(watched_server.process.pid).encode()
+    (stub,) = stub_pids(model, server_pid=server_pid)
+    os.kill(stub, signal.SIGKILL)
+    failures, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            answer = outputs(infer(watched_server, "the cat", "pirate", 6))
+            if failures:
+                break
+        except InferenceServerException as exc:
+            failures.append(str(exc))
+        time.sleep(0.5)
+    assert failures, "no request failed after the kill: the test did not kill the stub it meant to"
+    assert answer == expected, f"{model} never served again within 120 s: {failures[-1]}"
+    assert stub_pids(model, server_pid=server_pid) - {stub}
+    assert f"{model} has no stub process but Triton calls it ready" in watched_server.log_path.read_text()

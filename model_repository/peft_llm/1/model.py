@@ -20,6 +20,7 @@ from peftserve.contract import OUTPUT_NAMES
 from peftserve.triton.io import FORWARDED_PARAMETER, untag_error
 from peftserve.triton.startup import start_model
 from peftserve.triton.status import status_parameter
+from peftserve.triton.stub_watch import StubWatch
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -30,12 +31,17 @@ class TritonPythonModel:
         config = start_model(args)
         self.forward = functools.partial(_forward, engine_model=config.engine_model)
         self.pool = ThreadPoolExecutor(max_workers=config.forwarding_threads, thread_name_prefix="bls-forward")
+        # The engine's model may die with its stub (Triton neither restarts it nor reports it unready).
+        self.engine_watch = StubWatch(
+            config.engine_model, is_ready=pb_utils.is_model_ready, reload=pb_utils.load_model
+        ).start()
 
     def execute(self, requests: list) -> None:
         for request in requests:
             self.pool.submit(self.forward, request)
 
     def finalize(self) -> None:
+        self.engine_watch.stop()
         self.pool.shutdown(wait=True)
 
 

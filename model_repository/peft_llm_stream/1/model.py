@@ -32,6 +32,7 @@ from peftserve.triton.metrics import TritonMetrics
 from peftserve.triton.response_loop import ResponseLoop
 from peftserve.triton.startup import freeze_startup_objects, start_model
 from peftserve.triton.status import status_reply
+from peftserve.triton.stub_watch import StubWatch
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -50,6 +51,10 @@ class TritonPythonModel:
         self.batcher = engine.batcher
         self.watcher = AdapterWatcher(engine, interval=config.adapter_poll_seconds)
         self.watcher.start()
+        # The public model may die with its stub (Triton neither restarts it nor reports it unready).
+        self.forwarder_watch = StubWatch(
+            config.served_model, is_ready=pb_utils.is_model_ready, reload=pb_utils.load_model
+        ).start()
         freeze_startup_objects()
         version = int(args["model_version"])
         self.status = lambda: server_status(engine, model=config.served_model, model_version=version)
@@ -82,6 +87,7 @@ class TritonPythonModel:
             self.batcher.submit(*works)
 
     def finalize(self) -> None:
+        self.forwarder_watch.stop()
         self.watcher.stop()
         self.batcher.close()
         self.responses.close()
