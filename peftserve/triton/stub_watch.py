@@ -66,12 +66,33 @@ def _command_line(process: Path) -> list[bytes]:
     return (process / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
 
 
+def reload_through_triton(repository: Path, load: Callable[[str], None]) -> Callable[[str], None]:
+    """A ``reload`` for :class:`StubWatch`: mark the model's versions changed, then load it (``pb_utils.load_model``).
+
+    Triton 24.10 loads an already loaded model again only if its files changed since, and keeps the running
+    instances when only ``config.pbtxt`` changed: either way a dead stub stays dead (seen: a second death of
+    the same model was "loaded again" in 0.2 ms, and stayed dead). Touching each version directory (its
+    time, not its content) makes Triton load the version anew, with a new stub.
+    """
+
+    def reload(model: str) -> None:
+        try:
+            for version in (repository / model).iterdir():
+                if version.name.isdigit() and version.is_dir():
+                    os.utime(version)
+        except OSError as exc:
+            logger.warning("cannot mark %s changed (%s): Triton may keep its dead stub", model, exc)
+        load(model)
+
+    return reload
+
+
 class StubWatch:
     """Checks every ``interval`` seconds, on a thread of its own, that ``model`` still has a stub process.
 
     ``find_stubs``, ``is_ready`` and ``reload`` take the model's name; in a Triton model they are
     :func:`stub_pids`, ``pb_utils.is_model_ready`` and ``pb_utils.load_model`` (called only once no stub is
-    found, so a healthy server makes no call into Triton from here).
+    found, so a healthy server makes no call into Triton from here). ``on_death`` runs before the reload.
     """
 
     def __init__(
@@ -80,6 +101,7 @@ class StubWatch:
         *,
         is_ready: Callable[[str], bool],
         reload: Callable[[str], None],
+        on_death: Callable[[str], None] | None = None,
         find_stubs: Callable[[str], set[int]] = stub_pids,
         sees_stubs: bool | None = None,
         interval: float = 5.0,
@@ -88,6 +110,7 @@ class StubWatch:
         self.model = model
         self.is_ready = is_ready
         self.reload = reload
+        self.on_death = on_death
         self.find_stubs = find_stubs
         # Where this process is no stub by that shape (another launcher), no stub would be found either:
         # the watch must then never reload anything.
@@ -118,6 +141,8 @@ class StubWatch:
             return False
         self._misses = 0
         logger.error("%s has no stub process but Triton calls it ready (its stub died): loading it again", self.model)
+        if self.on_death is not None:
+            self.on_death(self.model)
         self.reload(self.model)
         self.reloads += 1
         logger.info("%s loaded again", self.model)

@@ -17,9 +17,11 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -32,7 +34,7 @@ SECONDS = 30
 CLIENTS = 16
 LOGGING_THREADS = 2
 OFF_THREAD = "answers freed off their forwarding thread:"
-_POOL_LINE = "        self.pool = ThreadPoolExecutor("
+_POOL_LINE = "        self.in_flight = InFlight("
 _BUSY_QUEUE = f"""\
         for target in [_report_off_thread_frees] + [_keep_the_queue_busy] * {LOGGING_THREADS}:
             _threading.Thread(target=target, daemon=True).start()
@@ -143,3 +145,45 @@ def test_a_model_whose_stub_died_serves_again(watched_server: TritonServer, mode
     assert answer == expected, f"{model} never served again within 120 s: {failures[-1]}"
     assert stub_pids(model, server_pid=server_pid) - {stub}
     assert f"{model} has no stub process but Triton calls it ready" in watched_server.log_path.read_text()
+
+
+def test_requests_in_the_engine_when_its_stub_dies_are_answered_at_once(
+    watched_server: TritonServer,
+) -> None:
+    """Triton never ends a BLS call into a dead stub: without the forwarder's own answer these requests
+    waited until their client's deadline (measured: 90 s). Then the engine, loaded again, serves again."""
+    server_pid = str(watched_server.process.pid).encode()
+    results: dict[int, object] = {}
+
+    def long_request(number: int) -> None:
+        client = grpcclient.InferenceServerClient(watched_server.grpc_url)
+        inputs = build_inputs(grpcclient, "the cat looks at", "pirate", 200, ignore_eos=True)
+        started = time.monotonic()
+        try:
+            client.infer("peft_llm", inputs, client_timeout=60)
+            results[number] = "answered"
+        except InferenceServerException as exc:
+            results[number] = (exc.status(), str(exc), time.monotonic() - started)
+
+    requests = [threading.Thread(target=long_request, args=(n,)) for n in range(8)]
+    for thread in requests:
+        thread.start()
+    time.sleep(0.4)
+    (stub,) = stub_pids("peft_llm_stream", server_pid=server_pid)
+    os.kill(stub, signal.SIGKILL)
+    for thread in requests:
+        thread.join(timeout=90)
+    failed = [r for r in results.values() if r != "answered"]
+    assert len(results) == 8 and failed, f"no request was in the engine when it died: {results}"
+    for status, message, seconds in failed:
+        assert status == "StatusCode.UNAVAILABLE" and "died" in message and seconds < 30, (status, message, seconds)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            infer(watched_server, "the cat", "pirate", 4)
+            break
+        except InferenceServerException:
+            time.sleep(0.5)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda n: outputs(infer(watched_server, "the cat", "pirate", 2)), range(16)))
+    assert len(set(answers)) == 1

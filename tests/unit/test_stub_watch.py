@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from peftserve.triton.stub_watch import StubWatch, is_stub_process, stub_pids
+from peftserve.triton.stub_watch import StubWatch, is_stub_process, reload_through_triton, stub_pids
 
 STUB = "/opt/tritonserver/backends/python/triton_python_backend_stub"
 
@@ -117,3 +118,21 @@ def test_the_thread_keeps_watching_after_a_failed_reload() -> None:
     finally:
         watch.stop()
     assert failures == ["peft_llm"] and server.loads == ["peft_llm"]
+
+
+def test_a_reload_marks_every_version_of_the_model_changed_first(tmp_path: Path) -> None:
+    """Triton 24.10 keeps a model's running (dead) instances unless a version's files changed."""
+    model = tmp_path / "peft_llm"
+    for name in ("1", "2", "adapters"):
+        (model / name).mkdir(parents=True)
+        os.utime(model / name, (1_000_000, 1_000_000))
+    loads: list[tuple[str, list[bool]]] = []
+
+    def load(name: str) -> None:
+        loads.append((name, [(model / n).stat().st_mtime > 1_000_000 for n in ("1", "2", "adapters")]))
+
+    reload = reload_through_triton(tmp_path, load)
+    reload("peft_llm")
+    assert loads == [("peft_llm", [True, True, False])]
+    reload("ghost")  # nothing to touch: still asks Triton
+    assert [name for name, _ in loads] == ["peft_llm", "ghost"]

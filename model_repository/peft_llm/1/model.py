@@ -12,43 +12,53 @@ from __future__ import annotations
 
 import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from peftserve.contract import OUTPUT_NAMES
+from peftserve.triton.in_flight import InFlight
 from peftserve.triton.io import FORWARDED_PARAMETER, untag_error
 from peftserve.triton.startup import start_model
 from peftserve.triton.status import status_parameter
-from peftserve.triton.stub_watch import StubWatch
+from peftserve.triton.stub_watch import StubWatch, reload_through_triton
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+ENGINE_DIED = "the engine's model process died while this request was in it; it is being loaded again: retry"
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = start_model(args)
-        self.forward = functools.partial(_forward, engine_model=config.engine_model)
-        self.pool = ThreadPoolExecutor(max_workers=config.forwarding_threads, thread_name_prefix="bls-forward")
-        # The engine's model may die with its stub (Triton neither restarts it nor reports it unready).
+        self.in_flight = InFlight(config.forwarding_threads)
+        self.forward = functools.partial(_forward, engine_model=config.engine_model, in_flight=self.in_flight)
+        # The engine's model may die with its stub (Triton neither restarts it nor reports it unready, and
+        # never ends the BLS calls in it): its requests are answered with an error, then it is loaded again.
         self.engine_watch = StubWatch(
-            config.engine_model, is_ready=pb_utils.is_model_ready, reload=pb_utils.load_model
+            config.engine_model,
+            is_ready=pb_utils.is_model_ready,
+            reload=reload_through_triton(Path(args["model_repository"]).parent, pb_utils.load_model),
+            on_death=lambda model: self.in_flight.fail_all(ENGINE_DIED),
         ).start()
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            self.pool.submit(self.forward, request)
+            sender = request.get_response_sender()
+            key = self.in_flight.enter(fail=functools.partial(_fail, sender))
+            # A daemon thread: one blocked for good in a dead engine must not hold up the stub's exit.
+            threading.Thread(target=self.forward, args=(request, sender, key), name="bls-forward", daemon=True).start()
 
     def finalize(self) -> None:
         self.engine_watch.stop()
-        self.pool.shutdown(wait=True)
+        self.in_flight.wait_idle(timeout=60)
 
 
-def _forward(request, *, engine_model: str) -> None:
-    """Forward on a pool thread (BLS calls block until the engine answers) and reply from it, while
-    ``request`` is still alive: every pb_utils object of one forward lives and dies on one thread."""
-    sender = request.get_response_sender()
+def _forward(request, sender, key: int, *, engine_model: str, in_flight: InFlight) -> None:
+    """Forward on a thread of its own (BLS calls block until the engine answers) and reply from it, while
+    ``request`` is still alive: every pb_utils object of one forward lives and dies on one thread, unless
+    the engine died under it (then :meth:`InFlight.fail_all` has answered)."""
     try:
         forwarded = pb_utils.InferenceRequest(
             model_name=engine_model,
@@ -61,7 +71,8 @@ def _forward(request, *, engine_model: str) -> None:
         for response in answers:
             if response.has_error() or response.output_tensors():
                 answer = response
-        _wait_for_stub_cleanup(request)
+        if not in_flight.while_open(key, lambda: _wait_for_stub_cleanup(request)):
+            return  # the engine died under this forward, which is answered and gone
         if answer is None:
             raise RuntimeError(f"{engine_model} sent no answer")
         if answer.has_error():
@@ -74,7 +85,13 @@ def _forward(request, *, engine_model: str) -> None:
         reply = pb_utils.InferenceResponse(
             output_tensors=[], error=pb_utils.TritonError(f"forwarding failed: {exc}", pb_utils.TritonError.INTERNAL)
         )
-    sender.send(reply, flags=FINAL)
+    if in_flight.leave(key):
+        sender.send(reply, flags=FINAL)
+
+
+def _fail(sender, message: str) -> None:
+    error = pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
+    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error), flags=FINAL)
 
 
 def _wait_for_stub_cleanup(request) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
@@ -32,7 +33,7 @@ from peftserve.triton.metrics import TritonMetrics
 from peftserve.triton.response_loop import ResponseLoop
 from peftserve.triton.startup import freeze_startup_objects, start_model
 from peftserve.triton.status import status_reply
-from peftserve.triton.stub_watch import StubWatch
+from peftserve.triton.stub_watch import StubWatch, reload_through_triton
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -53,7 +54,9 @@ class TritonPythonModel:
         self.watcher.start()
         # The public model may die with its stub (Triton neither restarts it nor reports it unready).
         self.forwarder_watch = StubWatch(
-            config.served_model, is_ready=pb_utils.is_model_ready, reload=pb_utils.load_model
+            config.served_model,
+            is_ready=pb_utils.is_model_ready,
+            reload=reload_through_triton(Path(args["model_repository"]).parent, pb_utils.load_model),
         ).start()
         freeze_startup_objects()
         version = int(args["model_version"])
