@@ -117,7 +117,6 @@ class StubWatch:
         self.sees_stubs = is_stub_process() if sees_stubs is None else sees_stubs
         self.interval = interval
         self.misses_before_reload = misses_before_reload
-        self.reloads = 0
         self._misses = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"stub-watch-{model}", daemon=True)
@@ -144,7 +143,6 @@ class StubWatch:
         if self.on_death is not None:
             self.on_death(self.model)
         self.reload(self.model)
-        self.reloads += 1
         logger.info("%s loaded again", self.model)
         return True
 
@@ -154,3 +152,12 @@ class StubWatch:
                 self.check()
             except Exception:  # the watch outlives a failed look or a failed load, and tries again
                 logger.exception("watching the stub of %s failed", self.model)
+
+
+def watch_through_triton(model: str, model_directory: str, on_death: Callable[[str], None] | None = None) -> StubWatch:
+    """A started :class:`StubWatch` of ``model`` for a Triton model whose own directory is ``model_directory``
+    (``args["model_repository"]``: ``model`` lives beside it)."""
+    import triton_python_backend_utils as pb_utils  # here: exists only inside Triton's stub
+
+    reload = reload_through_triton(Path(model_directory).parent, pb_utils.load_model)
+    return StubWatch(model, is_ready=pb_utils.is_model_ready, reload=reload, on_death=on_death).start()

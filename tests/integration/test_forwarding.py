@@ -34,7 +34,7 @@ SECONDS = 30
 CLIENTS = 16
 LOGGING_THREADS = 2
 OFF_THREAD = "answers freed off their forwarding thread:"
-_POOL_LINE = "        self.in_flight = InFlight("
+_START_LINE = "        self.in_flight = InFlight("
 _BUSY_QUEUE = f"""\
         for target in [_report_off_thread_frees] + [_keep_the_queue_busy] * {LOGGING_THREADS}:
             _threading.Thread(target=target, daemon=True).start()
@@ -78,9 +78,9 @@ def busy_forwarder(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     private_repository(model_dir, repository, ["pirate", "robot", "chef"])
     forwarder = repository / "peft_llm" / "1" / "model.py"
     source = forwarder.read_text()
-    for line in (_POOL_LINE, _ANSWER_LINE):
+    for line in (_START_LINE, _ANSWER_LINE):
         assert source.count(line) == 1, f"the forwarder has no single line {line.strip()!r} to instrument"
-    source = source.replace(_POOL_LINE, _BUSY_QUEUE + _POOL_LINE).replace(_ANSWER_LINE, _WATCH + _ANSWER_LINE)
+    source = source.replace(_START_LINE, _BUSY_QUEUE + _START_LINE).replace(_ANSWER_LINE, _WATCH + _ANSWER_LINE)
     forwarder.write_text(source + _WATCHERS)
     yield from running_server(repository, workdir / "server.log")
 

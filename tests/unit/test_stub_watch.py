@@ -64,7 +64,7 @@ def test_a_stub_gone_from_a_model_still_ready_is_reloaded_after_two_looks() -> N
     server.stubs = set()  # died; Triton still calls the model ready
     assert not watch.check() and server.loads == []  # one look could be a load in progress
     assert watch.check() and server.loads == ["peft_llm"]
-    assert not watch.check() and watch.reloads == 1  # the new stub is there
+    assert not watch.check() and server.loads == ["peft_llm"]  # the new stub is there
 
 
 def test_a_stub_back_between_looks_or_a_model_unloaded_on_purpose_is_left_alone() -> None:

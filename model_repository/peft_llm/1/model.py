@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
@@ -22,7 +21,7 @@ from peftserve.triton.in_flight import InFlight
 from peftserve.triton.io import FORWARDED_PARAMETER, untag_error
 from peftserve.triton.startup import start_model
 from peftserve.triton.status import status_parameter
-from peftserve.triton.stub_watch import StubWatch, reload_through_triton
+from peftserve.triton.stub_watch import watch_through_triton
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -36,12 +35,9 @@ class TritonPythonModel:
         self.forward = functools.partial(_forward, engine_model=config.engine_model, in_flight=self.in_flight)
         # The engine's model may die with its stub (Triton neither restarts it nor reports it unready, and
         # never ends the BLS calls in it): its requests are answered with an error, then it is loaded again.
-        self.engine_watch = StubWatch(
-            config.engine_model,
-            is_ready=pb_utils.is_model_ready,
-            reload=reload_through_triton(Path(args["model_repository"]).parent, pb_utils.load_model),
-            on_death=lambda model: self.in_flight.fail_all(ENGINE_DIED),
-        ).start()
+        self.engine_watch = watch_through_triton(
+            config.engine_model, args["model_repository"], on_death=lambda model: self.in_flight.fail_all(ENGINE_DIED)
+        )
 
     def execute(self, requests: list) -> None:
         for request in requests:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import replace
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
@@ -33,7 +32,7 @@ from peftserve.triton.metrics import TritonMetrics
 from peftserve.triton.response_loop import ResponseLoop
 from peftserve.triton.startup import freeze_startup_objects, start_model
 from peftserve.triton.status import status_reply
-from peftserve.triton.stub_watch import StubWatch, reload_through_triton
+from peftserve.triton.stub_watch import watch_through_triton
 
 logger = logging.getLogger("peftserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -53,11 +52,7 @@ class TritonPythonModel:
         self.watcher = AdapterWatcher(engine, interval=config.adapter_poll_seconds)
         self.watcher.start()
         # The public model may die with its stub (Triton neither restarts it nor reports it unready).
-        self.forwarder_watch = StubWatch(
-            config.served_model,
-            is_ready=pb_utils.is_model_ready,
-            reload=reload_through_triton(Path(args["model_repository"]).parent, pb_utils.load_model),
-        ).start()
+        self.forwarder_watch = watch_through_triton(config.served_model, args["model_repository"])
         freeze_startup_objects()
         version = int(args["model_version"])
         self.status = lambda: server_status(engine, model=config.served_model, model_version=version)
