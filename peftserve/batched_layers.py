@@ -8,9 +8,9 @@ types is one batched computation: the base matmul for all rows, low-rank pairs g
 broadcast multiplies for scaling vectors.
 
 Low-rank rows are grouped by rank bucket (powers of two), so a rank-128 LoKr row does not pad every rank-8
-LoRA row to 128; a group whose rows all use one adapter uses an expanded view of its pair, without copies,
-and a group of several adapters stacks each distinct pair once (not once per row), so a step reads every
-adapter's weights once however many rows use it. Where a few low-rank adapters' rows interleave, their pairs
+LoRA row to 128; a group whose rows all use one adapter multiplies them by its pair as they are, and a group
+of several adapters stacks each distinct pair once (not once per row), so a step reads every adapter's weights
+once however many rows use it. Where a few low-rank adapters' rows interleave, their pairs
 run side by side under a row mask (:class:`MaskedPairs`); a LoKr whose exact pair would be large runs through
 its Kronecker factors (:class:`KroneckerRun`). From a batch's second pass, sibling layers (q/k/v, gate/up)
 share one shrink (:mod:`peftserve.shared_shrink`). A batch whose rows use the same adapters as a recent one is
@@ -37,7 +37,7 @@ from peftserve.shared_shrink import ShrinkForm, SiblingPart, SiblingTrace, share
 from peftserve.slot_path import SlotPath
 from peftserve.slot_tables import rank_bucket
 
-# A rank bucket whose rows are all one adapter's uses that pair (expanded view). A bucket spanning every row,
+# A rank bucket whose rows are all one adapter's uses that pair as it is. A bucket spanning every row,
 # or over some rows with more adapters than this, stacks its distinct pairs for one batched call over the
 # adapters (AdapterSegments). A bucket over some rows with at most this many adapters gets one slice per
 # adapter (the batcher keeps running rows sorted by adapter), since its stacked form would also index rows in
@@ -91,20 +91,15 @@ class LowRankGroup:
     rows: slice | None  # a contiguous slice of the batch, or None for every row
     a: torch.Tensor  # (in, r): the adapter's own pair
     b: torch.Tensor  # (r, out)
-    length: int  # rows in the group
-    _a_rows: torch.Tensor = field(init=False, repr=False)
-    _b_rows: torch.Tensor = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        # bmm over an expanded view (no copies), also for one shared pair: measured cheaper than matmul's
-        # broadcasting dispatch; baddbmm adds into the base output in the same call.
-        self._a_rows = self.a.expand(self.length, -1, -1)
-        self._b_rows = self.b.expand(self.length, -1, -1)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.rows is None:
-            return torch.baddbmm(out, torch.bmm(x, self._a_rows), self._b_rows)
-        out[self.rows].baddbmm_(torch.bmm(x[self.rows], self._a_rows), self._b_rows)  # in place: a fresh output
+        # One pair for every row of the group: two plain matmuls over the rows flattened, added in place into
+        # this call's own output (a batch slice of it is contiguous too). Measured on one core against a
+        # batched matmul over the pair expanded per row: 5.7 against 10 us for 16 rows on a 128-wide layer,
+        # 8 against 33 us on a 512-wide one, 22 against 73 us for a 40-token packed pass.
+        target = out if self.rows is None else out[self.rows]
+        rows = x if self.rows is None else x[self.rows]
+        target.view(-1, target.shape[-1]).addmm_(torch.mm(rows.reshape(-1, rows.shape[-1]), self.a), self.b)
         return out
 
     def shrink_form(self) -> ShrinkForm:
@@ -575,7 +570,7 @@ class _BatchLayout:
                 sliced += runs
             elif rows:
                 plan.append(self._segments(rows, ranks, device))
-            plan += [_RunPlan(None if stop - start == self.batch else slice(start, stop), owner, stop - start)
+            plan += [_RunPlan(None if stop - start == self.batch else slice(start, stop), owner)
                      for start, stop, owner in sliced]  # fmt: skip
         return plan
 
@@ -623,15 +618,14 @@ class _BatchLayout:
 
 @dataclass(frozen=True)
 class _RunPlan:
-    """A run of rows of one adapter: a :class:`LowRankGroup` over its own pair, expanded without copies."""
+    """A run of rows of one adapter: a :class:`LowRankGroup` over its own pair."""
 
     rows: slice | None
     adapter: int  # its number among the batch's distinct adapters
-    length: int
 
     def build(self, deltas: list[ModuleDelta | None], stacks: StackMemo) -> LowRankGroup:
         member = deltas[self.adapter]
-        return LowRankGroup(self.rows, member.lora_a, member.lora_b, self.length)
+        return LowRankGroup(self.rows, member.lora_a, member.lora_b)
 
 
 @dataclass(frozen=True)
