@@ -81,6 +81,7 @@ CPU_SLOTS_FROM_ADAPTERS = 9
 PASSES_BEFORE_PER_ROW = 6
 
 _Stacked = TypeVar("_Stacked")
+_Run = tuple[int, int, int]  # (start, stop, owner): consecutive rows of one adapter (owner -1: the base model)
 logger = logging.getLogger(__name__)
 
 
@@ -467,6 +468,8 @@ class _BatchLayout:
                 self.distinct.append(adapter)
             self.adapter_of_row.append(number)
         self.batch = len(row_adapters)
+        # The batcher keeps rows sorted by adapter: a layout is planned over its few runs, not its rows.
+        self.runs = _contiguous_runs(self.adapter_of_row)
         self.has_base_rows = -1 in self.adapter_of_row
         self.scales = any(adapter.scales for adapter in self.distinct)
         self._plans: dict[tuple[int, ...], tuple[list[_GroupPlan], _MaskedChoice | None]] = {}
@@ -512,7 +515,7 @@ class _BatchLayout:
         plan = [_MaskedPlan(members, _RowMask(self, len(self.distinct), columns, like.dtype, like.device)), *rest]
         if _ops(plan) >= _ops(grouped):
             return None
-        used = sum(ranks[adapter] for adapter in self.adapter_of_row if adapter in members)
+        used = sum((stop - start) * ranks[owner] for start, stop, owner in self.runs if owner in members)
         return _MaskedChoice(plan, wasted=self.batch * len(columns) - used)
 
     def row_numbers(self, device: torch.device) -> torch.Tensor:
@@ -552,51 +555,34 @@ class _BatchLayout:
                 setattr(request.into, request.field_name, vectors)
 
     def _plan(self, ranks: tuple[int, ...], device: torch.device) -> list[_GroupPlan]:
-        buckets: dict[int, list[int]] = {}
-        structured: list[int] = []
-        for row, adapter in enumerate(self.adapter_of_row):
-            if adapter >= 0 and ranks[adapter] == _STRUCTURED:
-                structured.append(row)
-            elif adapter >= 0 and ranks[adapter]:
-                buckets.setdefault(rank_bucket(ranks[adapter]), []).append(row)
-        plan: list[_GroupPlan] = [
-            _KroneckerPlan(None if stop - start == self.batch else slice(start, stop), owner)
-            for start, stop, owner in _contiguous_runs(structured, [self.adapter_of_row[row] for row in structured])
-        ]
-        for rows in buckets.values():
-            sliced, rows = self._peel_crowded(rows)
-            runs = _contiguous_runs(rows, [self.adapter_of_row[row] for row in rows])
-            if len(runs) == 1 or (len(rows) < self.batch and len(runs) <= _MAX_SLICED_ADAPTERS and not _laid_out(runs)):
+        buckets: dict[int, list[_Run]] = {}
+        structured: list[_Run] = []
+        for run in self.runs:
+            rank = ranks[run[2]] if run[2] >= 0 else 0
+            if rank == _STRUCTURED:
+                structured.append(run)
+            elif rank:
+                buckets.setdefault(rank_bucket(rank), []).append(run)
+        plan: list[_GroupPlan] = [_KroneckerPlan(self._rows(start, stop), owner) for start, stop, owner in structured]
+        for runs in buckets.values():
+            sliced, runs = _peel_crowded(runs)
+            rows = sum(stop - start for start, stop, _ in runs)
+            if len(runs) == 1 or (rows < self.batch and len(runs) <= _MAX_SLICED_ADAPTERS and not _laid_out(runs)):
                 sliced += runs
-            elif rows:
-                plan.append(self._segments(rows, ranks, device))
-            plan += [_RunPlan(None if stop - start == self.batch else slice(start, stop), owner)
-                     for start, stop, owner in sliced]  # fmt: skip
+            elif runs:
+                plan.append(self._segments(runs, ranks, device))
+            plan += [_RunPlan(self._rows(start, stop), owner) for start, stop, owner in sliced]
         return plan
 
-    def _peel_crowded(self, rows: list[int]) -> tuple[list[tuple[int, int, int]], list[int]]:
-        """Take adapters with many more rows than the others out of a stacked group, as runs of their own.
+    def _rows(self, start: int, stop: int) -> slice | None:
+        """A run's rows as a batch slice; None for every row of the batch."""
+        return None if stop - start == self.batch else slice(start, stop)
 
-        The stacked layout pads every adapter to the rows of the busiest one: in a packed pass a prompt chunk
-        gives its adapter dozens of rows (its tokens) beside one per decoding row, which would pad every other
-        adapter to dozens too (measured: a 22-token chunk beside 16 decoding rows over 8 LoRA made the pass
-        twice a decoding step). Returns the peeled adapters' runs and the rows left for the stack.
-        """
-        peeled: list[tuple[int, int, int]] = []
-        while True:
-            counts = Counter(self.adapter_of_row[row] for row in rows)
-            if len(counts) <= 1 or len(counts) * max(counts.values()) <= 2 * len(rows):
-                return peeled, rows
-            busiest, _ = counts.most_common(1)[0]
-            own = [row for row in rows if self.adapter_of_row[row] == busiest]
-            peeled += _contiguous_runs(own, [busiest] * len(own))
-            rows = [row for row in rows if self.adapter_of_row[row] != busiest]
-
-    def _segments(self, rows: list[int], ranks: tuple[int, ...], device: torch.device) -> _SegmentsPlan:
+    def _segments(self, runs: list[_Run], ranks: tuple[int, ...], device: torch.device) -> _SegmentsPlan:
         """Each distinct adapter once, its rows laid out ``(adapters, rows per adapter)``."""
         rows_of: dict[int, list[int]] = {}
-        for row in rows:
-            rows_of.setdefault(self.adapter_of_row[row], []).append(row)
+        for start, stop, owner in runs:
+            rows_of.setdefault(owner, []).extend(range(start, stop))
         owned = list(rows_of.values())
         per_adapter = max(len(own) for own in owned)
         layout = [own[min(i, len(own) - 1)] for own in owned for i in range(per_adapter)]
@@ -818,7 +804,27 @@ class StackMemo:
         return value
 
 
-def _laid_out(runs: list[tuple[int, int, int]]) -> bool:
+def _peel_crowded(runs: list[_Run]) -> tuple[list[_Run], list[_Run]]:
+    """Take adapters with many more rows than the others out of a stacked group, as runs of their own.
+
+    The stacked layout pads every adapter to the rows of the busiest one: in a packed pass a prompt chunk
+    gives its adapter dozens of rows (its tokens) beside one per decoding row, which would pad every other
+    adapter to dozens too (measured: a 22-token chunk beside 16 decoding rows over 8 LoRA made the pass
+    twice a decoding step). Returns the peeled adapters' runs and the runs left for the stack.
+    """
+    peeled: list[_Run] = []
+    while True:
+        counts: Counter[int] = Counter()
+        for start, stop, owner in runs:
+            counts[owner] += stop - start
+        if len(counts) <= 1 or len(counts) * max(counts.values()) <= 2 * counts.total():
+            return peeled, runs
+        busiest, _ = counts.most_common(1)[0]
+        peeled += [run for run in runs if run[2] == busiest]
+        runs = [run for run in runs if run[2] != busiest]
+
+
+def _laid_out(runs: list[_Run]) -> bool:
     """Whether runs of distinct adapters are equal and back to back: a stack's layout, viewed in place."""
     lengths = {stop - start for start, stop, _ in runs}
     owners = {owner for _, _, owner in runs}
@@ -826,11 +832,12 @@ def _laid_out(runs: list[tuple[int, int, int]]) -> bool:
     return len(lengths) == 1 and len(owners) == len(runs) and contiguous
 
 
-def _contiguous_runs(rows: list[int], owners: list[int]) -> list[tuple[int, int, int]]:
-    """``(start, stop, owner)`` runs of consecutive rows of one adapter; many runs if rows interleave."""
-    runs: list[tuple[int, int, int]] = []
-    for row, owner in zip(rows, owners, strict=True):
-        if runs and runs[-1][1] == row and runs[-1][2] == owner:
+def _contiguous_runs(owners: list[int]) -> list[_Run]:
+    """``(start, stop, owner)`` runs of consecutive rows of one owner (row ``i`` is ``owners[i]``'s); many runs
+    if owners interleave."""
+    runs: list[_Run] = []
+    for row, owner in enumerate(owners):
+        if runs and runs[-1][2] == owner:
             runs[-1] = (runs[-1][0], row + 1, owner)
         else:
             runs.append((row, row + 1, owner))
