@@ -181,10 +181,10 @@ def test_masked_pairs_only_where_the_ops_saved_outweigh_the_columns_wasted(monke
 
 def test_a_high_rank_adapter_stays_out_of_the_masked_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batched_layers, "_OP_MACS", 1 << 40)
-    high = lora(64, 40)
+    high = lora(batched_layers._MASKED_MAX_RANK, 40)  # beside the others' 24 columns, over the cap
     groups = low_rank_groups([many[0], many[1], high, many[0], many[2], high])
     masked = [group for group in groups if isinstance(group, MaskedPairs)]
-    assert len(masked) == 1 and masked[0].a.shape[1] == 24 and len(groups) == 3  # the rank-64 rows: two runs
+    assert len(masked) == 1 and masked[0].a.shape[1] == 24 and len(groups) == 3  # the high-rank rows: two runs
 
 
 def test_a_crowded_adapter_is_sliced_instead_of_padding_the_stack(monkeypatch: pytest.MonkeyPatch) -> None:
