@@ -75,7 +75,7 @@ _RECENT_BATCH_BYTES = 64 << 20
 # own bytes). Small adapters cost little to copy: measured in process on the demo model (adapters of ~0.3 MB),
 # 16 clients, medians of 6-8 alternating rounds: Zipf over 64 adapters 0.67x of the base model per row against
 # 0.60x from 9 adapters through slot tables; uniform over 300 (nearly every row its own adapter) 0.62x against
-# 0.52x. Larger adapters (bench-engine's LoRA r8 are 2.4 MB, SmolLM2's ~14 MB) keep going through slot tables
+# 0.52x. Larger adapters (bench-engine's LoRA r8 are 2.4 MB, SmolLM2's ~10 MB) keep going through slot tables
 # from 9 adapters, as measured before the wider masked pairs (demo: per row 0.56x, slot tables 0.65x with ~14
 # distinct per batch); they were not measured again.
 CPU_SLOTS_FROM_BYTES = 8 << 20
