@@ -573,7 +573,8 @@ class _BatchLayout:
         buckets: dict[int, list[_Run]] = {}
         structured: list[_Run] = []
         for run in self.runs:
-            rank = ranks[run[2]] if run[2] >= 0 else 0
+            owner = run[2]
+            rank = ranks[owner] if owner >= 0 else 0
             if rank == _STRUCTURED:
                 structured.append(run)
             elif rank:

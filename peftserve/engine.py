@@ -83,7 +83,7 @@ class Engine:
         if slots_from is not None:
             # Twice the running rows: the last pass's batch (still installed) plus every row joining now.
             path = SlotPath(slots_per_bucket=2 * config.max_running_rows, device=self.device)
-            self.layers.use_slot_path(path, from_adapters=slots_from, from_bytes=slots_from and CPU_SLOTS_FROM_BYTES)
+            self.layers.use_slot_path(path, from_adapters=slots_from, from_bytes=CPU_SLOTS_FROM_BYTES)
         self.repository = AdapterRepository(Path(config.adapter_repository))
         self.cache: AdapterCache[AdapterVersion, AdapterWeights] = AdapterCache(
             max_entries=config.max_loaded_adapters,
