@@ -30,6 +30,7 @@ from peftserve.blocked_content import BlockedContent
 from peftserve.chat import parse_messages, render_messages
 from peftserve.config import ServeConfig
 from peftserve.continuous import ContinuousBatcher, Work
+from peftserve.cpu_weights import lay_out_for_cpu_matmul
 from peftserve.errors import (
     AdapterLoadError,
     AdapterNotReady,
@@ -77,6 +78,7 @@ class Engine:
         self._serving_lock = threading.Lock()  # which version serves each adapter id
         self.device = torch.device(device)
         self.tokenizer, self.model = base or _load_base_model(config, self.device)
+        lay_out_for_cpu_matmul(self.model)
         self.base_shape = BaseModelShape.describe(self.model)
         self.layers = AdapterLayers(self.model, probe=partial(_probe_forward, self.model, self.device))
         slots_from = _slot_tables_from(config, self.device)
