@@ -11,15 +11,8 @@ from peftserve.engine import Engine
 
 def _tiny_llama(*, tied: bool) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    shape = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2}
+    config = LlamaConfig(vocab_size=97, num_hidden_layers=2, tie_word_embeddings=tied, **shape)
     return LlamaForCausalLM(config).eval()
 
 
