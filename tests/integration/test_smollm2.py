@@ -143,7 +143,10 @@ def test_the_engine_equals_peft_token_for_token_and_logit_for_logit(
                 expected = peft_models[adapter_id](input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
                 base = peft_models[""](input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
             expected = expected.logits[0, -len(row.prompt_ids) :]
-            torch.testing.assert_close(ours, expected, atol=2e-4, rtol=1e-4)
+            # The engine stores CPU weights column-major (peftserve/cpu_weights.py), so MKL sums in another order
+            # than PEFT's row-major model: over 30 layers that moved logits by up to 8.8e-4 (prefix tuning, chat;
+            # the rest up to 1.2e-4), where the same layout gave 0-5e-5. An adapter moves them by > 0.1 (below).
+            torch.testing.assert_close(ours, expected, atol=2e-3, rtol=1e-4)
             # Guards the comparison: an adapter moves the logits far beyond the tolerance.
             assert not adapter_id or (expected[-1] - base.logits[0, -1]).abs().max() > 0.1, adapter_id
             assert generated.token_ids == peft_answer(adapter_id, chat)
