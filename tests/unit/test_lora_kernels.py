@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from peftserve.lora_kernels import NO_SLOT, LoraKernels, TokenSlots, TorchKernels, kernels_for
+from peftserve.lora_kernels import NO_SLOT, LoraKernels, TokenSlots, TorchKernels, add_rows, kernels_for
 from tests.interpreted_triton import InterpretedKernels, interpreter_process
 
 
@@ -196,6 +196,19 @@ def test_mismatched_arguments_are_refused_by_both_backends(interpreted: LoraKern
     for kernels in (TorchKernels(), interpreted):
         with pytest.raises(ValueError, match=message):
             run(kernels)
+
+
+@pytest.mark.parametrize("rows", [3, 40, 200])  # small deltas go through index_put_, large through index_add_
+def test_add_rows_adds_each_row_once_and_leaves_the_others(rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    out = torch.randn(rows + 7, 1, 512, generator=generator)
+    picked = torch.randperm(rows + 7, generator=generator)[:rows]
+    delta = torch.randn(rows, 1, 512, generator=generator)
+    expected = out.clone()
+    for row, values in zip(picked.tolist(), delta, strict=True):
+        expected[row] += values
+    assert add_rows(out, picked, delta) is out
+    assert torch.equal(out, expected)
 
 
 def test_cpu_tensors_get_the_torch_backend() -> None:
