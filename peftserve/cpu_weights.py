@@ -31,8 +31,7 @@ def lay_out_for_cpu_matmul(model: nn.Module) -> int:
         weight = module.weight
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or is_column_major(weight):
             continue
-        with torch.no_grad():
-            weight.data = weight.data.t().contiguous().t()
+        weight.data = weight.data.t().contiguous().t()  # .data: no autograd record, the Parameter stays
         moved += 1
     return moved
 

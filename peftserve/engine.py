@@ -71,7 +71,8 @@ class Engine:
         base: tuple[PreTrainedTokenizerBase, PreTrainedModel] | None = None,
     ) -> None:
         """``base`` hands over a tokenizer and a model already on ``device`` (benchmarks of random models
-        too large to write to disk); otherwise ``config.base_model`` is loaded."""
+        too large to write to disk); otherwise ``config.base_model`` is loaded. On a CPU, either model's float32
+        linear weights are then stored column-major in place (peftserve.cpu_weights): same values and shapes."""
         self.config = config
         self.metrics = metrics or EngineMetrics()
         self._lock = threading.RLock()  # the model: forward passes and wrapping layers
