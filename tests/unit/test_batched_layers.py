@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from peftserve import batched_layers
+from peftserve import batched_layers, lora_kernels
 from peftserve.adapter_weights import AdapterWeights, ModuleDelta
 from peftserve.batched_layers import (
     _MAX_SLICED_ADAPTERS,
@@ -112,8 +112,18 @@ def masked_macs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     return limit
 
 
+@pytest.fixture(params=["index_put_", "index_add_"])
+def scatter_add(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Indexed cases add their rows back both ways (these small deltas take index_put_ unless forced)."""
+    if request.param == "index_add_":
+        monkeypatch.setattr(lora_kernels, "_INDEX_ADD_FROM", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("rows", CASES.values(), ids=CASES.keys())
-def test_every_grouping_equals_each_row_alone(rows: list[AdapterWeights | None], masked_macs: int) -> None:
+def test_every_grouping_equals_each_row_alone(
+    rows: list[AdapterWeights | None], masked_macs: int, scatter_add: str
+) -> None:
     batched, expected = run_batch(rows)
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-4)
 
