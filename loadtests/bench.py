@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             http_port=free_port(),
             grpc_port=free_port(),
             metrics_port=free_port(),
-            log_path=root / "server.log",
+            log_path=args.out / "server.log",  # kept beside the report: a server that dies leaves its log
             address="127.0.0.1",
         )
         print(f"starting tritonserver with {len(list(adapters_dir.iterdir()))} adapters ...")
