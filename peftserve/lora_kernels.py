@@ -24,8 +24,8 @@ NO_SLOT = 0  # stacks keep this row as the identity (zeros for low rank, ones fo
 
 # Below this many numbers a row scatter-add goes through index_put_, above it through index_add_. On CPU, in
 # the decoding loop's thread with 2 threads, index_put_(accumulate=True) took 6-14 us up to ~25,000 numbers
-# and then 135-980 us (32-128 rows of 512-1,408 features: 546 against 20 us for a 40-token pass, 3.4 ms for a
-# 388-token prefill), while index_add_ took a flat 14-26 us, a few us more than index_put_ on small deltas.
+# and then 135-980 us (32-128 rows of 512-1,408 features; 48 rows of 1,408: 442 against 20 us), up to 3.5 ms
+# per module in a 388-token prefill, while index_add_ took a flat 14-26 us, a few us more on small deltas.
 _INDEX_ADD_FROM = 1 << 14
 
 
