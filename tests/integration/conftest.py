@@ -2,6 +2,12 @@
 
 A failed test's report carries the log tail of every server running at the time, so a CI failure shows
 what the server said (a crashed Python stub prints its stacks there: the models enable faulthandler).
+
+One crash is not ours and is retried: tritonserver 24.10 intermittently aborts inside
+``libtriton_python.so`` with ``boost::interprocess::lock_exception`` (triton-inference-server/server#8882;
+seen in two of this project's CI runs, at a request to a freshly loaded stub). A test that fails while one of
+its servers died that way runs once more on that server, restarted in place (new ports; the crashed log is
+kept beside the new one); any other failure, or the same abort twice, fails the test as it is.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import re
 import shutil
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +65,40 @@ def serving(server: TritonServer) -> Iterator[TritonServer]:
     finally:
         RUNNING_SERVERS.remove(server)
         server.stop()
+
+
+UPSTREAM_ABORT = "boost::interprocess::lock_exception"
+
+
+def died_of_upstream_abort(server: TritonServer) -> bool:
+    """Whether ``server`` has exited and its log shows tritonserver's own lock abort (see the module text)."""
+    if server.process is None or server.process.poll() is None or server.log_path is None:
+        return False
+    return UPSTREAM_ABORT in server.log_path.read_text(errors="replace")
+
+
+def restart_in_place(server: TritonServer) -> None:
+    """Start a dead ``server`` again, its crashed log renamed ``<log>.aborted``. On new ports: gRPC clients in
+    this process back off from an address that refused them, for longer with each refusal."""
+    server.stop()
+    server.http_port, server.grpc_port, server.metrics_port = free_port(), free_port(), free_port()
+    if server.log_path is not None:
+        server.log_path.rename(server.log_path.with_name(server.log_path.name + ".aborted"))
+    server.start(timeout=240)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    try:
+        return (yield)
+    except Exception:
+        aborted = [server for server in RUNNING_SERVERS if died_of_upstream_abort(server)]
+        if not aborted:
+            raise
+        for server in aborted:
+            warnings.warn(f"tritonserver aborted with {UPSTREAM_ABORT} (upstream #8882); test run again", stacklevel=1)
+            restart_in_place(server)
+        return item.runtest()
 
 
 @pytest.hookimpl(wrapper=True)
