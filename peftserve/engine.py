@@ -101,6 +101,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.layers, self.kv_cache, eos_token_ids=eos, pad_token_id=pad)
         if config.packed_steps:
             self.runner.check_packing()
+        self._choose_decode_attention(config)
         self.batcher = ContinuousBatcher(self, self.kv_cache)
         self.blocked = BlockedContent(config.blocked_patterns)
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
@@ -108,6 +109,19 @@ class Engine:
         for adapter_id in config.preload:
             self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
         self.report_cache()
+
+    def _choose_decode_attention(self, config: ServeConfig) -> None:
+        """In-place decoding reads where asked for, or by default on CUDA, once checked on this model."""
+        wanted = config.decode_attention
+        if wanted == "gathered" or (wanted == "auto" and self.device.type != "cuda"):
+            return
+        why_not = self.runner.check_in_place_decode()
+        if why_not is None:
+            logger.info("decoding steps read the KV cache in place (paged attention kernel)")
+        elif wanted == "in_place":
+            raise ConfigError(f"decode_attention=in_place: {why_not}")
+        else:
+            logger.warning("decoding steps gather the KV cache: %s", why_not)
 
     def read_adapter(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
         """Hash, read, check and convert one version; touches no shared state, so needs no lock.

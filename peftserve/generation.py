@@ -26,6 +26,8 @@ from peftserve.adapter_weights import AdapterWeights
 from peftserve.batched_layers import AdapterLayers, BatchDeltas
 from peftserve.kv_cache import PagedKVCache
 from peftserve.packed_masks import MaskBuilder, packed_mask_builder
+from peftserve.paged_attention import ATTENTION_NAME as PAGED_ATTENTION
+from peftserve.paged_attention import register as register_paged_attention
 
 logger = logging.getLogger("peftserve.generation")
 
@@ -320,6 +322,59 @@ class ModelRunner:
             return False
         self.packed_masks = builder
         return True
+
+    @torch.inference_mode()
+    def check_in_place_decode(self, *, prompt_tokens: int = 12) -> str | None:
+        """Turn in-place reads on for decoding passes (:mod:`peftserve.paged_attention`) if, on this model,
+        such a pass gives the logits of a gathered one; returns None if it did, else why not. Two rows of
+        different lengths (the longer past the sliding window, if the model has one) prefill, then decode
+        one token each, gathered and in place, through the base model."""
+        if self.model.config._attn_implementation != "sdpa":
+            return f"the model's attention is {self.model.config._attn_implementation!r}, not sdpa"
+        register_paged_attention()
+        deltas = BatchDeltas(self.layers, [])
+        window = getattr(self.model.config, "sliding_window", None) or 0
+        lengths = (max(prompt_tokens, min(window + 4, 256)), 5)
+        generator = torch.Generator().manual_seed(1)
+        ids = [torch.randint(self.embed.num_embeddings, (1, n + 1), generator=generator) for n in lengths]
+        rows = (-1, -2)  # never a request's id
+        step = [(row, 1) for row in rows]
+        try:
+            for row, n, row_ids in zip(rows, lengths, ids, strict=True):
+                self.cache.reserve(row, n + 1)
+                prompt = [(row, n)]
+                prompt_ids = row_ids[:, :n].to(self.device)
+                self._forward(prompt, deltas, self.cache.plan(prompt, n), input_ids=prompt_ids,
+                              positions=torch.arange(n)[None], logits_to_keep=1)  # fmt: skip
+            step_ids = torch.cat([row_ids[:, -1:] for row_ids in ids]).to(self.device)
+            positions = torch.tensor([[n] for n in lengths])
+
+            def decode_step() -> torch.Tensor:
+                mask = self.cache.plan(step, 1)
+                logits = self._forward(step, deltas, mask, input_ids=step_ids, positions=positions, logits_to_keep=1)
+                return logits[:, -1].float()
+
+            gathered = decode_step()
+            self.cache.rewind(step)
+            self.cache.in_place_decode = True
+            self.model.set_attn_implementation(PAGED_ATTENTION)
+            in_place = decode_step()
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the reads that work
+            self._gathered_decode()
+            return f"an in-place decoding pass failed ({type(exc).__name__}: {exc})"
+        finally:
+            for row in rows:
+                self.cache.release(row)
+        error = (in_place - gathered).abs().max() / gathered.abs().max().clamp(min=1e-6)
+        tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 3e-2
+        if not error <= tolerance:
+            self._gathered_decode()
+            return f"an in-place decoding pass differed from a gathered one by {float(error):.2g} (relative)"
+        return None
+
+    def _gathered_decode(self) -> None:
+        self.cache.in_place_decode = False
+        self.model.set_attn_implementation("sdpa")
 
     def _input_embeddings(self, state: SequenceState, count: int) -> torch.Tensor:
         """Embeddings of input positions ``prefilled .. prefilled + count`` (virtual tokens first)."""

@@ -11,8 +11,9 @@ values (the same hook a ``DynamicCache`` serves). The new tokens are written int
 row's keys are read back right-aligned into a ``(rows, heads, kv_length, head_dim)`` view for the
 attention kernel, with a 2-D mask marking the real positions, so every model family builds its masks
 (causal, sliding window, ALiBi) from that mask as it does for a left-padded batch. That read is a
-transient gather, freed with the layer's attention; a block-table attention kernel (flash-attention's
-paged mode) would read the blocks in place.
+transient gather, freed with the layer's attention. Decoding passes can instead read the blocks in place
+(:attr:`PagedKVCache.in_place_decode`, :mod:`peftserve.paged_attention`): the layer writes its new token and
+hands the block tables to a kernel that reads the pool where it is, so a step copies nothing of the cache.
 
 Memory is reserved per sequence for its whole life (prompt, virtual tokens, prefix and ``max_tokens``) when
 it is admitted, so a running batch never runs out of blocks mid-generation; a request that does not fit
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from peftserve.paged_attention import DecodeTables, InPlaceRead, hand_over
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ def _positions_within(owner: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
 class _Sequence:
     blocks: list[int]
     slots: torch.Tensor  # every slot of its blocks, in token order (on the cache's device)
+    block_ids: torch.Tensor  # its blocks, int32, on the cache's device (a row of a decoding block table)
     length: int = 0  # tokens written so far
 
 
@@ -117,9 +121,10 @@ class _Plan:
 
     valid: torch.Tensor | None  # (new_tokens,) flat indices into the (rows * query_length) new keys; None: all
     write: torch.Tensor  # (new_tokens,) slots they go to
-    read: torch.Tensor  # (rows, kv_length) slots read back, right-aligned; padding reads the zero slot
+    read: torch.Tensor | None  # (rows, kv_length) slots read back, right-aligned (padding reads the zero slot)
     query_length: int
     kv_length: int
+    tables: DecodeTables | None = None  # set instead of ``read`` where attention reads the blocks in place
 
 
 class PagedKVCache:
@@ -156,6 +161,9 @@ class PagedKVCache:
         self._sequences: dict[int, _Sequence] = {}
         self._plan: _Plan | None = None
         self.bytes_written = 0  # every byte a layer wrote into the storage (tests count it per step)
+        self.bytes_gathered = 0  # every byte a layer copied out of it for a dense read
+        # Set by the engine once a decoding pass with in-place reads matched gathered ones on the model.
+        self.in_place_decode = False
 
     @staticmethod
     def token_bytes(layer_shapes: dict[int, LayerShape], dtype: torch.dtype) -> int:
@@ -182,8 +190,9 @@ class PagedKVCache:
             raise ValueError(f"sequence {sequence_id} already holds blocks")
         blocks = [self._free.pop() for _ in range(needed)]
         offsets = torch.arange(self.block_size)
-        slots = (torch.tensor(blocks)[:, None] * self.block_size + offsets).flatten().to(self.device)
-        self._sequences[sequence_id] = _Sequence(blocks, slots)
+        block_ids = torch.tensor(blocks, dtype=torch.int32)
+        slots = (block_ids[:, None].long() * self.block_size + offsets).flatten().to(self.device)
+        self._sequences[sequence_id] = _Sequence(blocks, slots, block_ids.to(self.device))
 
     def release(self, sequence_id: int) -> None:
         """Give a finished sequence's blocks back (idempotent)."""
@@ -232,16 +241,22 @@ class PagedKVCache:
             valid.extend(range((b + 1) * query_length - new, (b + 1) * query_length))
         lengths = torch.tensor([sequence.length for sequence in sequences], device=self.device)
         kv_length = max(sequence.length for sequence in sequences)
-        table = torch.nn.utils.rnn.pad_sequence([sequence.slots for sequence in sequences], batch_first=True)
         offsets = torch.arange(kv_length, device=self.device)[None, :] - (kv_length - lengths)[:, None]
         present = offsets >= 0
-        read = table.gather(1, offsets.clamp(min=0)).masked_fill(~present, 0)  # slot 0: block 0, always zero
+        read, tables = None, None
+        if self.in_place_decode and query_length == 1:
+            blocks = torch.nn.utils.rnn.pad_sequence([sequence.block_ids for sequence in sequences], batch_first=True)
+            tables = DecodeTables(blocks, lengths.to(torch.int32), self.block_size)
+        else:
+            table = torch.nn.utils.rnn.pad_sequence([sequence.slots for sequence in sequences], batch_first=True)
+            read = table.gather(1, offsets.clamp(min=0)).masked_fill(~present, 0)  # slot 0: block 0, always zero
         self._plan = _Plan(
             valid=torch.tensor(valid, device=self.device),
             write=writes,
             read=read,
             query_length=query_length,
             kv_length=kv_length,
+            tables=tables,
         )
         return present.long()
 
@@ -277,7 +292,8 @@ class PagedKVCache:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values ``(rows, heads, query_length, head_dim)`` of ``layer_idx`` into their slots
-        and return every row's keys/values so far, right-aligned: ``(rows, heads, kv_length, head_dim)``."""
+        and return every row's keys/values so far, right-aligned: ``(rows, heads, kv_length, head_dim)``; for
+        a pass that reads in place, return the new ones as they came and hand the pool to the attention."""
         plan, storage = self._plan, self.storage[layer_idx]
         rows, _, query_length, _ = key_states.shape
         read = []
@@ -292,10 +308,17 @@ class PagedKVCache:
                 new = new.index_select(0, plan.valid)
             cached.index_copy_(0, plan.write, new.to(cached.dtype))
             self.bytes_written += new.numel() * cached.element_size()
+            if plan.read is None:
+                continue
             # index_select over the flat read index, not ``cached[plan.read]``: on CPU the advanced-indexing
             # kernel took 3.5x as long for 16 rows of 400 keys (332 us against 95 us, 2 threads).
             gathered = cached.index_select(0, plan.read.view(-1)).view(*plan.read.shape, *cached.shape[1:])
+            self.bytes_gathered += gathered.numel() * gathered.element_size()
             read.append(gathered.to(states.dtype).transpose(1, 2))
+        if plan.tables is not None:
+            hand_over(InPlaceRead(key_states, *storage, plan.tables))
+            return key_states, value_states
+        hand_over(None)
         return read[0], read[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -22,11 +22,12 @@ import torch
 from transformers import PretrainedConfig
 
 from peftserve.kv_cache import PackedLayout
+from peftserve.paged_attention import ATTENTION_NAME as PAGED_ATTENTION
 
 MaskArgument = torch.Tensor | dict[str, torch.Tensor]
 MaskBuilder = Callable[[PackedLayout], MaskArgument]
 
-_DENSE_MASK_IMPLEMENTATIONS = {"sdpa", "eager"}
+_DENSE_MASK_IMPLEMENTATIONS = {"sdpa", "eager", PAGED_ATTENTION}  # the paged one hands such passes to sdpa
 
 
 def packed_mask_builder(config: PretrainedConfig, dtype: torch.dtype) -> MaskBuilder | None:

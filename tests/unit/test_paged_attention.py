@@ -1,0 +1,217 @@
+"""Decoding steps that read the paged KV cache in place: the kernel, the cache's hand-over, the engine.
+
+The kernel is triton-lang; on CPU it runs under triton's interpreter in a child process
+(tests/interpreted_triton.py), and so do the engines that use it. References are independent: attention
+over keys gathered row by row, an engine that gathers, and the model's own full forward pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from peftserve.config import ServeConfig
+from peftserve.engine import Engine
+from peftserve.errors import ConfigError
+from peftserve.generation import GenerationRow
+from peftserve.kv_cache import LayerShape, PagedKVCache
+from peftserve.paged_attention import InPlaceRead, hand_over, paged_attention
+from peftserve.requests import CompletionRequest
+from tests.conftest import DEMO_PHRASES, PROMPTS, demo_config
+from tests.interpreted_triton import interpreter_process
+from tests.unit.test_sliding_window import PROMPTS as LONG_PROMPTS
+from tests.unit.test_sliding_window import hybrid_dir, mistral_dir, reference_logits  # noqa: F401 - fixtures
+
+ADAPTERS = ["", *DEMO_PHRASES]
+
+# (query heads, kv heads, head dim, cache block, row lengths, window)
+KERNEL_CASES = {
+    "one-head-group": (4, 4, 16, 4, [1, 4, 5, 70], 0),
+    "grouped-query": (6, 2, 12, 4, [3, 37, 64, 65], 0),
+    "window-inside-a-block": (6, 2, 12, 4, [1, 9, 37, 70], 3),
+    "window-longer-than-rows": (4, 1, 8, 16, [2, 20, 100], 30),
+}
+
+
+def interpreted_kernel(*args, **kwargs) -> torch.Tensor:
+    """In the interpreter child: the kernel itself."""
+    from peftserve.paged_attention_triton import paged_decode_attention
+
+    return paged_decode_attention(*args, **kwargs)
+
+
+def gathered_attention(query, keys, values, table, lengths, cache_block: int, scale: float, window: int):
+    """Row by row: gather the row's keys in order, keep its window, run sdpa (grouped heads repeated)."""
+    rows = []
+    for row, length in enumerate(lengths.tolist()):
+        positions = torch.arange(max(length - window, 0) if window else 0, length)
+        slots = table[row].long()[positions // cache_block] * cache_block + positions % cache_block
+        group = query.shape[1] // keys.shape[1]
+        k = keys[slots].transpose(0, 1).repeat_interleave(group, 0)
+        v = values[slots].transpose(0, 1).repeat_interleave(group, 0)
+        rows.append(torch.nn.functional.scaled_dot_product_attention(query[row][:, None], k, v, scale=scale)[:, 0])
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    with interpreter_process() as process:
+        yield process
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES.values(), ids=KERNEL_CASES.keys())
+def test_interpreted_kernel_equals_attention_over_gathered_keys(interpreter, case) -> None:
+    query_heads, kv_heads, head_dim, cache_block, lengths, window = case
+    generator = torch.Generator().manual_seed(len(lengths) + window)
+    blocks_per_row = [-(-length // cache_block) for length in lengths]
+    pool_blocks = sum(blocks_per_row) + 3
+    keys = torch.randn(pool_blocks * cache_block, kv_heads, head_dim, generator=generator)
+    values = torch.randn(pool_blocks * cache_block, kv_heads, head_dim, generator=generator)
+    order = (torch.randperm(pool_blocks - 1, generator=generator) + 1).to(torch.int32)  # rows' blocks scattered
+    table = torch.zeros(len(lengths), max(blocks_per_row) + 2, dtype=torch.int32)  # unused entries: block 0
+    taken = 0
+    for row, count in enumerate(blocks_per_row):
+        table[row, :count] = order[taken : taken + count]
+        taken += count
+    query = torch.randn(len(lengths), query_heads, head_dim, generator=generator)
+    lengths = torch.tensor(lengths, dtype=torch.int32)
+    scale = 0.7 / head_dim**0.5
+    got = interpreter.run(
+        interpreted_kernel, query, keys, values, table, lengths, cache_block=cache_block, scale=scale, window=window
+    )
+    expected = gathered_attention(query, keys, values, table, lengths, cache_block, scale, window)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_refuses_shapes_that_do_not_fit(interpreter) -> None:
+    keys = torch.zeros(8, 2, 16)
+    table, lengths = torch.ones(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="does not fit"):
+        interpreter.run(interpreted_kernel, torch.zeros(2, 3, 16), keys, keys, table, lengths, cache_block=4, scale=1.0)
+    with pytest.raises(ValueError, match="3 rows"):
+        interpreter.run(interpreted_kernel, torch.zeros(3, 4, 16), keys, keys, table, lengths, cache_block=4, scale=1.0)
+
+
+def _cache(in_place: bool) -> PagedKVCache:
+    cache = PagedKVCache(
+        layer_shapes={0: LayerShape((2, 8), (2, 8))}, num_blocks=64, block_size=4, dtype=torch.float32,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    cache.in_place_decode = in_place
+    for sequence, length in enumerate((30, 90)):
+        cache.reserve(sequence, length + 8)
+        cache.plan([(sequence, length)], length)
+        cache.update(torch.randn(1, 2, length, 8), torch.randn(1, 2, length, 8), 0)
+    return cache
+
+
+def test_a_decoding_step_read_in_place_copies_nothing_of_the_cache() -> None:
+    """Bytes copied out of the pool per decoding step: the whole of every row's keys and values when
+    gathered, nothing in place (the step writes its one new token per row either way)."""
+    step = [(0, 1), (1, 1)]
+    for in_place, copied in ((False, 2 * 2 * 91 * 2 * 8 * 4), (True, 0)):  # rows x kv_length, k+v, 2x8, fp32
+        cache = _cache(in_place)
+        gathered, written = cache.bytes_gathered, cache.bytes_written
+        cache.plan(step, 1)
+        new_keys = torch.randn(2, 2, 1, 8)
+        keys, _ = cache.update(new_keys, torch.randn(2, 2, 1, 8), 0)
+        assert cache.bytes_gathered - gathered == copied
+        assert cache.bytes_written - written == 2 * 2 * 2 * 8 * 4  # two tokens' keys and values
+        if in_place:
+            assert keys is new_keys
+            with pytest.raises(RuntimeError, match="other keys"):  # what the cache handed over names its keys
+                paged_attention(torch.nn.Module(), torch.randn(2, 4, 1, 8), torch.randn(2, 2, 1, 8), keys, None)
+        else:
+            assert keys.shape == (2, 2, 91, 8)
+
+
+def test_attention_without_a_hand_over_is_sdpa() -> None:
+    hand_over(None)
+    query, key, value = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    layer = torch.nn.Module()
+    layer.is_causal = False
+    ours, _ = paged_attention(layer, query, key, value, None, scaling=0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(ours, expected)
+    hand_over(InPlaceRead(key, key, value, None))  # a stale hand-over for other keys is refused, not used
+    with pytest.raises(RuntimeError, match="other keys"):
+        paged_attention(torch.nn.Module(), query, torch.randn(2, 4, 5, 8), value, None)
+
+
+def demo_rows_run(model_dir: Path, decode_attention: str) -> tuple[bool, list[list[int]], list[torch.Tensor], int]:
+    """(In the interpreter child for in_place.) One row per demo adapter type and the base model, in one
+    batch, 6 tokens each: whether decoding read in place, each row's tokens and step logits, bytes gathered."""
+    engine = Engine(demo_config(model_dir, decode_attention=decode_attention))
+    rows = []
+    for index, adapter_id in enumerate(ADAPTERS):
+        row = engine.check_request(
+            CompletionRequest(PROMPTS[index % len(PROMPTS)], adapter_id, max_tokens=6, ignore_eos=True)
+        )
+        if adapter_id:  # read and wrapped without the smoke check, which would only run more interpreted steps
+            row.adapter = engine.read_adapter(engine.repository.latest(adapter_id))[1]
+            engine.layers.wrap(list(row.adapter.modules))
+        row.keep_logits = True
+        rows.append(row)
+    gathered = engine.kv_cache.bytes_gathered
+    results = engine.batcher.run_rows(rows)
+    engine.batcher.close()
+    logits = [torch.stack(result.step_logits) for result in results]
+    in_place = engine.kv_cache.in_place_decode
+    return in_place, [result.token_ids for result in results], logits, engine.kv_cache.bytes_gathered - gathered
+
+
+def test_every_adapter_type_decodes_in_place_as_with_gathered_reads(model_dir: Path, interpreter) -> None:
+    in_place, tokens, logits, in_place_bytes = interpreter.run(demo_rows_run, model_dir, "in_place")
+    gathered, expected_tokens, expected_logits, gathered_bytes = demo_rows_run(model_dir, "auto")  # CPU: gathered
+    assert in_place and not gathered
+    assert tokens == expected_tokens
+    for adapter_id, ours, expected in zip(ADAPTERS, logits, expected_logits, strict=True):
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4, msg=adapter_id or "base model")
+    # Both gather for their prompt passes; only the gathered engine for its decoding steps too.
+    assert in_place_bytes < gathered_bytes / 2
+
+
+def window_rows_run(model_path: Path) -> tuple[list[list[int]], list[torch.Tensor], list[list[int]]]:
+    """In the interpreter child: rows longer than the sliding window, decoded in place; each row's prompt,
+    step logits and tokens."""
+    engine = Engine(
+        ServeConfig(
+            base_model=str(model_path), adapter_repository=str(model_path / "adapters"), decode_attention="in_place"
+        )
+    )
+    assert engine.kv_cache.in_place_decode
+    rows = [
+        GenerationRow(engine.tokenizer(p).input_ids, None, 10, ignore_eos=True, keep_logits=True) for p in LONG_PROMPTS
+    ]
+    results = engine.batcher.run_rows(rows)
+    engine.batcher.close()
+    logits = [torch.stack(result.step_logits) for result in results]
+    return [row.prompt_ids for row in rows], logits, [result.token_ids for result in results]
+
+
+@pytest.mark.parametrize("model", ["mistral", "hybrid"])
+def test_sliding_window_rows_decoded_in_place_match_the_full_forward(
+    request: pytest.FixtureRequest, interpreter, model: str
+) -> None:
+    model_path = request.getfixturevalue(f"{model}_dir")
+    prompts, logits, tokens = interpreter.run(window_rows_run, model_path)
+    reference = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="eager").eval()
+    for prompt_ids, ours, answer in zip(prompts, logits, tokens, strict=True):
+        row = GenerationRow(prompt_ids, None, len(answer))
+        torch.testing.assert_close(ours, reference_logits(reference, row, answer), atol=1e-4, rtol=1e-4)
+
+
+def test_in_place_reads_that_cannot_run_refuse_to_start(model_dir: Path) -> None:
+    """On CPU, outside the interpreter, the triton kernel cannot run: asked for, the engine says why and
+    does not start; by default it gathers without trying."""
+    with pytest.raises(ConfigError, match="decode_attention=in_place: an in-place decoding pass failed"):
+        Engine(demo_config(model_dir, decode_attention="in_place"))
+    engine = Engine(demo_config(model_dir))
+    assert not engine.kv_cache.in_place_decode
+    assert engine.model.config._attn_implementation == "sdpa"
+    (answer,) = engine.complete([CompletionRequest("a dog", max_tokens=3, ignore_eos=True)])
+    assert answer.output_tokens == 3
+    engine.batcher.close()
