@@ -50,9 +50,7 @@ def _paged_decode_kernel(
     head = tl.program_id(1).to(tl.int64)
     kv_head = head // GROUP
     length = tl.load(lengths_ptr + row)
-    start = 0
-    if window > 0:
-        start = tl.maximum(length - window, 0)
+    start = tl.where(window > 0, tl.maximum(length - window, 0), 0)  # one type on both sides, as compiled code needs
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     q = tl.load(q_ptr + row * stride_qr + head * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
