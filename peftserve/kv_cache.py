@@ -246,7 +246,7 @@ class PagedKVCache:
         read, tables = None, None
         if self.in_place_decode and query_length == 1:
             blocks = torch.nn.utils.rnn.pad_sequence([sequence.block_ids for sequence in sequences], batch_first=True)
-            tables = DecodeTables(blocks, lengths.to(torch.int32), self.block_size)
+            tables = DecodeTables(blocks, lengths.to(torch.int32), self.block_size, kv_length)
         else:
             table = torch.nn.utils.rnn.pad_sequence([sequence.slots for sequence in sequences], batch_first=True)
             read = table.gather(1, offsets.clamp(min=0)).masked_fill(~present, 0)  # slot 0: block 0, always zero

@@ -39,6 +39,7 @@ class DecodeTables:
     block_table: torch.Tensor  # (rows, max_blocks) int32
     lengths: torch.Tensor  # (rows,) int32
     cache_block: int  # tokens per block
+    longest: int  # the largest of ``lengths``, known on the host (reading it back would sync the device)
 
 
 @dataclass(frozen=True)
@@ -86,19 +87,22 @@ def paged_attention(
     unsupported = {name for name in ("softcap", "s_aux") if kwargs.get(name) is not None}
     if unsupported or query.shape[2] != 1:
         raise NotImplementedError(f"in-place paged attention takes one query token and no {sorted(unsupported)}")
-    from peftserve.paged_attention_triton import paged_decode_attention  # triton: only where this runs
+    from peftserve.paged_attention_triton import choose_splits, paged_decode_attention  # triton: only here
 
     rows, heads, _, head_dim = query.shape
-    scale = kwargs.get("scaling")
+    scale, tables = kwargs.get("scaling"), read.tables
+    window = int(kwargs.get("sliding_window") or 0)
+    longest = min(tables.longest, window) if window else tables.longest
     out = paged_decode_attention(
         query[:, :, 0],
         read.keys,
         read.values,
-        read.tables.block_table,
-        read.tables.lengths,
-        cache_block=read.tables.cache_block,
+        tables.block_table,
+        tables.lengths,
+        cache_block=tables.cache_block,
         scale=head_dim**-0.5 if scale is None else float(scale),
-        window=int(kwargs.get("sliding_window") or 0),
+        window=window,
+        splits=choose_splits(rows, read.keys.shape[1], longest, query.device),
     )
     return out.view(rows, 1, heads, head_dim), None
 

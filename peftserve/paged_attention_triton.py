@@ -1,16 +1,26 @@
-"""The triton-lang kernel of decode attention over the paged KV cache, reading the blocks where they are.
+"""The triton-lang kernels of decode attention over the paged KV cache, reading the blocks where they are.
 
 A decoding step has one query token per row. Gathering each row's keys and values into a dense tensor for
 a standard attention kernel copies the whole cache every step (per layer: read it, write the copy, read the
-copy again). Here each program reads its row's keys and values straight from the cache's block pool
-through the row's block table, in tiles of ``BLOCK_N`` positions, with an online softmax (the running
-maximum and sum of flash attention), so the cache is read once per step and nothing is written but the
-output. One program per (row, query head); grouped-query heads share their key/value head's tiles in cache.
+copy again). Here programs read the keys and values straight from the cache's block pool through each
+row's block table, in tiles of ``BLOCK_N`` positions, with an online softmax (the running maximum and sum
+of flash attention), so the cache is read once per step and nothing is written but the output.
+
+Work is laid out the way decode attention is bound, by reading keys and values:
+
+- one program serves every query head of one key/value head (grouped-query attention), so each key and
+  value tile is read once for the whole group; the group's queries form the rows of a ``BLOCK_H`` x
+  ``BLOCK_N`` score tile (padded to 16 rows: ``tl.dot`` needs 16 per side), multiplied on tensor cores;
+- where rows x key/value heads are too few programs to keep the GPU's memory system busy (one long
+  sequence), each row's positions are split over several programs (flash-decoding), each writing a partial
+  result with its log-sum-exp, and a second kernel merges the parts exactly; otherwise the first kernel
+  writes the output itself.
 
 Semantics are those of causal attention for the last position of each row: a row of ``length`` tokens
 attends to positions ``0 .. length - 1``, or, with a sliding window ``w``, to the last ``w`` of them (the
 query's own position included, as transformers counts). Imported only when such a step runs; the CPU tests
-run it under triton's interpreter in a child process (tests/interpreted_triton.py).
+run it under triton's interpreter in a child process (tests/interpreted_triton.py) and compile it for sm_80
+and sm_90 (tests/compiled_triton.py).
 """
 
 from __future__ import annotations
@@ -19,6 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCK_H = 16  # query heads per score tile: tl.dot's minimum; groups of more heads take several programs
+BLOCK_N = 64  # positions per tile
+MIN_SPLIT_POSITIONS = 256  # a split shorter than this costs more in its partial result than it saves
+
 
 @triton.jit
 def _paged_decode_kernel(
@@ -26,10 +40,13 @@ def _paged_decode_kernel(
     k_ptr,
     v_ptr,
     out_ptr,
+    part_ptr,
+    lse_ptr,
     table_ptr,
     lengths_ptr,
     scale,
     window,
+    splits,
     stride_qr,
     stride_qh,
     stride_ks,
@@ -40,42 +57,105 @@ def _paged_decode_kernel(
     stride_oh,
     stride_tr,
     GROUP: tl.constexpr,
+    HEAD_TILES: tl.constexpr,
     CACHE_BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """``out[row, head] = softmax(q k^T * scale) v`` over the row's cached positions, one program."""
+    """One row, up to ``BLOCK_H`` query heads of one key/value head, one split of the row's positions."""
     row = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    kv_head = head // GROUP
+    kv_head = tl.program_id(1) // HEAD_TILES
+    in_group = (tl.program_id(1) % HEAD_TILES) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_mask = in_group < GROUP
+    heads = (kv_head * GROUP + in_group).to(tl.int64)
+    split = tl.program_id(2)
     length = tl.load(lengths_ptr + row)
-    start = tl.where(window > 0, tl.maximum(length - window, 0), 0)  # one type on both sides, as compiled code needs
+    start = tl.where(window > 0, tl.maximum(length - window, 0), 0)
+    per_split = tl.cdiv(tl.cdiv(length - start, BLOCK_N), splits) * BLOCK_N  # whole tiles per split
+    low = start + split * per_split
+    high = tl.minimum(low + per_split, length)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + row * stride_qr + head * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    q = q * scale
-    running_max = tl.full((), float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros((), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for first in range(start, length, BLOCK_N):
+    q = tl.load(
+        q_ptr + row * stride_qr + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=head_mask[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    running_max = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    for first in range(low, high, BLOCK_N):
         positions = first + tl.arange(0, BLOCK_N)
-        valid = positions < length
+        valid = positions < high
         block = tl.load(table_ptr + row * stride_tr + positions // CACHE_BLOCK, mask=valid, other=0).to(tl.int64)
         slots = block * CACHE_BLOCK + positions % CACHE_BLOCK
         tile = valid[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=tile, other=0.0)
-        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-        scores = tl.where(valid, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
-        weights = tl.exp(scores - new_max)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_max[:, None])
         rescale = tl.exp(running_max - new_max)
         v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=tile, other=0.0)
-        acc = acc * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
-        running_sum = running_sum * rescale + tl.sum(weights, axis=0)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
         running_max = new_max
-    out = acc / running_sum
-    tl.store(out_ptr + row * stride_or + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+    filled = running_sum > 0  # a split past a short row's end saw no position
+    result = acc / tl.where(filled, running_sum, 1.0)[:, None]
+    store_mask = head_mask[:, None] & mask_d[None, :]
+    if SPLIT:
+        query_heads = (tl.num_programs(1) // HEAD_TILES) * GROUP
+        part = ((row * query_heads + heads) * splits + split).to(tl.int64)  # (rows, query_heads, splits) layout
+        tl.store(part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], result, mask=store_mask)
+        log_sum = tl.where(filled, running_max + tl.log(tl.where(filled, running_sum, 1.0)), float("-inf"))
+        tl.store(lse_ptr + part, log_sum, mask=head_mask)
+    else:
+        out = out_ptr + row * stride_or + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr,
+    lse_ptr,
+    out_ptr,
+    splits,
+    stride_or,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """One (row, query head): the splits' partial results weighted by their share of the softmax."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    first = (row * tl.num_programs(1) + head) * splits
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < splits
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(lse_ptr + first + offs_s, mask=mask_s, other=float("-inf"))
+    weights = tl.exp(lse - tl.max(lse, axis=0))  # a row's first split always saw a position: the max is finite
+    parts = tl.load(
+        part_ptr + (first + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    result = tl.sum(weights[:, None] * parts, axis=0) / tl.sum(weights, axis=0)
+    tl.store(out_ptr + row * stride_or + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def choose_splits(rows: int, kv_heads: int, longest: int, device: torch.device) -> int:
+    """Splits per row: enough programs to give every streaming multiprocessor two, none shorter than
+    :data:`MIN_SPLIT_POSITIONS` positions (one where rows x heads already fill the device)."""
+    if device.type != "cuda":
+        return 1
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(programs, rows * kv_heads), longest // MIN_SPLIT_POSITIONS))
 
 
 def paged_decode_attention(
@@ -88,13 +168,15 @@ def paged_decode_attention(
     cache_block: int,
     scale: float,
     window: int = 0,
+    splits: int = 1,
 ) -> torch.Tensor:
     """Attention of one query token per row over its paged keys and values.
 
     ``query`` (rows, query_heads, head_dim); ``keys`` / ``values`` the layer's block pool (slots, kv_heads,
     head_dim), slot ``s`` in block ``s // cache_block``; ``block_table`` (rows, max_blocks) int32, the row's
     blocks in order; ``lengths`` (rows,) int32, each row's positions (at least 1). ``window`` 0: no sliding
-    window. Returns (rows, query_heads, head_dim) in the query's dtype.
+    window. ``splits``: programs per row and key/value head (see :func:`choose_splits`). Returns (rows,
+    query_heads, head_dim) in the query's dtype.
     """
     rows, query_heads, head_dim = query.shape
     kv_heads = keys.shape[1]
@@ -106,33 +188,61 @@ def paged_decode_attention(
         raise ValueError(f"{rows} rows, but block table {tuple(block_table.shape)} and lengths {tuple(lengths.shape)}")
     if values.shape[-1] != head_dim:
         raise ValueError(f"values of width {values.shape[-1]}; this kernel reads keys and values of one width")
-    query = query.contiguous()
-    keys_stride, values_stride = keys.stride(), values.stride()
-    if keys_stride[-1] != 1 or values_stride[-1] != 1:
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("the cache's keys and values must be contiguous in their last dimension")
+    if splits < 1:
+        raise ValueError(f"splits must be at least 1, got {splits}")
+    query = query.contiguous()
     out = torch.empty_like(query)
-    _paged_decode_kernel[(rows, query_heads)](
+    group = query_heads // kv_heads
+    head_tiles = triton.cdiv(group, BLOCK_H)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    part = lse = out  # unread and unwritten with a single split
+    if splits > 1:
+        part = torch.empty(rows, query_heads, splits, head_dim, dtype=torch.float32, device=query.device)
+        lse = torch.empty(rows, query_heads, splits, dtype=torch.float32, device=query.device)
+    _paged_decode_kernel[(rows, kv_heads * head_tiles, splits)](
         query,
         keys,
         values,
         out,
+        part,
+        lse,
         block_table,
         lengths,
         scale,
         window,
+        splits,
         query.stride(0),
         query.stride(1),
-        keys_stride[0],
-        keys_stride[1],
-        values_stride[0],
-        values_stride[1],
+        keys.stride(0),
+        keys.stride(1),
+        values.stride(0),
+        values.stride(1),
         out.stride(0),
         out.stride(1),
         block_table.stride(0),
-        GROUP=query_heads // kv_heads,
+        GROUP=group,
+        HEAD_TILES=head_tiles,
         CACHE_BLOCK=cache_block,
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_N=64,
+        BLOCK_D=block_d,
+        BLOCK_H=BLOCK_H,
+        BLOCK_N=BLOCK_N,
+        SPLIT=splits > 1,
+        # fp32 stays fp32: TF32 would move logits past the engine's exactness tolerance.
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
+    if splits > 1:
+        _merge_splits_kernel[(rows, query_heads)](
+            part,
+            lse,
+            out,
+            splits,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(splits),
+        )
     return out

@@ -49,9 +49,14 @@ def _captured(kernel: triton.JITFunction):
         yield
 
 
-def capture_launch(kernel: triton.JITFunction, launcher: Callable[[], Any]) -> dict[str, Any]:
-    """Call ``launcher`` (which launches ``kernel`` once) and return the launch's arguments by name."""
-    with _captured(kernel):
+def capture_launch(
+    kernel: triton.JITFunction, launcher: Callable[[], Any], *, skipped: tuple[triton.JITFunction, ...] = ()
+) -> dict[str, Any]:
+    """Call ``launcher`` (which launches ``kernel`` once, after the ``skipped`` kernels, which do nothing
+    here) and return the launch's arguments by name."""
+    with _captured(kernel), pytest.MonkeyPatch.context() as patch:
+        for other in skipped:
+            patch.setattr(other, "run", lambda *args, **kwargs: None)
         try:
             launcher()
         except _Launch as launch:

@@ -27,12 +27,15 @@ from tests.unit.test_sliding_window import hybrid_dir, mistral_dir, reference_lo
 
 ADAPTERS = ["", *DEMO_PHRASES]
 
-# (query heads, kv heads, head dim, cache block, row lengths, window)
+# (query heads, kv heads, head dim, cache block, row lengths, window, splits)
 KERNEL_CASES = {
-    "one-head-group": (4, 4, 16, 4, [1, 4, 5, 70], 0),
-    "grouped-query": (6, 2, 12, 4, [3, 37, 64, 65], 0),
-    "window-inside-a-block": (6, 2, 12, 4, [1, 9, 37, 70], 3),
-    "window-longer-than-rows": (4, 1, 8, 16, [2, 20, 100], 30),
+    "one-head-per-group": (4, 4, 16, 4, [1, 4, 5, 70], 0, 1),
+    "grouped-query": (6, 2, 12, 4, [3, 37, 64, 65], 0, 1),
+    "window-inside-a-block": (6, 2, 12, 4, [1, 9, 37, 70], 3, 1),
+    "window-longer-than-rows": (4, 1, 8, 16, [2, 20, 100], 30, 1),
+    "groups-of-more-than-16-heads": (40, 2, 16, 8, [5, 130], 0, 1),
+    "split-rows-some-splits-empty": (6, 2, 12, 4, [1, 9, 64, 200], 0, 3),
+    "split-rows-with-a-window": (8, 2, 16, 4, [2, 77, 300], 100, 4),
 }
 
 
@@ -64,7 +67,7 @@ def interpreter():
 
 @pytest.mark.parametrize("case", KERNEL_CASES.values(), ids=KERNEL_CASES.keys())
 def test_interpreted_kernel_equals_attention_over_gathered_keys(interpreter, case) -> None:
-    query_heads, kv_heads, head_dim, cache_block, lengths, window = case
+    query_heads, kv_heads, head_dim, cache_block, lengths, window, splits = case
     generator = torch.Generator().manual_seed(len(lengths) + window)
     blocks_per_row = [-(-length // cache_block) for length in lengths]
     pool_blocks = sum(blocks_per_row) + 3
@@ -80,8 +83,9 @@ def test_interpreted_kernel_equals_attention_over_gathered_keys(interpreter, cas
     lengths = torch.tensor(lengths, dtype=torch.int32)
     scale = 0.7 / head_dim**0.5
     got = interpreter.run(
-        interpreted_kernel, query, keys, values, table, lengths, cache_block=cache_block, scale=scale, window=window
-    )
+        interpreted_kernel, query, keys, values, table, lengths, cache_block=cache_block, scale=scale, window=window,
+        splits=splits,
+    )  # fmt: skip
     expected = gathered_attention(query, keys, values, table, lengths, cache_block, scale, window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -215,3 +219,17 @@ def test_in_place_reads_that_cannot_run_refuse_to_start(model_dir: Path) -> None
     (answer,) = engine.complete([CompletionRequest("a dog", max_tokens=3, ignore_eos=True)])
     assert answer.output_tokens == 3
     engine.batcher.close()
+
+
+def test_long_rows_are_split_only_when_rows_and_heads_leave_the_gpu_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from peftserve.paged_attention_triton import MIN_SPLIT_POSITIONS, choose_splits
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert choose_splits(1, 8, 100_000, cuda) == 33  # one long row: 8 programs would leave 124 of 132 SMs idle
+    assert choose_splits(1, 8, 4 * MIN_SPLIT_POSITIONS, cuda) == 4  # never shorter than MIN_SPLIT_POSITIONS
+    assert choose_splits(1, 8, 100, cuda) == 1
+    assert choose_splits(64, 8, 8192, cuda) == 1  # 512 programs already keep every SM busy
+    assert choose_splits(1, 8, 8192, torch.device("cpu")) == 1

@@ -18,13 +18,13 @@ from tests.compiled_triton import capture_launch, compile_for
 CAPABILITIES = [80, 90]
 
 
-def _paged_decode(dtype: torch.dtype, window: int):
+def _paged_decode(dtype: torch.dtype, window: int, splits: int = 1):
     rows, heads, kv_heads, head_dim, block = 3, 32, 8, 128, 16
     pool = torch.zeros(64 * block, kv_heads, head_dim, dtype=dtype)
     table = torch.zeros(rows, 4, dtype=torch.int32)
     return lambda: paged_attention_triton.paged_decode_attention(
         torch.zeros(rows, heads, head_dim, dtype=dtype), pool, pool, table, torch.ones(rows, dtype=torch.int32),
-        cache_block=block, scale=head_dim**-0.5, window=window,
+        cache_block=block, scale=head_dim**-0.5, window=window, splits=splits,
     )  # fmt: skip
 
 
@@ -54,6 +54,8 @@ LAUNCHES = {
     "paged-decode-bf16": (paged_attention_triton._paged_decode_kernel, _paged_decode(torch.bfloat16, 0)),
     "paged-decode-fp16-window": (paged_attention_triton._paged_decode_kernel, _paged_decode(torch.float16, 4096)),
     "paged-decode-fp32": (paged_attention_triton._paged_decode_kernel, _paged_decode(torch.float32, 0)),
+    "paged-decode-split-bf16": (paged_attention_triton._paged_decode_kernel, _paged_decode(torch.bfloat16, 0, 4)),
+    "merge-splits-bf16": (paged_attention_triton._merge_splits_kernel, _paged_decode(torch.bfloat16, 0, 4)),
     "shrink-bf16": (lora_triton._segmented_matmul_kernel, _shrink(torch.bfloat16)),
     "shrink-fp32": (lora_triton._segmented_matmul_kernel, _shrink(torch.float32)),
     "expand-bf16": (lora_triton._segmented_matmul_kernel, _expand(torch.bfloat16)),
@@ -66,7 +68,10 @@ LAUNCHES = {
 @pytest.mark.parametrize("launch", LAUNCHES.values(), ids=LAUNCHES.keys())
 def test_kernel_compiles_to_a_cubin(launch, capability: int) -> None:
     kernel, launcher = launch
-    compiled = compile_for(kernel, capture_launch(kernel, launcher), capability)
+    skipped = (
+        (paged_attention_triton._paged_decode_kernel,) if kernel is paged_attention_triton._merge_splits_kernel else ()
+    )
+    compiled = compile_for(kernel, capture_launch(kernel, launcher, skipped=skipped), capability)
     assert len(compiled.asm["cubin"]) > 1000
     assert f".target sm_{capability}" in compiled.asm["ptx"]
 
