@@ -52,12 +52,13 @@ class ServeConfig(BaseModel):
     attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="auto: what the model supports (sdpa where it can, else eager, e.g. Gemma 2, Bloom)"
     )
-    decode_attention: Literal["auto", "gathered", "in_place"] = Field(
+    kv_reads: Literal["auto", "gathered", "in_place"] = Field(
         "auto",
-        description="how decoding steps read the paged KV cache: gathered copies every row's keys and values into "
-        "a dense tensor for sdpa, each layer of each step; in_place reads the blocks where they are, with a "
-        "triton-lang kernel (needs CUDA, triton and a model on sdpa; checked against gathered reads at start, "
-        "refusing to start if it differs); auto: in_place on CUDA where that check passes, gathered elsewhere",
+        description="how forward passes read the paged KV cache: gathered copies every row's keys and values into "
+        "a dense tensor (and a packed pass's mask) for sdpa, each layer of each step; in_place reads the blocks "
+        "where they are, with triton-lang kernels for decoding and packed passes (needs CUDA, triton and a model "
+        "on sdpa; checked against gathered reads at start, refusing to start if they differ); auto: in_place on "
+        "CUDA where that check passes, gathered elsewhere",
     )
     adapter_compute: Literal["auto", "per_row", "slot_tables"] = Field(
         "auto",

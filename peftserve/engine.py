@@ -101,7 +101,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.layers, self.kv_cache, eos_token_ids=eos, pad_token_id=pad)
         if config.packed_steps:
             self.runner.check_packing()
-        self._choose_decode_attention(config)
+        self._choose_kv_reads(config)
         self.batcher = ContinuousBatcher(self, self.kv_cache)
         self.blocked = BlockedContent(config.blocked_patterns)
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
@@ -110,16 +110,16 @@ class Engine:
             self.start_serving(*self.prepare_version(self.repository.latest(adapter_id)))
         self.report_cache()
 
-    def _choose_decode_attention(self, config: ServeConfig) -> None:
+    def _choose_kv_reads(self, config: ServeConfig) -> None:
         """In-place decoding reads where asked for, or by default on CUDA, once checked on this model."""
-        wanted = config.decode_attention
+        wanted = config.kv_reads
         if wanted == "gathered" or (wanted == "auto" and self.device.type != "cuda"):
             return
-        why_not = self.runner.check_in_place_decode()
+        why_not = self.runner.check_reads_in_place()
         if why_not is None:
             logger.info("decoding steps read the KV cache in place (paged attention kernel)")
         elif wanted == "in_place":
-            raise ConfigError(f"decode_attention=in_place: {why_not}")
+            raise ConfigError(f"kv_reads=in_place: {why_not}")
         else:
             logger.warning("decoding steps gather the KV cache: %s", why_not)
 

@@ -27,6 +27,7 @@ from peftserve.batched_layers import AdapterLayers, BatchDeltas
 from peftserve.kv_cache import PagedKVCache
 from peftserve.packed_masks import MaskBuilder, packed_mask_builder
 from peftserve.paged_attention import ATTENTION_NAME as PAGED_ATTENTION
+from peftserve.paged_attention import hand_over, reading_in_place
 from peftserve.paged_attention import register as register_paged_attention
 
 logger = logging.getLogger("peftserve.generation")
@@ -187,7 +188,8 @@ class ModelRunner:
             keep.extend(range(offset + n - kept[-1], offset + n))
             offset += n
         plan = [(state.sequence_id, n) for state, n in items]
-        mask = self.packed_masks(self.cache.plan_packed(plan))
+        layout = self.cache.plan_packed(plan)
+        mask = None if self.cache.reads_in_place else self.packed_masks(layout)  # the kernel needs none
         logits = self._forward(
             plan,
             deltas,
@@ -255,6 +257,9 @@ class ModelRunner:
         except BaseException:
             self.cache.rewind(plan)
             raise
+        finally:
+            hand_over(None)  # nothing of this pass reaches a forward pass of another cache
+            reading_in_place(False)
 
     @torch.inference_mode()
     def check_packing(self, *, prompt_tokens: int = 12) -> bool:
@@ -324,56 +329,84 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def check_in_place_decode(self, *, prompt_tokens: int = 12) -> str | None:
-        """Turn in-place reads on for decoding passes (:mod:`peftserve.paged_attention`) if, on this model,
-        such a pass gives the logits of a gathered one; returns None if it did, else why not. Two rows of
-        different lengths (the longer past the sliding window, if the model has one) prefill, then decode
-        one token each, gathered and in place, through the base model."""
+    def check_reads_in_place(self, *, prompt_tokens: int = 12) -> str | None:
+        """Turn in-place reads on (:mod:`peftserve.paged_attention`) if, on this model, passes read in place
+        give the logits of gathered ones; returns None if they did, else why not. Call it after
+        :meth:`check_packing`. Row A prefills ``prompt_tokens`` (more than a sliding window, if the model has
+        one); then, where passes pack, A's next token and row B's whole prompt run as one packed pass (else B
+        prefills alone); then A and B decode one token. Each pass runs gathered, then again in place."""
         if self.model.config._attn_implementation != "sdpa":
             return f"the model's attention is {self.model.config._attn_implementation!r}, not sdpa"
         register_paged_attention()
+        self.model.set_attn_implementation(PAGED_ATTENTION)  # sdpa, for every pass not read in place
         deltas = BatchDeltas(self.layers, [])
         window = getattr(self.model.config, "sliding_window", None) or 0
-        lengths = (max(prompt_tokens, min(window + 4, 256)), 5)
+        length = max(prompt_tokens, min(window + 4, 256))
         generator = torch.Generator().manual_seed(1)
-        ids = [torch.randint(self.embed.num_embeddings, (1, n + 1), generator=generator) for n in lengths]
-        rows = (-1, -2)  # never a request's id
-        step = [(row, 1) for row in rows]
+        vocab = self.embed.num_embeddings
+        ids_a = torch.randint(vocab, (1, length + 2), generator=generator).to(self.device)
+        ids_b = torch.randint(vocab, (1, 6), generator=generator).to(self.device)
+        a, b = -1, -2  # never a request's id
+
+        def both_ways(name: str, plan: list[tuple[int, int]], run) -> None:
+            self.cache.reads_in_place = False
+            gathered = run().float()
+            self.cache.rewind(plan)
+            self.cache.reads_in_place = True
+            in_place = run().float()
+            error = (in_place - gathered).abs().max() / gathered.abs().max().clamp(min=1e-6)
+            tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 3e-2
+            if not error <= tolerance:
+                raise _Mismatch(f"a {name} pass read in place differed from a gathered one by {float(error):.2g}")
+
         try:
-            for row, n, row_ids in zip(rows, lengths, ids, strict=True):
-                self.cache.reserve(row, n + 1)
-                prompt = [(row, n)]
-                prompt_ids = row_ids[:, :n].to(self.device)
-                self._forward(prompt, deltas, self.cache.plan(prompt, n), input_ids=prompt_ids,
-                              positions=torch.arange(n)[None], logits_to_keep=1)  # fmt: skip
-            step_ids = torch.cat([row_ids[:, -1:] for row_ids in ids]).to(self.device)
-            positions = torch.tensor([[n] for n in lengths])
+            self.cache.reserve(a, length + 2)
+            self.cache.reserve(b, 6)
+            a_prompt = [(a, length)]
+            self._forward(a_prompt, deltas, self.cache.plan(a_prompt, length), input_ids=ids_a[:, :length],
+                          positions=torch.arange(length)[None], logits_to_keep=1)  # fmt: skip
+            a_done = length
+            if self.packs:
+                plan = [(a, 1), (b, 5)]
 
-            def decode_step() -> torch.Tensor:
+                packed_ids = torch.cat([ids_a[:, length : length + 1], ids_b[:, :5]], 1)
+                packed_positions = torch.cat([torch.tensor([length]), torch.arange(5)])[None]
+
+                def packed() -> torch.Tensor:
+                    layout = self.cache.plan_packed(plan)
+                    mask = None if self.cache.reads_in_place else self.packed_masks(layout)
+                    keep = torch.arange(6, device=self.device)
+                    return self._forward(plan, deltas, mask, input_ids=packed_ids, positions=packed_positions,
+                                         logits_to_keep=keep)[0]  # fmt: skip
+
+                both_ways("packed", plan, packed)
+                a_done += 1
+            else:
+                b_prompt = [(b, 5)]
+                self._forward(b_prompt, deltas, self.cache.plan(b_prompt, 5), input_ids=ids_b[:, :5],
+                              positions=torch.arange(5)[None], logits_to_keep=1)  # fmt: skip
+            step = [(a, 1), (b, 1)]
+            step_ids = torch.cat([ids_a[:, a_done : a_done + 1], ids_b[:, 5:]])
+            positions = torch.tensor([[a_done], [5]])
+
+            def decode() -> torch.Tensor:
                 mask = self.cache.plan(step, 1)
-                logits = self._forward(step, deltas, mask, input_ids=step_ids, positions=positions, logits_to_keep=1)
-                return logits[:, -1].float()
+                return self._forward(step, deltas, mask, input_ids=step_ids, positions=positions, logits_to_keep=1)
 
-            gathered = decode_step()
-            self.cache.rewind(step)
-            self.cache.in_place_decode = True
-            self.model.set_attn_implementation(PAGED_ATTENTION)
-            in_place = decode_step()
+            both_ways("decoding", step, decode)
+        except _Mismatch as exc:
+            self._gathered_reads()
+            return str(exc)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the reads that work
-            self._gathered_decode()
-            return f"an in-place decoding pass failed ({type(exc).__name__}: {exc})"
+            self._gathered_reads()
+            return f"a pass read in place failed ({type(exc).__name__}: {exc})"
         finally:
-            for row in rows:
-                self.cache.release(row)
-        error = (in_place - gathered).abs().max() / gathered.abs().max().clamp(min=1e-6)
-        tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 3e-2
-        if not error <= tolerance:
-            self._gathered_decode()
-            return f"an in-place decoding pass differed from a gathered one by {float(error):.2g} (relative)"
+            self.cache.release(a)
+            self.cache.release(b)
         return None
 
-    def _gathered_decode(self) -> None:
-        self.cache.in_place_decode = False
+    def _gathered_reads(self) -> None:
+        self.cache.reads_in_place = False
         self.model.set_attn_implementation("sdpa")
 
     def _input_embeddings(self, state: SequenceState, count: int) -> torch.Tensor:
@@ -417,6 +450,10 @@ class ModelRunner:
             result.finish_reason = "stop"
             return False
         return len(result.token_ids) < row.max_new_tokens
+
+
+class _Mismatch(Exception):
+    """A pass read in place gave other logits than the same pass gathered."""
 
 
 def cache_argument(model: PreTrainedModel) -> str:

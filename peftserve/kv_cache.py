@@ -11,9 +11,10 @@ values (the same hook a ``DynamicCache`` serves). The new tokens are written int
 row's keys are read back right-aligned into a ``(rows, heads, kv_length, head_dim)`` view for the
 attention kernel, with a 2-D mask marking the real positions, so every model family builds its masks
 (causal, sliding window, ALiBi) from that mask as it does for a left-padded batch. That read is a
-transient gather, freed with the layer's attention. Decoding passes can instead read the blocks in place
-(:attr:`PagedKVCache.in_place_decode`, :mod:`peftserve.paged_attention`): the layer writes its new token and
-hands the block tables to a kernel that reads the pool where it is, so a step copies nothing of the cache.
+transient gather, freed with the layer's attention. Decoding and packed passes can instead read the blocks
+in place (:attr:`PagedKVCache.reads_in_place`, :mod:`peftserve.paged_attention`): the layer writes its new
+tokens and hands the block tables to a kernel that reads the pool where it is, so a pass copies nothing of
+the cache.
 
 Memory is reserved per sequence for its whole life (prompt, virtual tokens, prefix and ``max_tokens``) when
 it is admitted, so a running batch never runs out of blocks mid-generation; a request that does not fit
@@ -28,7 +29,14 @@ from typing import Any
 
 import torch
 
-from peftserve.paged_attention import DecodeTables, InPlaceRead, hand_over
+from peftserve.paged_attention import (
+    DecodeTables,
+    InPlaceRead,
+    PackedTables,
+    hand_over,
+    packed_tiles,
+    reading_in_place,
+)
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,7 @@ class _Plan:
     read: torch.Tensor | None  # (rows, kv_length) slots read back, right-aligned (padding reads the zero slot)
     query_length: int
     kv_length: int
-    tables: DecodeTables | None = None  # set instead of ``read`` where attention reads the blocks in place
+    tables: DecodeTables | PackedTables | None = None  # set instead of ``read`` where attention reads in place
 
 
 class PagedKVCache:
@@ -162,8 +170,8 @@ class PagedKVCache:
         self._plan: _Plan | None = None
         self.bytes_written = 0  # every byte a layer wrote into the storage (tests count it per step)
         self.bytes_gathered = 0  # every byte a layer copied out of it for a dense read
-        # Set by the engine once a decoding pass with in-place reads matched gathered ones on the model.
-        self.in_place_decode = False
+        # Set by the engine once passes read in place matched gathered ones on the model.
+        self.reads_in_place = False
 
     @staticmethod
     def token_bytes(layer_shapes: dict[int, LayerShape], dtype: torch.dtype) -> int:
@@ -244,7 +252,7 @@ class PagedKVCache:
         offsets = torch.arange(kv_length, device=self.device)[None, :] - (kv_length - lengths)[:, None]
         present = offsets >= 0
         read, tables = None, None
-        if self.in_place_decode and query_length == 1:
+        if self.reads_in_place and query_length == 1:
             blocks = torch.nn.utils.rnn.pad_sequence([sequence.block_ids for sequence in sequences], batch_first=True)
             tables = DecodeTables(blocks, lengths.to(torch.int32), self.block_size, kv_length)
         else:
@@ -258,6 +266,7 @@ class PagedKVCache:
             kv_length=kv_length,
             tables=tables,
         )
+        reading_in_place(tables is not None)
         return present.long()
 
     def plan_packed(self, rows: list[tuple[int, int]]) -> PackedLayout:
@@ -266,12 +275,29 @@ class PagedKVCache:
         Returns who owns each query and key and at which position, for the caller to build the masks (causal,
         sliding) it needs. No padding: a decoding row and a prompt chunk share the pass at their own sizes."""
         sequences, writes = self._claim(rows)
-        reads = [sequence.slots[: sequence.length] for sequence in sequences]
         new = torch.tensor([n for _, n in rows], device=self.device)
         after = torch.tensor([sequence.length for sequence in sequences], device=self.device)
         owners = torch.arange(len(rows), device=self.device)
-        read = torch.cat(reads)[None]
-        self._plan = _Plan(valid=None, write=writes, read=read, query_length=int(new.sum()), kv_length=read.shape[1])
+        kv_length = sum(sequence.length for sequence in sequences)
+        read, tables = None, None
+        if self.reads_in_place:
+            block_m = 16 if max(n for _, n in rows) <= 16 else 64
+            runs = [
+                (b, n, sequence.length - n) for b, ((_, n), sequence) in enumerate(zip(rows, sequences, strict=True))
+            ]
+            blocks = torch.nn.utils.rnn.pad_sequence([sequence.block_ids for sequence in sequences], batch_first=True)
+            tables = PackedTables(blocks, packed_tiles(runs, block_m, self.device), block_m, self.block_size)
+        else:
+            read = torch.cat([sequence.slots[: sequence.length] for sequence in sequences])[None]
+        self._plan = _Plan(
+            valid=None,
+            write=writes,
+            read=read,
+            query_length=sum(n for _, n in rows),
+            kv_length=kv_length,
+            tables=tables,
+        )
+        reading_in_place(tables is not None)
         query_owner, key_owner = owners.repeat_interleave(new), owners.repeat_interleave(after)
         return PackedLayout(
             query_owner=query_owner,

@@ -149,6 +149,83 @@ def _merge_splits_kernel(
     tl.store(out_ptr + row * stride_or + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
+@triton.jit
+def _paged_packed_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    table_ptr,
+    tiles_ptr,
+    scale,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_tr,
+    GROUP: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One query head over one tile of up to ``BLOCK_M`` consecutive new tokens of one row, causal."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    kv_head = head // GROUP
+    row = tl.load(tiles_ptr + tile * 4).to(tl.int64)
+    first_token = tl.load(tiles_ptr + tile * 4 + 1)
+    count = tl.load(tiles_ptr + tile * 4 + 2)
+    first_position = tl.load(tiles_ptr + tile * 4 + 3)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < count
+    tokens = (first_token + offs_m).to(tl.int64)
+    query_positions = first_position + offs_m
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    low = tl.where(window > 0, tl.maximum(first_position - window + 1, 0), 0)
+    high = first_position + count  # past the tile's last position: later keys are masked for all of it
+    running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for first in range(low, high, BLOCK_N):
+        positions = first + tl.arange(0, BLOCK_N)
+        valid = positions < high
+        block = tl.load(table_ptr + row * stride_tr + positions // CACHE_BLOCK, mask=valid, other=0).to(tl.int64)
+        slots = block * CACHE_BLOCK + positions % CACHE_BLOCK
+        kv_tile = valid[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=kv_tile, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        before = query_positions[:, None] - positions[None, :]
+        allowed = valid[None, :] & (before >= 0) & ((window <= 0) | (before < window))
+        scores = tl.where(allowed, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        # A query that has seen no key yet (its window starts after this tile) keeps a maximum of -inf:
+        # subtract 0 instead, so its weights are exp(-inf) = 0, not NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        weights = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(running_max - shift)
+        v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_tile, other=0.0)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+        running_max = new_max
+    result = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+    out = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(out, result.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
 def choose_splits(rows: int, kv_heads: int, longest: int, device: torch.device) -> int:
     """Splits per row: enough programs to give every streaming multiprocessor two, none shorter than
     :data:`MIN_SPLIT_POSITIONS` positions (one where rows x heads already fill the device)."""
@@ -245,4 +322,60 @@ def paged_decode_attention(
             BLOCK_D=block_d,
             BLOCK_S=triton.next_power_of_2(splits),
         )
+    return out
+
+
+def paged_packed_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_table: torch.Tensor,
+    tiles: torch.Tensor,
+    *,
+    cache_block: int,
+    block_m: int,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """Causal attention of a packed pass's new tokens over their own rows' paged keys and values (the new
+    ones already written). ``query`` (tokens, query_heads, head_dim), any strides with a unit last one;
+    ``tiles`` from :func:`peftserve.paged_attention.packed_tiles` with the same ``block_m``; the rest as
+    :func:`paged_decode_attention`. Returns (tokens, query_heads, head_dim) in the query's dtype."""
+    tokens, query_heads, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    if query_heads % kv_heads or keys.shape[-1] != head_dim or values.shape != keys.shape:
+        raise ValueError(
+            f"query {tuple(query.shape)} does not fit keys {tuple(keys.shape)} and values {tuple(values.shape)}"
+        )
+    if tiles.dim() != 2 or tiles.shape[1] != 4 or block_m < 16:
+        raise ValueError(f"tiles must be (n, 4) (packed_tiles), block_m at least 16; got {tuple(tiles.shape)}")
+    if query.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("queries, keys and values must be contiguous in their last dimension")
+    out = torch.empty(tokens, query_heads, head_dim, dtype=query.dtype, device=query.device)
+    _paged_packed_kernel[(tiles.shape[0], query_heads)](
+        query,
+        keys,
+        values,
+        out,
+        block_table,
+        tiles,
+        scale,
+        window,
+        query.stride(0),
+        query.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        values.stride(0),
+        values.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_table.stride(0),
+        GROUP=query_heads // kv_heads,
+        CACHE_BLOCK=cache_block,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
     return out

@@ -190,10 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the engine's adapter_compute setting (auto: slot tables and triton kernels on CUDA)",
     )
     parser.add_argument(
-        "--decode-attention",
+        "--kv-reads",
         choices=["auto", "gathered", "in_place"],
         default="auto",
-        help="the engine's decode_attention setting (auto: the KV blocks read in place on CUDA)",
+        help="the engine's kv_reads setting (auto: the KV blocks read in place on CUDA)",
     )
     parser.add_argument("--out", type=Path, default=Path("loadtests/reports/bench-gpu.json"))
     return parser
@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         engine = big_engine(base_dir, model, tokenizer, args.device, max_running_rows=max(args.batches),
                             prefill_chunk_tokens=4096, max_loaded_adapters=len(loras) + len(mixed),
-                            adapter_compute=args.adapter_compute, decode_attention=args.decode_attention)  # fmt: skip
-        shape["decode_attention"] = "in_place" if engine.kv_cache.in_place_decode else "gathered"
+                            adapter_compute=args.adapter_compute, kv_reads=args.kv_reads)  # fmt: skip
+        shape["kv_reads"] = "in_place" if engine.kv_cache.reads_in_place else "gathered"
         runs = {"base": [""], "16 LoRA r16 all-linear": loras[:16], "64 LoRA r16 all-linear": loras,
                 "8 mixed types": mixed}  # fmt: skip
         report["runs"] = {name: {} for name in runs}

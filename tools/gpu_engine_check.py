@@ -205,13 +205,13 @@ def check_throughput(base_dir: Path, model, tokenizer, device: str, batch: int) 
     return runs
 
 
-def check_decode_attention(base_dir: Path, model, tokenizer, device: str, batch: int, context: int) -> dict:
+def check_kv_reads(base_dir: Path, model, tokenizer, device: str, batch: int, context: int) -> dict:
     """Decoding steps with the KV cache gathered per layer vs read in place, one engine after the other."""
     result: dict = {"batch": batch, "prompt_tokens": context}
     steps, logits, tokens = {}, {}, {}
     for mode in ("gathered", "in_place"):
         try:
-            engine = big_engine(base_dir, model, tokenizer, device, decode_attention=mode, max_running_rows=batch,
+            engine = big_engine(base_dir, model, tokenizer, device, kv_reads=mode, max_running_rows=batch,
                                 prefill_chunk_tokens=4096)  # fmt: skip
         except ConfigError as exc:  # no CUDA or no triton: the in-place kernel cannot run here
             result[mode] = {"unavailable": str(exc)}
@@ -272,10 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput"] = check_throughput(base_dir, model, tokenizer, args.device, args.batch)
         print(json.dumps(report["throughput"]), flush=True)
         context = 64 if args.tiny else 1024
-        report["decode_attention"] = check_decode_attention(
-            base_dir, model, tokenizer, args.device, args.batch, context
-        )
-        print(json.dumps(report["decode_attention"]), flush=True)
+        report["kv_reads"] = check_kv_reads(base_dir, model, tokenizer, args.device, args.batch, context)
+        print(json.dumps(report["kv_reads"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"report: {args.out}")

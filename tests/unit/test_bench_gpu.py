@@ -18,7 +18,7 @@ def test_tiny_run_reports_every_run_batch_and_adapter_type(tmp_path: Path, compu
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["shape"]["adapter_compute"] == compute
-    assert report["shape"]["decode_attention"] == "gathered"  # the in-place kernel needs CUDA
+    assert report["shape"]["kv_reads"] == "gathered"  # the in-place kernel needs CUDA
     runs = ["base", "16 LoRA r16 all-linear", "64 LoRA r16 all-linear", "8 mixed types"]
     assert list(report["runs"]) == runs
     for name in runs:

@@ -18,7 +18,7 @@ from peftserve.engine import Engine
 from peftserve.errors import ConfigError
 from peftserve.generation import GenerationRow
 from peftserve.kv_cache import LayerShape, PagedKVCache
-from peftserve.paged_attention import InPlaceRead, hand_over, paged_attention
+from peftserve.paged_attention import InPlaceRead, hand_over, packed_tiles, paged_attention
 from peftserve.requests import CompletionRequest
 from tests.conftest import DEMO_PHRASES, PROMPTS, demo_config
 from tests.interpreted_triton import interpreter_process
@@ -90,6 +90,63 @@ def test_interpreted_kernel_equals_attention_over_gathered_keys(interpreter, cas
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+# (query heads, kv heads, head dim, cache block, rows as (new tokens, length after), window)
+PACKED_CASES = {
+    "decoding-rows-and-chunks": (6, 2, 12, 4, [(1, 9), (20, 20), (5, 40), (1, 1), (37, 70)], 0),
+    "sliding-window": (6, 2, 12, 4, [(1, 9), (20, 20), (5, 40), (37, 70)], 3),
+    "window-over-a-chunk": (4, 1, 16, 8, [(70, 70), (2, 90)], 30),
+}
+
+
+def interpreted_packed(*args, **kwargs) -> torch.Tensor:
+    """In the interpreter child: the packed-pass kernel."""
+    from peftserve.paged_attention_triton import paged_packed_attention
+
+    return paged_packed_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("case", PACKED_CASES.values(), ids=PACKED_CASES.keys())
+def test_interpreted_packed_kernel_equals_causal_attention_row_by_row(interpreter, case, block_m: int) -> None:
+    """Every token of a packed pass attends to its own row's keys up to its own position (and within the
+    window); reference: per token, the row's keys gathered in order and masked, softmax, values."""
+    query_heads, kv_heads, head_dim, cache_block, rows, window = case
+    generator = torch.Generator().manual_seed(sum(n for n, _ in rows) + window)
+    blocks_per_row = [-(-length // cache_block) for _, length in rows]
+    pool_blocks = sum(blocks_per_row) + 2
+    keys = torch.randn(pool_blocks * cache_block, kv_heads, head_dim, generator=generator)
+    values = torch.randn(pool_blocks * cache_block, kv_heads, head_dim, generator=generator)
+    order = (torch.randperm(pool_blocks - 1, generator=generator) + 1).to(torch.int32)
+    table = torch.zeros(len(rows), max(blocks_per_row), dtype=torch.int32)
+    taken = 0
+    for row, count in enumerate(blocks_per_row):
+        table[row, :count] = order[taken : taken + count]
+        taken += count
+    query = torch.randn(sum(n for n, _ in rows), query_heads, head_dim, generator=generator)
+    tiles = packed_tiles([(row, n, length - n) for row, (n, length) in enumerate(rows)], block_m, torch.device("cpu"))
+    got = interpreter.run(
+        interpreted_packed, query, keys, values, table, tiles, cache_block=cache_block, block_m=block_m, scale=0.3,
+        window=window,
+    )  # fmt: skip
+    expected, token = [], 0
+    group = query_heads // kv_heads
+    for row, (new, length) in enumerate(rows):
+        positions = torch.arange(length)
+        slots = table[row].long()[positions // cache_block] * cache_block + positions % cache_block
+        k, v = keys[slots].repeat_interleave(group, 1), values[slots].repeat_interleave(group, 1)
+        for position in range(length - new, length):
+            allowed = (positions <= position) & ((positions > position - window) if window else True)
+            scores = torch.einsum("hd,lhd->hl", query[token], k).mul(0.3).masked_fill(~allowed, float("-inf"))
+            expected.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v))
+            token += 1
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_tiles_cut_each_row_into_tiles_of_its_own_tokens() -> None:
+    tiles = packed_tiles([(0, 1, 8), (1, 40, 0), (2, 16, 3)], 16, torch.device("cpu"))
+    assert tiles.tolist() == [[0, 0, 1, 8], [1, 1, 16, 0], [1, 17, 16, 16], [1, 33, 8, 32], [2, 41, 16, 3]]
+
+
 def test_kernel_refuses_shapes_that_do_not_fit(interpreter) -> None:
     keys = torch.zeros(8, 2, 16)
     table, lengths = torch.ones(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
@@ -104,7 +161,7 @@ def _cache(in_place: bool) -> PagedKVCache:
         layer_shapes={0: LayerShape((2, 8), (2, 8))}, num_blocks=64, block_size=4, dtype=torch.float32,
         device=torch.device("cpu"),
     )  # fmt: skip
-    cache.in_place_decode = in_place
+    cache.reads_in_place = in_place
     for sequence, length in enumerate((30, 90)):
         cache.reserve(sequence, length + 8)
         cache.plan([(sequence, length)], length)
@@ -145,10 +202,10 @@ def test_attention_without_a_hand_over_is_sdpa() -> None:
         paged_attention(torch.nn.Module(), query, torch.randn(2, 4, 5, 8), value, None)
 
 
-def demo_rows_run(model_dir: Path, decode_attention: str) -> tuple[bool, list[list[int]], list[torch.Tensor], int]:
+def demo_rows_run(model_dir: Path, kv_reads: str) -> tuple[bool, list[list[int]], list[torch.Tensor], int]:
     """(In the interpreter child for in_place.) One row per demo adapter type and the base model, in one
     batch, 6 tokens each: whether decoding read in place, each row's tokens and step logits, bytes gathered."""
-    engine = Engine(demo_config(model_dir, decode_attention=decode_attention))
+    engine = Engine(demo_config(model_dir, kv_reads=kv_reads))
     rows = []
     for index, adapter_id in enumerate(ADAPTERS):
         row = engine.check_request(
@@ -163,7 +220,7 @@ def demo_rows_run(model_dir: Path, decode_attention: str) -> tuple[bool, list[li
     results = engine.batcher.run_rows(rows)
     engine.batcher.close()
     logits = [torch.stack(result.step_logits) for result in results]
-    in_place = engine.kv_cache.in_place_decode
+    in_place = engine.kv_cache.reads_in_place
     return in_place, [result.token_ids for result in results], logits, engine.kv_cache.bytes_gathered - gathered
 
 
@@ -174,19 +231,17 @@ def test_every_adapter_type_decodes_in_place_as_with_gathered_reads(model_dir: P
     assert tokens == expected_tokens
     for adapter_id, ours, expected in zip(ADAPTERS, logits, expected_logits, strict=True):
         torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4, msg=adapter_id or "base model")
-    # Both gather for their prompt passes; only the gathered engine for its decoding steps too.
-    assert in_place_bytes < gathered_bytes / 2
+    # Prompt passes (packed) and decoding steps alike: nothing copied out of the pool when read in place.
+    assert in_place_bytes == 0 < gathered_bytes
 
 
 def window_rows_run(model_path: Path) -> tuple[list[list[int]], list[torch.Tensor], list[list[int]]]:
     """In the interpreter child: rows longer than the sliding window, decoded in place; each row's prompt,
     step logits and tokens."""
     engine = Engine(
-        ServeConfig(
-            base_model=str(model_path), adapter_repository=str(model_path / "adapters"), decode_attention="in_place"
-        )
+        ServeConfig(base_model=str(model_path), adapter_repository=str(model_path / "adapters"), kv_reads="in_place")
     )
-    assert engine.kv_cache.in_place_decode
+    assert engine.kv_cache.reads_in_place
     rows = [
         GenerationRow(engine.tokenizer(p).input_ids, None, 10, ignore_eos=True, keep_logits=True) for p in LONG_PROMPTS
     ]
@@ -211,10 +266,10 @@ def test_sliding_window_rows_decoded_in_place_match_the_full_forward(
 def test_in_place_reads_that_cannot_run_refuse_to_start(model_dir: Path) -> None:
     """On CPU, outside the interpreter, the triton kernel cannot run: asked for, the engine says why and
     does not start; by default it gathers without trying."""
-    with pytest.raises(ConfigError, match="decode_attention=in_place: an in-place decoding pass failed"):
-        Engine(demo_config(model_dir, decode_attention="in_place"))
+    with pytest.raises(ConfigError, match="kv_reads=in_place: a pass read in place failed"):
+        Engine(demo_config(model_dir, kv_reads="in_place"))
     engine = Engine(demo_config(model_dir))
-    assert not engine.kv_cache.in_place_decode
+    assert not engine.kv_cache.reads_in_place
     assert engine.model.config._attn_implementation == "sdpa"
     (answer,) = engine.complete([CompletionRequest("a dog", max_tokens=3, ignore_eos=True)])
     assert answer.output_tokens == 3

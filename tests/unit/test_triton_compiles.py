@@ -13,6 +13,7 @@ from triton.compiler.errors import CompilationError
 
 from peftserve import lora_triton, paged_attention_triton
 from peftserve.lora_kernels import TokenSlots
+from peftserve.paged_attention import packed_tiles
 from tests.compiled_triton import capture_launch, compile_for
 
 CAPABILITIES = [80, 90]
@@ -25,6 +26,17 @@ def _paged_decode(dtype: torch.dtype, window: int, splits: int = 1):
     return lambda: paged_attention_triton.paged_decode_attention(
         torch.zeros(rows, heads, head_dim, dtype=dtype), pool, pool, table, torch.ones(rows, dtype=torch.int32),
         cache_block=block, scale=head_dim**-0.5, window=window, splits=splits,
+    )  # fmt: skip
+
+
+def _paged_packed(dtype: torch.dtype, block_m: int):
+    heads, kv_heads, head_dim, block = 32, 8, 128, 16
+    pool = torch.zeros(64 * block, kv_heads, head_dim, dtype=dtype)
+    tiles = packed_tiles([(0, 1, 30), (1, 100, 0)], block_m, torch.device("cpu"))
+    query = torch.zeros(1, heads, 101, head_dim, dtype=dtype)[0].transpose(0, 1)  # as the attention layer has it
+    return lambda: paged_attention_triton.paged_packed_attention(
+        query, pool, pool, torch.zeros(2, 8, dtype=torch.int32), tiles, cache_block=block, block_m=block_m,
+        scale=head_dim**-0.5, window=0,
     )  # fmt: skip
 
 
@@ -56,6 +68,8 @@ LAUNCHES = {
     "paged-decode-fp32": (paged_attention_triton._paged_decode_kernel, _paged_decode(torch.float32, 0)),
     "paged-decode-split-bf16": (paged_attention_triton._paged_decode_kernel, _paged_decode(torch.bfloat16, 0, 4)),
     "merge-splits-bf16": (paged_attention_triton._merge_splits_kernel, _paged_decode(torch.bfloat16, 0, 4)),
+    "paged-packed-bf16": (paged_attention_triton._paged_packed_kernel, _paged_packed(torch.bfloat16, 64)),
+    "paged-packed-fp32-short-tiles": (paged_attention_triton._paged_packed_kernel, _paged_packed(torch.float32, 16)),
     "shrink-bf16": (lora_triton._segmented_matmul_kernel, _shrink(torch.bfloat16)),
     "shrink-fp32": (lora_triton._segmented_matmul_kernel, _shrink(torch.float32)),
     "expand-bf16": (lora_triton._segmented_matmul_kernel, _expand(torch.bfloat16)),
