@@ -111,17 +111,17 @@ class Engine:
         self.report_cache()
 
     def _choose_kv_reads(self, config: ServeConfig) -> None:
-        """In-place decoding reads where asked for, or by default on CUDA, once checked on this model."""
+        """In-place KV reads where asked for, or by default on CUDA, once checked on this model."""
         wanted = config.kv_reads
         if wanted == "gathered" or (wanted == "auto" and self.device.type != "cuda"):
             return
         why_not = self.runner.check_reads_in_place()
         if why_not is None:
-            logger.info("decoding steps read the KV cache in place (paged attention kernel)")
+            logger.info("decoding and packed passes read the KV cache in place (paged attention kernels)")
         elif wanted == "in_place":
             raise ConfigError(f"kv_reads=in_place: {why_not}")
         else:
-            logger.warning("decoding steps gather the KV cache: %s", why_not)
+            logger.warning("forward passes gather the KV cache: %s", why_not)
 
     def read_adapter(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
         """Hash, read, check and convert one version; touches no shared state, so needs no lock.

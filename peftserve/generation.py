@@ -368,7 +368,6 @@ class ModelRunner:
             a_done = length
             if self.packs:
                 plan = [(a, 1), (b, 5)]
-
                 packed_ids = torch.cat([ids_a[:, length : length + 1], ids_b[:, :5]], 1)
                 packed_positions = torch.cat([torch.tensor([length]), torch.arange(5)])[None]
 
