@@ -100,6 +100,26 @@ def test_interpreted_shrink_and_expand_equal_the_torch_backend(interpreted: Lora
     assert torch.equal(got[none], out[none])
 
 
+@pytest.mark.parametrize("case", ["mixed with none", "rank 32, interleaved", "130 tokens, wide output"])
+def test_interpreted_half_precision_shrink_and_expand(interpreted: LoraKernels, case: str) -> None:
+    """The GPU's dtypes take the kernels' other branch (tensor-core precision, a half-precision store after
+    a float32 sum). float16: triton 3.7's interpreter multiplies bfloat16 tiles wrongly, so bfloat16 is left
+    to tests/unit/test_triton_compiles.py and the CUDA test below."""
+    slot_list, num_slots, features_in, rank, features_out = CASES[case]
+    a, b = (stack.half() for stack in stacks(num_slots, features_in, rank, features_out, seed=7))
+    x = torch.randn(len(slot_list), features_in, generator=torch.Generator().manual_seed(8)).half()
+    out = torch.randn(len(slot_list), features_out, generator=torch.Generator().manual_seed(9)).half()
+    slots = token_slots(slot_list, num_slots)
+    y = interpreted.shrink(x, a, slots)
+    assert y.dtype == torch.float16
+    y_ref = TorchKernels().shrink(x.float(), a.float(), slots)
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-3, atol=1e-2)
+    got, expected = out.clone(), out.float()
+    interpreted.expand(got, y, b, slots)
+    TorchKernels().expand(expected, y.float(), b.float(), slots)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-2)
+
+
 def test_interpreted_kernels_follow_strided_inputs(interpreted: LoraKernels) -> None:
     """Tokens taken as a column slice of a wider tensor (the kernels read strides, not a copy)."""
     a, b = stacks(3, 20, 8, 24, seed=7)

@@ -304,3 +304,31 @@ def test_long_rows_are_split_only_when_rows_and_heads_leave_the_gpu_idle(monkeyp
     assert choose_splits(1, 8, 100, cuda) == 1
     assert choose_splits(64, 8, 8192, cuda) == 1  # 512 programs already keep every SM busy
     assert choose_splits(1, 8, 8192, torch.device("cpu")) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", KERNEL_CASES.values(), ids=KERNEL_CASES.keys())
+def test_compiled_decode_kernel_equals_attention_over_gathered_keys_on_cuda(case, dtype: torch.dtype) -> None:
+    from peftserve.paged_attention_triton import paged_decode_attention
+
+    query_heads, kv_heads, head_dim, cache_block, lengths, window, splits = case
+    generator = torch.Generator().manual_seed(3)
+    blocks = sum(-(-length // cache_block) for length in lengths) + 1
+    keys, values = (torch.randn(blocks * cache_block, kv_heads, head_dim, generator=generator) for _ in range(2))
+    table = torch.zeros(len(lengths), blocks, dtype=torch.int32)
+    taken = 1
+    for row, length in enumerate(lengths):
+        count = -(-length // cache_block)
+        table[row, :count] = torch.arange(taken, taken + count)
+        taken += count
+    query = torch.randn(len(lengths), query_heads, head_dim, generator=generator)
+    lengths = torch.tensor(lengths, dtype=torch.int32)
+    on_device = [t.to("cuda", dtype) for t in (query, keys, values)]
+    got = paged_decode_attention(*on_device, table.cuda(), lengths.cuda(), cache_block=cache_block, scale=0.2,
+                                 window=window, splits=splits)  # fmt: skip
+    rounded = [t.to(dtype).float() for t in (query, keys, values)]
+    expected = gathered_attention(*rounded, table, lengths, cache_block, 0.2, window)
+    torch.testing.assert_close(
+        got.float().cpu(), expected, **(EXACT if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2})
+    )
