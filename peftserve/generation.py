@@ -275,12 +275,7 @@ class ModelRunner:
             logger.info("prefill and decoding run in separate passes: the model's attention takes no packed mask")
             return False
         deltas = BatchDeltas(self.layers, [])
-        window = getattr(self.model.config, "sliding_window", None) or 0
-        length = max(prompt_tokens, min(window + 4, 256))
-        generator = torch.Generator().manual_seed(0)
-        vocab = self.embed.num_embeddings
-        ids_a = torch.randint(vocab, (1, length + 1), generator=generator).to(self.device)
-        ids_b = torch.randint(vocab, (1, 5), generator=generator).to(self.device)
+        length, ids_a, ids_b = self._check_inputs(prompt_tokens, seed=0, after_a=1, b_tokens=5)
         a, b = -1, -2  # never a request's id
         try:
             self.cache.reserve(a, length + 1)
@@ -340,12 +335,7 @@ class ModelRunner:
         register_paged_attention()
         self.model.set_attn_implementation(PAGED_ATTENTION)  # sdpa, for every pass not read in place
         deltas = BatchDeltas(self.layers, [])
-        window = getattr(self.model.config, "sliding_window", None) or 0
-        length = max(prompt_tokens, min(window + 4, 256))
-        generator = torch.Generator().manual_seed(1)
-        vocab = self.embed.num_embeddings
-        ids_a = torch.randint(vocab, (1, length + 2), generator=generator).to(self.device)
-        ids_b = torch.randint(vocab, (1, 6), generator=generator).to(self.device)
+        length, ids_a, ids_b = self._check_inputs(prompt_tokens, seed=1, after_a=2, b_tokens=6)
         a, b = -1, -2  # never a request's id
 
         def both_ways(name: str, plan: list[tuple[int, int]], run) -> None:
@@ -403,6 +393,19 @@ class ModelRunner:
             self.cache.release(a)
             self.cache.release(b)
         return None
+
+    def _check_inputs(
+        self, prompt_tokens: int, *, seed: int, after_a: int, b_tokens: int
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Random token ids for the start-up checks' rows: A's prompt length (more than a sliding window, if
+        the model has one), A's ids (its prompt and ``after_a`` more), B's ``b_tokens`` ids."""
+        window = getattr(self.model.config, "sliding_window", None) or 0
+        length = max(prompt_tokens, min(window + 4, 256))
+        generator = torch.Generator().manual_seed(seed)
+        vocab = self.embed.num_embeddings
+        ids_a = torch.randint(vocab, (1, length + after_a), generator=generator).to(self.device)
+        ids_b = torch.randint(vocab, (1, b_tokens), generator=generator).to(self.device)
+        return length, ids_a, ids_b
 
     def _gathered_reads(self) -> None:
         self.cache.reads_in_place = False

@@ -35,6 +35,47 @@ MIN_SPLIT_POSITIONS = 256  # a split shorter than this costs more in its partial
 
 
 @triton.jit
+def _read_tile(
+    k_ptr, v_ptr, table_ptr, row, kv_head, first, high, stride_tr, stride_ks, stride_kh, stride_vs, stride_vh,
+    offs_d, mask_d, CACHE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Positions ``first .. first + BLOCK_N`` of ``row`` (those below ``high`` valid): their keys and values
+    for ``kv_head``, read through the row's block table (invalid ones read as zero)."""
+    positions = first + tl.arange(0, BLOCK_N)
+    valid = positions < high
+    block = tl.load(table_ptr + row * stride_tr + positions // CACHE_BLOCK, mask=valid, other=0).to(tl.int64)
+    slots = block * CACHE_BLOCK + positions % CACHE_BLOCK
+    tile = valid[:, None] & mask_d[None, :]
+    k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=tile, other=0.0)
+    v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=tile, other=0.0)
+    return positions, valid, k, v
+
+
+@triton.jit
+def _no_keys_yet(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The running maximum, sum and weighted values of ``ROWS`` queries before their first tile."""
+    return (
+        tl.full((ROWS,), float("-inf"), dtype=tl.float32),
+        tl.zeros((ROWS,), dtype=tl.float32),
+        tl.zeros((ROWS, BLOCK_D), dtype=tl.float32),
+    )
+
+
+@triton.jit
+def _softmax_step(scores, v, running_max, running_sum, acc, PRECISION: tl.constexpr):
+    """Fold one tile of masked scores (-inf where not allowed) and its values into the running maximum, sum
+    and weighted values. A query that has seen no key yet keeps a maximum of -inf: 0 is subtracted instead,
+    so its weights are exp(-inf) = 0, not NaN."""
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    weights = tl.exp(scores - shift[:, None])
+    rescale = tl.exp(running_max - shift)
+    acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+    running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+    return new_max, running_sum, acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     k_ptr,
@@ -85,25 +126,15 @@ def _paged_decode_kernel(
         mask=head_mask[:, None] & mask_d[None, :],
         other=0.0,
     )
-    running_max = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    running_max, running_sum, acc = _no_keys_yet(BLOCK_H, BLOCK_D)
     for first in range(low, high, BLOCK_N):
-        positions = first + tl.arange(0, BLOCK_N)
-        valid = positions < high
-        block = tl.load(table_ptr + row * stride_tr + positions // CACHE_BLOCK, mask=valid, other=0).to(tl.int64)
-        slots = block * CACHE_BLOCK + positions % CACHE_BLOCK
-        tile = valid[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=tile, other=0.0)
+        _, valid, k, v = _read_tile(
+            k_ptr, v_ptr, table_ptr, row, kv_head, first, high, stride_tr, stride_ks, stride_kh, stride_vs, stride_vh,
+            offs_d, mask_d, CACHE_BLOCK, BLOCK_N,
+        )  # fmt: skip
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        weights = tl.exp(scores - new_max[:, None])
-        rescale = tl.exp(running_max - new_max)
-        v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=tile, other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
-        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-        running_max = new_max
+        running_max, running_sum, acc = _softmax_step(scores, v, running_max, running_sum, acc, PRECISION)
     filled = running_sum > 0  # a split past a short row's end saw no position
     result = acc / tl.where(filled, running_sum, 1.0)[:, None]
     store_mask = head_mask[:, None] & mask_d[None, :]
@@ -197,30 +228,17 @@ def _paged_packed_kernel(
     )
     low = tl.where(window > 0, tl.maximum(first_position - window + 1, 0), 0)
     high = first_position + count  # past the tile's last position: later keys are masked for all of it
-    running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    running_max, running_sum, acc = _no_keys_yet(BLOCK_M, BLOCK_D)
     for first in range(low, high, BLOCK_N):
-        positions = first + tl.arange(0, BLOCK_N)
-        valid = positions < high
-        block = tl.load(table_ptr + row * stride_tr + positions // CACHE_BLOCK, mask=valid, other=0).to(tl.int64)
-        slots = block * CACHE_BLOCK + positions % CACHE_BLOCK
-        kv_tile = valid[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :], mask=kv_tile, other=0.0)
+        positions, valid, k, v = _read_tile(
+            k_ptr, v_ptr, table_ptr, row, kv_head, first, high, stride_tr, stride_ks, stride_kh, stride_vs, stride_vh,
+            offs_d, mask_d, CACHE_BLOCK, BLOCK_N,
+        )  # fmt: skip
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        before = query_positions[:, None] - positions[None, :]
+        before = query_positions[:, None] - positions[None, :]  # a query's window may start after this tile
         allowed = valid[None, :] & (before >= 0) & ((window <= 0) | (before < window))
         scores = tl.where(allowed, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        # A query that has seen no key yet (its window starts after this tile) keeps a maximum of -inf:
-        # subtract 0 instead, so its weights are exp(-inf) = 0, not NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        weights = tl.exp(scores - shift[:, None])
-        rescale = tl.exp(running_max - shift)
-        v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :], mask=kv_tile, other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
-        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-        running_max = new_max
+        running_max, running_sum, acc = _softmax_step(scores, v, running_max, running_sum, acc, PRECISION)
     result = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
     out = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(out, result.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
@@ -292,12 +310,9 @@ def paged_decode_attention(
         splits,
         query.stride(0),
         query.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        values.stride(0),
-        values.stride(1),
-        out.stride(0),
-        out.stride(1),
+        *keys.stride()[:2],
+        *values.stride()[:2],
+        *out.stride()[:2],
         block_table.stride(0),
         GROUP=group,
         HEAD_TILES=head_tiles,
@@ -363,12 +378,9 @@ def paged_packed_attention(
         window,
         query.stride(0),
         query.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        values.stride(0),
-        values.stride(1),
-        out.stride(0),
-        out.stride(1),
+        *keys.stride()[:2],
+        *values.stride()[:2],
+        *out.stride()[:2],
         block_table.stride(0),
         GROUP=query_heads // kv_heads,
         CACHE_BLOCK=cache_block,
