@@ -31,7 +31,7 @@ METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
 .PHONY: serve test unit integration demo smollm2 lint format clean bench-engine bench scale-out bench-continuous \
-	bench-forwarding image-requirements gpu-startup-check gpu-engine-check bench-gpu bench-stall reference-docs
+	bench-forwarding image-requirements gpu-startup-check gpu-engine-check bench-gpu gpu-wheels bench-stall reference-docs
 
 # Loopback only unless opened deliberately: SERVE_ARGS="--bind 0.0.0.0" with a management key (docs/security.md).
 serve: $(STAMP) $(SERVE_ASSETS)
@@ -64,13 +64,22 @@ bench-engine: $(STAMP)
 bench-continuous: $(STAMP)
 	$(PY) -m tools.bench_continuous
 
-# On a GPU host: sliding window, KV budget and batch-32 throughput on a Llama-3-8B-shaped bf16 model (JSON).
+# On a GPU host: sliding window, KV budget, batch-32 throughput and KV reads gathered vs in place (JSON).
 gpu-engine-check: $(STAMP)
 	$(PY) -m tools.gpu_engine_check --out loadtests/reports/gpu-engine-check.json
 
 # Decode tokens/s of a Llama-3-8B-shaped model with 16/64 LoRA and 8 mixed adapter types against the bandwidth floor.
 bench-gpu: $(STAMP)
 	$(PY) -m tools.bench_gpu --out loadtests/reports/bench-gpu.json
+
+# Wheels tools/gpu_session.sh installs on a GPU host with no network (our pins a CUDA PyTorch image lacks or has in
+# other versions, as installed in .venv), for Python 3.12 on x86-64 Linux.
+gpu-wheels: $(STAMP)
+	rm -rf build/gpu-wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d build/gpu-wheels $$($(PY) -m pip list --format=freeze | \
+		grep -i -E '^(transformers|peft|pydantic|pydantic_core|annotated-types|typing_extensions|typing-inspection)==')
 
 # Streams' gaps through Triton while a maximum-length prompt joins, whole vs chunked prefill (REPOSITORY=...).
 REPOSITORY ?= model_repository
