@@ -1,12 +1,12 @@
-"""The triton-lang kernels of decode attention over the paged KV cache, reading the blocks where they are.
+"""The triton-lang kernels of attention over the paged KV cache, reading the blocks where they are.
 
-A decoding step has one query token per row. Gathering each row's keys and values into a dense tensor for
-a standard attention kernel copies the whole cache every step (per layer: read it, write the copy, read the
-copy again). Here programs read the keys and values straight from the cache's block pool through each
-row's block table, in tiles of ``BLOCK_N`` positions, with an online softmax (the running maximum and sum
-of flash attention), so the cache is read once per step and nothing is written but the output.
+Gathering each row's keys and values into a dense tensor for a standard attention kernel copies the whole
+cache every step (per layer: read it, write the copy, read the copy again). Here programs read the keys and
+values straight from the cache's block pool through each row's block table, in tiles of ``BLOCK_N``
+positions, with an online softmax (the running maximum and sum of flash attention), so the cache is read
+once per step and nothing is written but the output.
 
-Work is laid out the way decode attention is bound, by reading keys and values:
+*Decoding passes* (one query token per row) are bound by reading keys and values, and laid out for it:
 
 - one program serves every query head of one key/value head (grouped-query attention), so each key and
   value tile is read once for the whole group; the group's queries form the rows of a ``BLOCK_H`` x
@@ -16,11 +16,15 @@ Work is laid out the way decode attention is bound, by reading keys and values:
   result with its log-sum-exp, and a second kernel merges the parts exactly; otherwise the first kernel
   writes the output itself.
 
-Semantics are those of causal attention for the last position of each row: a row of ``length`` tokens
-attends to positions ``0 .. length - 1``, or, with a sliding window ``w``, to the last ``w`` of them (the
-query's own position included, as transformers counts). Imported only when such a step runs; the CPU tests
-run it under triton's interpreter in a child process (tests/interpreted_triton.py) and compile it for sm_80
-and sm_90 (tests/compiled_triton.py).
+*Packed passes* (prompt chunks and decoding rows in one sequence): one program per query head and tile of
+up to ``BLOCK_M`` consecutive new tokens of one row, attending causally to that row's blocks only, where a
+dense mask would have set every token against every row's keys.
+
+Semantics are those of causal attention: a token at position ``p`` attends to its row's positions
+``0 .. p``, or, with a sliding window ``w``, to the last ``w`` of them (its own included, as transformers
+counts). Imported only where such a pass runs; the CPU tests run the kernels under triton's interpreter in
+a child process (tests/interpreted_triton.py) and compile them for sm_80 and sm_90 (tests/compiled_triton.py).
+No block size here was tuned on a GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import triton.language as tl
 
 BLOCK_H = 16  # query heads per score tile: tl.dot's minimum; groups of more heads take several programs
 BLOCK_N = 64  # positions per tile
-MIN_SPLIT_POSITIONS = 256  # a split shorter than this costs more in its partial result than it saves
+MIN_SPLIT_POSITIONS = 256  # no shorter splits: each adds a partial result and its share of the merge
 
 
 @triton.jit
