@@ -237,7 +237,7 @@ class ModelRunner:
         self,
         plan: list[tuple[int, int]],
         deltas: BatchDeltas,
-        mask: torch.Tensor | dict[str, torch.Tensor],
+        mask: torch.Tensor | dict[str, torch.Tensor] | None,
         *,
         positions: torch.Tensor,
         logits_to_keep: int | torch.Tensor,

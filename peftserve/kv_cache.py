@@ -123,6 +123,11 @@ class _Sequence:
     length: int = 0  # tokens written so far
 
 
+def _block_table(sequences: list[_Sequence]) -> torch.Tensor:
+    """``(rows, most blocks)`` int32: each sequence's blocks in order, padded with block 0."""
+    return torch.nn.utils.rnn.pad_sequence([sequence.block_ids for sequence in sequences], batch_first=True)
+
+
 @dataclass
 class _Plan:
     """Where the rows of one forward pass write and read (built once, used by every layer)."""
@@ -237,9 +242,10 @@ class PagedKVCache:
             sequence.length += new
         return sequences, torch.cat(writes)
 
-    def plan(self, rows: list[tuple[int, int]], query_length: int) -> torch.Tensor:
+    def plan(self, rows: list[tuple[int, int]], query_length: int) -> torch.Tensor | None:
         """Prepare a forward pass in which row ``b`` = ``(sequence_id, n)`` adds ``n`` tokens, right-aligned in
-        ``query_length`` query positions; returns the 2-D attention mask ``(rows, kv_length)``.
+        ``query_length`` query positions; returns the 2-D attention mask ``(rows, kv_length)``, or None for a
+        decoding pass read in place (its kernel takes each row's length from the tables instead).
 
         The work is per row, never per cached token: each sequence's slots were laid out when its blocks
         were reserved, and the read index is one gather from them."""
@@ -249,15 +255,15 @@ class PagedKVCache:
             valid.extend(range((b + 1) * query_length - new, (b + 1) * query_length))
         lengths = torch.tensor([sequence.length for sequence in sequences], device=self.device)
         kv_length = max(sequence.length for sequence in sequences)
-        offsets = torch.arange(kv_length, device=self.device)[None, :] - (kv_length - lengths)[:, None]
-        present = offsets >= 0
-        read, tables = None, None
+        read, tables, mask = None, None, None
         if self.reads_in_place and query_length == 1:
-            blocks = torch.nn.utils.rnn.pad_sequence([sequence.block_ids for sequence in sequences], batch_first=True)
-            tables = DecodeTables(blocks, lengths.to(torch.int32), self.block_size, kv_length)
+            tables = DecodeTables(_block_table(sequences), lengths.to(torch.int32), self.block_size, kv_length)
         else:
+            offsets = torch.arange(kv_length, device=self.device)[None, :] - (kv_length - lengths)[:, None]
+            present = offsets >= 0
             table = torch.nn.utils.rnn.pad_sequence([sequence.slots for sequence in sequences], batch_first=True)
             read = table.gather(1, offsets.clamp(min=0)).masked_fill(~present, 0)  # slot 0: block 0, always zero
+            mask = present.long()
         self._plan = _Plan(
             valid=torch.tensor(valid, device=self.device),
             write=writes,
@@ -267,7 +273,7 @@ class PagedKVCache:
             tables=tables,
         )
         reading_in_place(tables is not None)
-        return present.long()
+        return mask
 
     def plan_packed(self, rows: list[tuple[int, int]]) -> PackedLayout:
         """Prepare a packed forward pass: one sequence of every row's new tokens in order (row ``b`` =
@@ -285,8 +291,8 @@ class PagedKVCache:
             runs = [
                 (b, n, sequence.length - n) for b, ((_, n), sequence) in enumerate(zip(rows, sequences, strict=True))
             ]
-            blocks = torch.nn.utils.rnn.pad_sequence([sequence.block_ids for sequence in sequences], batch_first=True)
-            tables = PackedTables(blocks, packed_tiles(runs, block_m, self.device), block_m, self.block_size)
+            tiles = packed_tiles(runs, block_m, self.device)
+            tables = PackedTables(_block_table(sequences), tiles, block_m, self.block_size)
         else:
             read = torch.cat([sequence.slots[: sequence.length] for sequence in sequences])[None]
         self._plan = _Plan(
