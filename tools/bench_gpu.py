@@ -27,7 +27,7 @@ from transformers import LlamaForCausalLM
 from peftserve.engine import Engine
 from peftserve.requests import CompletionRequest
 from tools.bench_engine import MIXED_TYPES, save_random_adapter
-from tools.gpu_engine_check import big_engine, llama_shape, prompt, timed, word_tokenizer, write_lora
+from tools.gpu_engine_check import big_engine, llama_shape, prompt, timed_decode, word_tokenizer, write_lora
 
 MIXED_NAMES = ["lora", "dora", "adalora", "loha", "lokr", "ia3", "prefix", "prompt_tuning"]  # MIXED_TYPES' order
 # Peak memory bandwidth in GB/s by a part of the device name; the first match wins (more specific first).
@@ -75,12 +75,7 @@ def measure(engine: Engine, adapters: list[str], batch: int, shape: dict, floor_
         CompletionRequest(prompt(shape["prompt_tokens"], i), name, tokens, ignore_eos=True)
         for i, name in enumerate(names)
     ]
-    timed(engine, make(2), device)  # warm-up: adapters loaded, kernels chosen
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    prefill_seconds, _ = timed(engine, make(1), device)
-    seconds, tokens = timed(engine, make(new), device)
-    step_ms = 1000 * (seconds - prefill_seconds) / (new - 1)
+    prefill_seconds, seconds, tokens, step_ms = timed_decode(engine, make, new, device)
     kv_tokens = batch * (shape["prompt_tokens"] + new / 2)  # average context while decoding
     read = floor_bytes["weights"] + sum(floor_bytes[n] for n in set(names)) + kv_tokens * floor_bytes["kv_token"]
     floor_ms = 1000 * read / (shape["bandwidth_gbs"] * 1e9) if shape["bandwidth_gbs"] else None

@@ -12,7 +12,7 @@ safetensors, pydantic). Four checks, each written to ``--out`` as JSON:
 3. **throughput** at batch 32 (prompt 128, 128 new tokens, end-of-sequence ignored) on the same model:
    the base model and 16 synthetic rank-16 all-linear LoRA adapters; tokens/s, time per decoding step,
    the ratio, peak memory.
-4. **decode attention** at batch 32 with 1,024-token prompts on the same model: decoding steps that gather
+4. **KV reads** at batch 32 with 1,024-token prompts on the same model: decoding steps that gather
    every row's keys and values per layer against steps that read the KV blocks in place (the paged
    attention kernel): time per step of each, the speed-up, and whether their logits agree.
 
@@ -26,6 +26,7 @@ import gc
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -205,6 +206,20 @@ def check_throughput(base_dir: Path, model, tokenizer, device: str, batch: int) 
     return runs
 
 
+def timed_decode(
+    engine: Engine, make: Callable[[int], list[CompletionRequest]], new: int, device: str
+) -> tuple[float, float, int, float]:
+    """``make(n)``: the batch with ``n`` new tokens each. After a warm-up (adapters loaded, kernels chosen; the
+    device's peak memory counted from there), the batch with one new token, then with ``new``: (prefill
+    seconds, whole-run seconds, tokens, decoding ms per step with the prefill taken out)."""
+    timed(engine, make(2), device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    prefill_seconds, _ = timed(engine, make(1), device)
+    seconds, tokens = timed(engine, make(new), device)
+    return prefill_seconds, seconds, tokens, 1000 * (seconds - prefill_seconds) / (new - 1)
+
+
 def check_kv_reads(base_dir: Path, model, tokenizer, device: str, batch: int, context: int) -> dict:
     """Decoding steps with the KV cache gathered per layer vs read in place, one engine after the other."""
     result: dict = {"batch": batch, "prompt_tokens": context}
@@ -219,10 +234,7 @@ def check_kv_reads(base_dir: Path, model, tokenizer, device: str, batch: int, co
         make = lambda new: [  # noqa: E731
             CompletionRequest(prompt(context, i), "", new, ignore_eos=True) for i in range(batch)
         ]
-        engine.complete(make(2)[:2])  # warm-up
-        prefill_seconds, _ = timed(engine, make(1), device)
-        seconds, generated = timed(engine, make(33), device)
-        steps[mode] = 1000 * (seconds - prefill_seconds) / 32
+        _, seconds, generated, steps[mode] = timed_decode(engine, make, 33, device)
         result[mode] = {"decode_ms_per_step": round(steps[mode], 3), "tokens_per_second": round(generated / seconds, 1)}
         rows = [
             GenerationRow(tokenizer(prompt(context, i)).input_ids, None, 8, ignore_eos=True, keep_logits=True)
