@@ -62,6 +62,22 @@ def gathered_attention(query, keys, values, table, lengths, cache_block: int, sc
     return torch.stack(rows)
 
 
+def scattered_pool(lengths: list[int], cache_block: int, kv_heads: int, head_dim: int, generator: torch.Generator):
+    """A block pool of random keys and values and a block table giving each row of ``lengths`` its own blocks
+    in a shuffled order (block 0 never handed out; unused table entries point at it, as the cache's do)."""
+    blocks_per_row = [-(-length // cache_block) for length in lengths]
+    pool_blocks = sum(blocks_per_row) + 3
+    keys = torch.randn(pool_blocks * cache_block, kv_heads, head_dim, generator=generator)
+    values = torch.randn(pool_blocks * cache_block, kv_heads, head_dim, generator=generator)
+    order = (torch.randperm(pool_blocks - 1, generator=generator) + 1).to(torch.int32)
+    table = torch.zeros(len(lengths), max(blocks_per_row) + 2, dtype=torch.int32)
+    taken = 0
+    for row, count in enumerate(blocks_per_row):
+        table[row, :count] = order[taken : taken + count]
+        taken += count
+    return keys, values, table
+
+
 @pytest.fixture(scope="module")
 def interpreter():
     with interpreter_process() as process:
@@ -77,16 +93,7 @@ EXACT = {"rtol": 1e-5, "atol": 1e-5}
 def test_interpreted_kernel_equals_attention_over_gathered_keys(interpreter, case, dtype: torch.dtype) -> None:
     query_heads, kv_heads, head_dim, cache_block, lengths, window, splits = case
     generator = torch.Generator().manual_seed(len(lengths) + window)
-    blocks_per_row = [-(-length // cache_block) for length in lengths]
-    pool_blocks = sum(blocks_per_row) + 3
-    keys = torch.randn(pool_blocks * cache_block, kv_heads, head_dim, generator=generator)
-    values = torch.randn(pool_blocks * cache_block, kv_heads, head_dim, generator=generator)
-    order = (torch.randperm(pool_blocks - 1, generator=generator) + 1).to(torch.int32)  # rows' blocks scattered
-    table = torch.zeros(len(lengths), max(blocks_per_row) + 2, dtype=torch.int32)  # unused entries: block 0
-    taken = 0
-    for row, count in enumerate(blocks_per_row):
-        table[row, :count] = order[taken : taken + count]
-        taken += count
+    keys, values, table = scattered_pool(lengths, cache_block, kv_heads, head_dim, generator)
     query = torch.randn(len(lengths), query_heads, head_dim, generator=generator)
     query, keys, values = (tensor.to(dtype) for tensor in (query, keys, values))
     lengths = torch.tensor(lengths, dtype=torch.int32)
@@ -126,16 +133,7 @@ def test_interpreted_packed_kernel_equals_causal_attention_row_by_row(
     window); reference: per token, the row's keys gathered in order and masked, softmax, values."""
     query_heads, kv_heads, head_dim, cache_block, rows, window = case
     generator = torch.Generator().manual_seed(sum(n for n, _ in rows) + window)
-    blocks_per_row = [-(-length // cache_block) for _, length in rows]
-    pool_blocks = sum(blocks_per_row) + 2
-    keys = torch.randn(pool_blocks * cache_block, kv_heads, head_dim, generator=generator)
-    values = torch.randn(pool_blocks * cache_block, kv_heads, head_dim, generator=generator)
-    order = (torch.randperm(pool_blocks - 1, generator=generator) + 1).to(torch.int32)
-    table = torch.zeros(len(rows), max(blocks_per_row), dtype=torch.int32)
-    taken = 0
-    for row, count in enumerate(blocks_per_row):
-        table[row, :count] = order[taken : taken + count]
-        taken += count
+    keys, values, table = scattered_pool([length for _, length in rows], cache_block, kv_heads, head_dim, generator)
     query = torch.randn(sum(n for n, _ in rows), query_heads, head_dim, generator=generator)
     query, keys, values = (tensor.to(dtype).float() for tensor in (query, keys, values))  # the inputs, rounded
     tiles = packed_tiles([(row, n, length - n) for row, (n, length) in enumerate(rows)], block_m, torch.device("cpu"))
@@ -314,14 +312,7 @@ def test_compiled_decode_kernel_equals_attention_over_gathered_keys_on_cuda(case
 
     query_heads, kv_heads, head_dim, cache_block, lengths, window, splits = case
     generator = torch.Generator().manual_seed(3)
-    blocks = sum(-(-length // cache_block) for length in lengths) + 1
-    keys, values = (torch.randn(blocks * cache_block, kv_heads, head_dim, generator=generator) for _ in range(2))
-    table = torch.zeros(len(lengths), blocks, dtype=torch.int32)
-    taken = 1
-    for row, length in enumerate(lengths):
-        count = -(-length // cache_block)
-        table[row, :count] = torch.arange(taken, taken + count)
-        taken += count
+    keys, values, table = scattered_pool(lengths, cache_block, kv_heads, head_dim, generator)
     query = torch.randn(len(lengths), query_heads, head_dim, generator=generator)
     lengths = torch.tensor(lengths, dtype=torch.int32)
     on_device = [t.to("cuda", dtype) for t in (query, keys, values)]
