@@ -60,6 +60,13 @@ class ServeConfig(BaseModel):
         "on sdpa; checked against gathered reads at start, refusing to start if they differ); auto: in_place on "
         "CUDA where that check passes, gathered elsewhere",
     )
+    decode_graphs: Literal["auto", "off", "on"] = Field(
+        "auto",
+        description="whether decoding steps replay CUDA graphs (one per batch-size bucket: 1, 2, 4, then multiples "
+        "of 8 up to max_running_rows; captured on first use, again after adapter stacks grow): on needs CUDA, "
+        "kv_reads in place and adapter_compute on slot tables, and is checked against eager steps at start, "
+        "refusing to start if it fails; auto: on where all that holds, off elsewhere",
+    )
     adapter_compute: Literal["auto", "per_row", "slot_tables"] = Field(
         "auto",
         description="how adapter terms are computed: per_row stacks each batch's adapter pairs per rank bucket "

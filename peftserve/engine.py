@@ -31,6 +31,7 @@ from peftserve.chat import parse_messages, render_messages
 from peftserve.config import ServeConfig
 from peftserve.continuous import ContinuousBatcher, Work
 from peftserve.cpu_weights import lay_out_for_cpu_matmul
+from peftserve.decode_graphs import DecodeGraphs
 from peftserve.errors import (
     AdapterLoadError,
     AdapterNotReady,
@@ -102,6 +103,7 @@ class Engine:
         if config.packed_steps:
             self.runner.check_packing()
         self._choose_kv_reads(config)
+        self._choose_decode_graphs(config)
         self.batcher = ContinuousBatcher(self, self.kv_cache)
         self.blocked = BlockedContent(config.blocked_patterns)
         self._serving: dict[str, AdapterVersion] = {}  # adapter id -> the version new requests get
@@ -122,6 +124,31 @@ class Engine:
             raise ConfigError(f"kv_reads=in_place: {why_not}")
         else:
             logger.warning("forward passes gather the KV cache: %s", why_not)
+
+    def _choose_decode_graphs(self, config: ServeConfig) -> None:
+        """Decoding steps through CUDA graphs where asked for, or by default where they can run, once checked."""
+        wanted = config.decode_graphs
+        if wanted == "off" or (wanted == "auto" and self.device.type != "cuda"):
+            return
+        why_not = None
+        if self.device.type != "cuda":
+            why_not = "CUDA graphs need a CUDA device"
+        elif not self.kv_cache.reads_in_place:
+            why_not = "decoding passes gather the KV cache (kv_reads)"
+        elif self.layers.slot_path is None or self.layers.slots_from != 0:
+            why_not = "not every batch's adapters are computed through slot tables (adapter_compute)"
+        else:
+            longest = config.max_prompt_tokens + config.max_tokens_limit + _VIRTUAL_TOKEN_ALLOWANCE
+            graphs = DecodeGraphs(self.runner, max_rows=config.max_running_rows, longest_tokens=longest, capture=True)
+            why_not = graphs.verify()
+            if why_not is None:
+                self.runner.graphs = graphs
+                logger.info("decoding steps replay CUDA graphs (batch sizes %s)", graphs.sizes)
+                return
+            graphs.close()
+        if wanted == "on":
+            raise ConfigError(f"decode_graphs=on: {why_not}")
+        logger.warning("decoding steps run eagerly: %s", why_not)
 
     def read_adapter(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
         """Hash, read, check and convert one version; touches no shared state, so needs no lock.

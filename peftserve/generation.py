@@ -18,6 +18,7 @@ import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
@@ -29,6 +30,9 @@ from peftserve.packed_masks import MaskBuilder, packed_mask_builder
 from peftserve.paged_attention import ATTENTION_NAME as PAGED_ATTENTION
 from peftserve.paged_attention import hand_over, reading_in_place
 from peftserve.paged_attention import register as register_paged_attention
+
+if TYPE_CHECKING:
+    from peftserve.decode_graphs import DecodeGraphs
 
 logger = logging.getLogger("peftserve.generation")
 
@@ -125,6 +129,8 @@ class ModelRunner:
         self.cache_argument = cache_argument(model)
         # Set by check_packing: how to mask a packed pass, once one was seen to equal separate passes.
         self.packed_masks: MaskBuilder | None = None
+        # Set by the engine where decoding steps replay CUDA graphs (peftserve.decode_graphs), once checked.
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def packs(self) -> bool:
@@ -226,7 +232,11 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, states: Sequence[SequenceState], deltas: BatchDeltas) -> None:
         """One decoding step: each row's last token goes in, its next token comes out."""
-        ids = torch.tensor([[state.result.token_ids[-1]] for state in states], device=self.device)
+        rows = [(state.sequence_id, state.result.token_ids[-1], state.row.adapter) for state in states]
+        if self.graphs is not None and self.graphs.serves(rows):
+            self._choose(states, self.graphs.decode(rows).float())
+            return
+        ids = torch.tensor([[token] for _, token, _ in rows], device=self.device)
         positions = torch.tensor([[self.cache.length(state.sequence_id)] for state in states])
         plan = [(state.sequence_id, 1) for state in states]
         mask = self.cache.plan(plan, 1)

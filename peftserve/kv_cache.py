@@ -275,6 +275,30 @@ class PagedKVCache:
         reading_in_place(tables is not None)
         return mask
 
+    def plan_static(self, rows: list[tuple[int, int]], tables: DecodeTables, write: torch.Tensor, padding: int) -> None:
+        """Prepare a decoding pass read in place whose tensors are fixed buffers (a CUDA graph replays the
+        kernels that read them: :mod:`peftserve.decode_graphs`). Row ``b`` = ``(sequence_id, 1)``; rows past
+        ``len(rows)`` up to the buffers' size are padding: sequence ``padding`` writes and reads its first
+        slot there. ``tables.longest`` is the buffers' capacity, not the rows' longest, so that everything a
+        layer derives from it on the host stays the same from step to step."""
+        if any(new != 1 for _, new in rows):
+            raise ValueError("a static decoding pass adds one token per row")
+        sequences, writes = self._claim(rows)
+        count, pad = len(rows), self._sequences[padding]
+        block_table = _block_table(sequences)
+        write[:count].copy_(writes)
+        write[count:].fill_(int(pad.blocks[0]) * self.block_size)
+        tables.block_table[:count, : block_table.shape[1]].copy_(block_table)
+        tables.block_table[count:, 0].fill_(pad.blocks[0])
+        lengths = torch.tensor([sequence.length for sequence in sequences], dtype=torch.int32)
+        tables.lengths[:count].copy_(lengths, non_blocking=True)
+        tables.lengths[count:].fill_(1)
+        self._plan = _Plan(valid=None, write=write, read=None, query_length=1, kv_length=tables.longest, tables=tables)
+        reading_in_place(True)
+
+    def blocks_of(self, sequence_id: int) -> int:
+        return len(self._sequences[sequence_id].blocks)
+
     def plan_packed(self, rows: list[tuple[int, int]]) -> PackedLayout:
         """Prepare a packed forward pass: one sequence of every row's new tokens in order (row ``b`` =
         ``(sequence_id, n)`` adds ``n``), attending to one row of keys, every row's keys so far in order.

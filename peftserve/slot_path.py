@@ -89,6 +89,20 @@ class SlotPath:
         if self.tables.free_slots(bucket) == 0 and capacity < self.slots_per_bucket:
             self.tables.grow_bucket(bucket, min(2 * capacity, self.slots_per_bucket))
 
+    def forward(self, name: str, layer: nn.Module, x: torch.Tensor, indices: BatchSlots) -> torch.Tensor:
+        """``layer`` (a wrapped base layer called ``name``) over ``x`` (rows, tokens, in), every token through
+        the stacks at its slot in ``indices``."""
+        rows, tokens, features_in = x.shape
+        out = slot_linear(
+            x.reshape(rows * tokens, features_in),
+            linear_weight(layer),
+            layer.bias,
+            self.tables.modules[name],
+            indices,
+            self.kernels,
+        )
+        return out.reshape(rows, tokens, out.shape[-1])
+
     def _lease(self, keys: list[int]) -> None:
         with self._lock:
             self._leases.update(keys)
@@ -113,18 +127,10 @@ class SlotBatch:
 
     def forward(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer`` (a wrapped base layer called ``name``) over ``x`` of shape (rows, tokens, in)."""
-        rows, tokens, features_in = x.shape
+        rows, tokens, _ = x.shape
         if rows != len(self._rows):
             raise RuntimeError(f"input of {rows} rows for a batch of {len(self._rows)}")
         key = (tokens, self._path.tables.generation)  # a bucket grown since: indices of the new sizes
         if key not in self._indices:
             self._indices[key] = self._path.tables.indices(self._rows, tokens)
-        out = slot_linear(
-            x.reshape(rows * tokens, features_in),
-            linear_weight(layer),
-            layer.bias,
-            self._path.tables.modules[name],
-            self._indices[key],
-            self._path.kernels,
-        )
-        return out.reshape(rows, tokens, out.shape[-1])
+        return self._path.forward(name, layer, x, self._indices[key])

@@ -74,6 +74,9 @@ class BatchSlots:
     low_rank_present: dict[int, set[int]]
     scale: TokenSlots | None
     scale_present: set[int]
+    # Skip no op whatever the slots hold: a CUDA graph replays the ops of its capture for every later batch
+    # (peftserve.decode_graphs), so which ones run cannot depend on the adapters of the batch captured.
+    every_op: bool = False
 
 
 class SlotTables:
@@ -309,15 +312,16 @@ def slot_linear(
     """Every token through one module: ``(W (x * in_scale) + x A B) * out_scale + bias * bias_scale``.
 
     ``x`` is ``(T, in)``; ``weight`` ``(out, in)``. Ops whose slots would all be identities in this module
-    (no adapter of the batch touches it that way) are skipped.
+    (no adapter of the batch touches it that way) are skipped, unless ``batch.every_op``.
     """
-    in_scaled = batch.scale is not None and not stacks.in_scaled_slots.isdisjoint(batch.scale_present)
-    out_scaled = batch.scale is not None and not stacks.out_scaled_slots.isdisjoint(batch.scale_present)
+    every = batch.every_op
+    in_scaled = batch.scale is not None and (every or not stacks.in_scaled_slots.isdisjoint(batch.scale_present))
+    out_scaled = batch.scale is not None and (every or not stacks.out_scaled_slots.isdisjoint(batch.scale_present))
     scaled_x = kernels.scale(x, stacks.in_scale, batch.scale) if in_scaled else x
     # With output scaling the bias joins in the scaling op: inside the scaling for IA3, outside for DoRA.
     out = F.linear(scaled_x, weight, None if out_scaled else bias)
     for bucket, token_slots in batch.low_rank.items():
-        if not stacks.low_rank_slots[bucket].isdisjoint(batch.low_rank_present[bucket]):
+        if every or not stacks.low_rank_slots[bucket].isdisjoint(batch.low_rank_present[bucket]):
             y = kernels.shrink(x, stacks.a[bucket], token_slots)
             kernels.expand(out, y, stacks.b[bucket], token_slots)
     if out_scaled:
