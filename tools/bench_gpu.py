@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="the engine's kv_reads setting (auto: the KV blocks read in place on CUDA)",
     )
+    parser.add_argument(
+        "--decode-graphs",
+        choices=["auto", "off", "on"],
+        default="auto",
+        help="the engine's decode_graphs setting (auto: decoding steps replay CUDA graphs on CUDA)",
+    )
     parser.add_argument("--out", type=Path, default=Path("loadtests/reports/bench-gpu.json"))
     return parser
 
@@ -221,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         engine = big_engine(base_dir, model, tokenizer, args.device, max_running_rows=max(args.batches),
                             prefill_chunk_tokens=4096, max_loaded_adapters=len(loras) + len(mixed),
-                            adapter_compute=args.adapter_compute, kv_reads=args.kv_reads)  # fmt: skip
+                            adapter_compute=args.adapter_compute, kv_reads=args.kv_reads,
+                            decode_graphs=args.decode_graphs)  # fmt: skip
         shape["kv_reads"] = "in_place" if engine.kv_cache.reads_in_place else "gathered"
+        shape["decode_graphs"] = "on" if engine.runner.graphs is not None else "off"
         runs = {"base": [""], "16 LoRA r16 all-linear": loras[:16], "64 LoRA r16 all-linear": loras,
                 "8 mixed types": mixed}  # fmt: skip
         report["runs"] = {name: {} for name in runs}

@@ -1,7 +1,7 @@
 """``make gpu-engine-check``: the engine's memory and scheduling checks on a GPU, in one prepared run.
 
 Offline, in-process (no tritonserver): what a CUDA PyTorch image has is enough (torch, transformers,
-safetensors, pydantic). Four checks, each written to ``--out`` as JSON:
+safetensors, pydantic). Five checks, each written to ``--out`` as JSON:
 
 1. **sliding window**: a small Mistral-style model (window shorter than the sequences) on the device in
    float32; rows join a running batch mid-generation and are prefilled in chunks; their logits are compared
@@ -14,7 +14,10 @@ safetensors, pydantic). Four checks, each written to ``--out`` as JSON:
    the ratio, peak memory.
 4. **KV reads** at batch 32 with 1,024-token prompts on the same model: decoding steps that gather
    every row's keys and values per layer against steps that read the KV blocks in place (the paged
-   attention kernel): time per step of each, the speed-up, and whether their logits agree.
+   attention kernel), CUDA graphs off in both: time per step of each, the speed-up, and whether their
+   logits agree.
+5. **decode graphs**: the same, eager decoding steps against steps replayed from CUDA graphs, at batch 1
+   on the base model, batch 1 with a LoRA, and batch 32 over the 16 LoRA adapters.
 
 ``--tiny`` shrinks every model so the script runs on a CPU in a minute (how it is tested here).
 """
@@ -27,12 +30,14 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
+from peftserve.batched_layers import AdapterLinear
 from peftserve.config import ServeConfig
 from peftserve.engine import Engine
 from peftserve.errors import ConfigError
@@ -220,27 +225,57 @@ def timed_decode(
     return prefill_seconds, seconds, tokens, 1000 * (seconds - prefill_seconds) / (new - 1)
 
 
-def check_kv_reads(base_dir: Path, model, tokenizer, device: str, batch: int, context: int) -> dict:
-    """Decoding steps with the KV cache gathered per layer vs read in place, one engine after the other."""
-    result: dict = {"batch": batch, "prompt_tokens": context}
+def unwrap_layers(model: torch.nn.Module) -> None:
+    """Put back the base layers an earlier engine wrapped for its adapters, so that another engine can take
+    the model (it reads which layers are linear from the model as it finds it)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdapterLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.base)
+
+
+def compare_modes(
+    base_dir: Path,
+    model,
+    tokenizer,
+    device: str,
+    setting: str,
+    modes: tuple[str, str],
+    *,
+    batch: int,
+    context: int,
+    adapters: tuple[str, ...] = ("",),
+    **fixed,
+) -> dict:
+    """Decoding steps of one engine per value of ``setting`` (``modes``: the reference, then the one timed
+    against it), one engine after the other, rows spread over ``adapters``: step times, the speed-up of the
+    second, whether tokens and logits agree. A mode the device cannot run is reported unavailable."""
+    result: dict = {"batch": batch, "prompt_tokens": context, "adapters": len(adapters)}
     steps, logits, tokens = {}, {}, {}
-    for mode in ("gathered", "in_place"):
+    for mode in modes:
+        unwrap_layers(model)
         try:
-            engine = big_engine(base_dir, model, tokenizer, device, kv_reads=mode, max_running_rows=batch,
-                                prefill_chunk_tokens=4096)  # fmt: skip
-        except ConfigError as exc:  # no CUDA or no triton: the in-place kernel cannot run here
+            engine = big_engine(base_dir, model, tokenizer, device, max_running_rows=batch, prefill_chunk_tokens=4096,
+                                **{setting: mode, **fixed})  # fmt: skip
+        except ConfigError as exc:  # no CUDA or no triton: the kernels cannot run here
             result[mode] = {"unavailable": str(exc)}
             continue
         make = lambda new: [  # noqa: E731
-            CompletionRequest(prompt(context, i), "", new, ignore_eos=True) for i in range(batch)
+            CompletionRequest(prompt(context, i), adapters[i % len(adapters)], new, ignore_eos=True)
+            for i in range(batch)
         ]
         _, seconds, generated, steps[mode] = timed_decode(engine, make, 33, device)
         result[mode] = {"decode_ms_per_step": round(steps[mode], 3), "tokens_per_second": round(generated / seconds, 1)}
-        rows = [
-            GenerationRow(tokenizer(prompt(context, i)).input_ids, None, 8, ignore_eos=True, keep_logits=True)
-            for i in range(4)
-        ]
+        rows, leased = [], []
+        for i in range(min(batch, 4)):
+            adapter = adapters[i % len(adapters)]
+            row = engine.check_request(CompletionRequest(prompt(context, i), adapter, 8, ignore_eos=True))
+            row.keep_logits = True
+            leased.append(engine.lease(row, adapter))  # the version's adapter attached to the row
+            rows.append(row)
         answers = engine.batcher.run_rows(rows)
+        for version in filter(None, leased):
+            engine.cache.release(version)
         logits[mode] = torch.stack([torch.stack(a.step_logits) for a in answers]).float()
         tokens[mode] = [a.token_ids for a in answers]
         engine.batcher.close()
@@ -249,9 +284,10 @@ def check_kv_reads(base_dir: Path, model, tokenizer, device: str, batch: int, co
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if len(steps) == 2:
-        result["speedup_in_place"] = round(steps["gathered"] / steps["in_place"], 3)
-        result["tokens_equal"] = tokens["gathered"] == tokens["in_place"]
-        result["max_abs_logit_diff"] = round(float((logits["gathered"] - logits["in_place"]).abs().max()), 5)
+        reference, other = modes
+        result[f"speedup_{other}"] = round(steps[reference] / steps[other], 3)
+        result["tokens_equal"] = tokens[reference] == tokens[other]
+        result["max_abs_logit_diff"] = round(float((logits[reference] - logits[other]).abs().max()), 5)
     return result
 
 
@@ -284,8 +320,17 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput"] = check_throughput(base_dir, model, tokenizer, args.device, args.batch)
         print(json.dumps(report["throughput"]), flush=True)
         context = 64 if args.tiny else 1024
-        report["kv_reads"] = check_kv_reads(base_dir, model, tokenizer, args.device, args.batch, context)
+        compare = partial(compare_modes, base_dir, model, tokenizer, args.device, context=context)
+        # In-place reads against gathered ones, without graphs (which need in-place reads) on either side.
+        report["kv_reads"] = compare("kv_reads", ("gathered", "in_place"), batch=args.batch, decode_graphs="off")
         print(json.dumps(report["kv_reads"]), flush=True)
+        loras = tuple(f"lora{i}" for i in range(16))  # written by check_throughput
+        report["decode_graphs"] = [
+            compare("decode_graphs", ("off", "on"), batch=batch, adapters=adapters)
+            for batch, adapters in ((1, ("",)), (1, loras[:1]), (args.batch, loras))
+        ]
+        for entry in report["decode_graphs"]:
+            print(json.dumps(entry), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"report: {args.out}")

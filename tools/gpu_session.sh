@@ -7,9 +7,13 @@
 #   bash tools/gpu_session.sh            # results under $OUT (default loadtests/reports/gpu-session)
 #   TOOL_ARGS="--tiny --device cpu" bash tools/gpu_session.sh   # the same steps on a CPU, small (a unit test)
 #
-# Steps, each under its own time limit so one that hangs leaves the others their time (about 9.5 minutes in
-# all): the CUDA-only kernel tests (compiled kernels against the torch path and gathered attention), then
-# `python -m tools.gpu_engine_check` (sliding window, KV budget, throughput, KV reads gathered vs in place),
+# The demo model travels too (ignored files: carry model_repository/peft_llm/base_model and .../adapters, 4 MB),
+# or the CUDA test of decoding graphs builds it first.
+#
+# Steps, each under its own time limit so one that hangs leaves the others their time (about 10 minutes in
+# all): the CUDA-only tests (compiled kernels against the torch path and gathered attention, captured decoding
+# steps against eager ones), then `python -m tools.gpu_engine_check` (sliding window, KV budget, throughput,
+# KV reads gathered vs in place, decoding eager vs CUDA graphs),
 # then `python -m tools.bench_gpu` (tokens/s against the bandwidth floor, mixed/base ratios, bf16 exactness).
 # Each step's log, JSON and plot land in $OUT; the summary lines print as they finish.
 set -u
@@ -45,7 +49,7 @@ step() {
     tail -n 30 "$OUT/$name.log"
 }
 
-step cuda-kernel-tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda \
-    tests/unit/test_paged_attention.py tests/unit/test_lora_kernels.py
-step gpu-engine-check 210 "$PYTHON" -m tools.gpu_engine_check "${TOOL_ARGS[@]}" --out "$OUT/gpu-engine-check.json"
-step bench-gpu 270 "$PYTHON" -m tools.bench_gpu "${TOOL_ARGS[@]}" --out "$OUT/bench-gpu.json"
+step cuda-kernel-tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda \
+    tests/unit/test_paged_attention.py tests/unit/test_lora_kernels.py tests/unit/test_decode_graphs.py
+step gpu-engine-check 240 "$PYTHON" -m tools.gpu_engine_check "${TOOL_ARGS[@]}" --out "$OUT/gpu-engine-check.json"
+step bench-gpu 240 "$PYTHON" -m tools.bench_gpu "${TOOL_ARGS[@]}" --out "$OUT/bench-gpu.json"

@@ -31,6 +31,10 @@ def test_every_step_runs_and_leaves_its_report(tmp_path: Path) -> None:
     reads = engine["kv_reads"]
     assert reads["gathered"]["decode_ms_per_step"] > 0
     assert "kv_reads=in_place" in reads["in_place"]["unavailable"]  # the kernels need CUDA (or the interpreter)
+    for graphs in engine["decode_graphs"]:  # eager steps timed; graphs need CUDA
+        assert graphs["off"]["decode_ms_per_step"] > 0
+        assert "decode_graphs=on: CUDA graphs need a CUDA device" in graphs["on"]["unavailable"]
+    assert [graphs["adapters"] for graphs in engine["decode_graphs"]] == [1, 1, 16]
     bench = json.loads((tmp_path / "bench-gpu.json").read_text())
     assert bench["shape"]["kv_reads"] == "gathered"
     assert (tmp_path / "bench-gpu.png").stat().st_size > 0
