@@ -17,10 +17,12 @@ the step. Here:
 - **Attention** reads the paged cache in place (``kv_reads``): its kernels take lengths and blocks from the
   tables on the device; the number of splits per row is chosen for the longest row the tables can hold,
   and the kernel spreads a row's actual positions over them.
-- **Adapters** go through the slot tables with every op run whatever the batch holds
-  (:attr:`BatchSlots.every_op`): an adapter arriving later changes slot indices, not which kernels run.
-  Growing a rank bucket or wrapping more layers reallocates stacks, so every graph captured before is
-  dropped and captured again on first use (:meth:`DecodeGraphs.decode` compares a signature each step).
+- **Adapters** go through the slot tables, each module running the ops that any adapter assigned to the
+  tables uses there, whatever the step's rows hold: a row of another adapter changes slot indices, not
+  which kernels run. Assigning the first adapter that uses an op in a module (or releasing the last),
+  growing a rank bucket or wrapping more layers changes that, so every graph captured before is dropped
+  and captured again on first use (:meth:`DecodeGraphs.decode` compares a signature each step). A fleet of
+  LoRA adapters on the same modules changes it only as rank buckets grow.
 
 Graphs are captured on first use of a bucket (a warm-up pass first, which compiles the triton kernels and
 lets cuBLAS set up, then the capture) into one memory pool shared by every bucket. What the engine serves
@@ -159,6 +161,7 @@ class DecodeGraphs:
         tables = self.runner.layers.slot_path.tables
         signature = (
             tables.generation,
+            tables.ops_in_use_changes,
             tuple(tables.rank_capacity.items()),
             tables.scale_capacity,
             len(tables.modules),
@@ -196,17 +199,18 @@ class DecodeGraphs:
         """The model over the buffers' first ``size`` rows (the cache planned already): ``(size, vocab)``."""
         runner, path = self.runner, self.runner.layers.slot_path
         tables = path.tables
+        # Every slot counts as present: a module's op is skipped only where no adapter in the tables uses it
+        # (the signature changes when that does), never for what this step's rows hold.
         indices = BatchSlots(
             low_rank={
                 bucket: TokenSlots.build(self._low_rank_slots[bucket][:size], capacity + 1)
                 for bucket, capacity in tables.rank_capacity.items()
             },
-            low_rank_present={},
+            low_rank_present={bucket: set(range(1, capacity + 1)) for bucket, capacity in tables.rank_capacity.items()},
             scale=TokenSlots.build(self._scale_slots[:size], tables.scale_capacity + 1)
             if tables.scale_capacity
             else None,
-            scale_present=set(),
-            every_op=True,
+            scale_present=set(range(1, tables.scale_capacity + 1)),
         )
         for name, layer in runner.layers.wrapped.items():
             layer.rows = RowDeltas(size, through_slots=partial(path.forward, name, indices=indices))

@@ -74,9 +74,6 @@ class BatchSlots:
     low_rank_present: dict[int, set[int]]
     scale: TokenSlots | None
     scale_present: set[int]
-    # Skip no op whatever the slots hold: a CUDA graph replays the ops of its capture for every later batch
-    # (peftserve.decode_graphs), so which ones run cannot depend on the adapters of the batch captured.
-    every_op: bool = False
 
 
 class SlotTables:
@@ -106,6 +103,9 @@ class SlotTables:
         self._free: dict[int | None, list[int]] = {None: list(range(scale_capacity, 0, -1))}  # None: scales
         self._assigned: dict[int, tuple[AdapterWeights, AdapterSlots]] = {}  # id(adapter): kept alive here
         self.generation = 0  # counts bucket growths: indices built before one name the old stack sizes
+        # Counts the times an op of a module (a rank bucket's pair, an input or output scale) went from no
+        # assigned slot to one, or back: what decides which ops a batch can skip whatever its rows.
+        self.ops_in_use_changes = 0
         self.add_modules(modules)
         for bucket, capacity in sorted(rank_capacity.items()):
             self.add_bucket(bucket, capacity)
@@ -226,22 +226,29 @@ class SlotTables:
         self._assigned[id(adapter)] = (adapter, slots)
         return slots
 
-    @staticmethod
-    def _write(stacks: ModuleStacks, delta: ModuleDelta, slots: AdapterSlots) -> None:
+    def _write(self, stacks: ModuleStacks, delta: ModuleDelta, slots: AdapterSlots) -> None:
         if delta.lora_a is not None:
             rank = delta.lora_a.shape[1]
             bucket = rank_bucket(rank)
             slot = slots.low_rank[bucket]
             stacks.a[bucket][slot, :, :rank] = delta.lora_a
             stacks.b[bucket][slot, :rank, :] = delta.lora_b
-            stacks.low_rank_slots[bucket].add(slot)
+            self._use(stacks.low_rank_slots[bucket], slot)
         if delta.in_scale is not None:
             stacks.in_scale[slots.scale] = delta.in_scale
-            stacks.in_scaled_slots.add(slots.scale)
+            self._use(stacks.in_scaled_slots, slots.scale)
         if delta.out_scale is not None:
             stacks.out_scale[slots.scale] = delta.out_scale
             stacks.bias_scaled[slots.scale] = delta.scales_bias
-            stacks.out_scaled_slots.add(slots.scale)
+            self._use(stacks.out_scaled_slots, slots.scale)
+
+    def _use(self, assigned: set[int], slot: int) -> None:
+        self.ops_in_use_changes += not assigned
+        assigned.add(slot)
+
+    def _unuse(self, assigned: set[int], slot: int) -> None:
+        assigned.discard(slot)
+        self.ops_in_use_changes += not assigned
 
     def release(self, adapter: AdapterWeights) -> None:
         """Reset the adapter's rows to the identity and free its slots (nothing happens if not assigned)."""
@@ -254,14 +261,14 @@ class SlotTables:
                 if slot in stacks.low_rank_slots[bucket]:
                     stacks.a[bucket][slot] = 0
                     stacks.b[bucket][slot] = 0
-                    stacks.low_rank_slots[bucket].discard(slot)
+                    self._unuse(stacks.low_rank_slots[bucket], slot)
             if slots.scale in stacks.in_scaled_slots:
                 stacks.in_scale[slots.scale] = 1
-                stacks.in_scaled_slots.discard(slots.scale)
+                self._unuse(stacks.in_scaled_slots, slots.scale)
             if slots.scale in stacks.out_scaled_slots:
                 stacks.out_scale[slots.scale] = 1
                 stacks.bias_scaled[slots.scale] = False
-                stacks.out_scaled_slots.discard(slots.scale)
+                self._unuse(stacks.out_scaled_slots, slots.scale)
         for bucket, slot in slots.low_rank.items():
             self._free[bucket].append(slot)
         if slots.scale != NO_SLOT:
@@ -312,16 +319,15 @@ def slot_linear(
     """Every token through one module: ``(W (x * in_scale) + x A B) * out_scale + bias * bias_scale``.
 
     ``x`` is ``(T, in)``; ``weight`` ``(out, in)``. Ops whose slots would all be identities in this module
-    (no adapter of the batch touches it that way) are skipped, unless ``batch.every_op``.
+    (no adapter of the batch touches it that way) are skipped.
     """
-    every = batch.every_op
-    in_scaled = batch.scale is not None and (every or not stacks.in_scaled_slots.isdisjoint(batch.scale_present))
-    out_scaled = batch.scale is not None and (every or not stacks.out_scaled_slots.isdisjoint(batch.scale_present))
+    in_scaled = batch.scale is not None and not stacks.in_scaled_slots.isdisjoint(batch.scale_present)
+    out_scaled = batch.scale is not None and not stacks.out_scaled_slots.isdisjoint(batch.scale_present)
     scaled_x = kernels.scale(x, stacks.in_scale, batch.scale) if in_scaled else x
     # With output scaling the bias joins in the scaling op: inside the scaling for IA3, outside for DoRA.
     out = F.linear(scaled_x, weight, None if out_scaled else bias)
     for bucket, token_slots in batch.low_rank.items():
-        if every or not stacks.low_rank_slots[bucket].isdisjoint(batch.low_rank_present[bucket]):
+        if not stacks.low_rank_slots[bucket].isdisjoint(batch.low_rank_present[bucket]):
             y = kernels.shrink(x, stacks.a[bucket], token_slots)
             kernels.expand(out, y, stacks.b[bucket], token_slots)
     if out_scaled:

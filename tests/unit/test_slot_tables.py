@@ -98,6 +98,22 @@ def test_assign_release_and_reuse() -> None:
     slot_tables.release(first)  # releasing twice changes nothing
 
 
+def test_ops_in_use_change_only_when_a_module_op_gains_its_first_adapter_or_loses_its_last() -> None:
+    """What a CUDA graph's skipped ops depend on (peftserve.decode_graphs): not every assignment."""
+    slot_tables = tables()
+    first, second, scaled = lora(8, 1), lora(4, 2), ia3(3)
+    slot_tables.assign(first)
+    assert slot_tables.ops_in_use_changes == 1  # up's rank-8 pair
+    slot_tables.assign(second)  # the same op of the same module: nothing changes
+    slot_tables.release(first)
+    assert slot_tables.ops_in_use_changes == 1
+    slot_tables.assign(scaled)  # up's output scale and down's input scale
+    assert slot_tables.ops_in_use_changes == 3
+    slot_tables.release(second)
+    slot_tables.release(scaled)
+    assert slot_tables.ops_in_use_changes == 6
+
+
 def test_a_full_bucket_refuses_with_a_clear_error_and_changes_nothing() -> None:
     slot_tables = tables({8: 1, 16: 1})
     slot_tables.assign(lora(16, 1))
