@@ -69,6 +69,11 @@ def graph_batch_sizes(max_rows: int) -> list[int]:
     return [*sizes, max_rows]
 
 
+class CaptureFailed(RuntimeError):
+    """Capturing a bucket's graph failed (memory, an operation a capture refuses): the step was not run and
+    the cache is as before it, so the caller can run it eagerly."""
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -142,7 +147,12 @@ class DecodeGraphs:
                 with self.around_forward(size):
                     logits = self._forward(size)
             else:
-                captured = self._graphs.get(size) or self._capture(size)
+                captured = self._graphs.get(size)
+                if captured is None:
+                    try:
+                        captured = self._capture(size)
+                    except Exception as exc:
+                        raise CaptureFailed(f"capturing the decoding graph of batch size {size} failed: {exc}") from exc
                 captured.graph.replay()
                 cache.bytes_written += size * cache.bytes_per_token  # what the replayed layers wrote
                 logits = captured.logits
@@ -203,11 +213,11 @@ class DecodeGraphs:
         # (the signature changes when that does), never for what this step's rows hold.
         indices = BatchSlots(
             low_rank={
-                bucket: TokenSlots.build(self._low_rank_slots[bucket][:size], capacity + 1)
+                bucket: TokenSlots.build(self._low_rank_slots[bucket][:size], capacity + 1, without_sort=True)
                 for bucket, capacity in tables.rank_capacity.items()
             },
             low_rank_present={bucket: set(range(1, capacity + 1)) for bucket, capacity in tables.rank_capacity.items()},
-            scale=TokenSlots.build(self._scale_slots[:size], tables.scale_capacity + 1)
+            scale=TokenSlots.build(self._scale_slots[:size], tables.scale_capacity + 1, without_sort=True)
             if tables.scale_capacity
             else None,
             scale_present=set(range(1, tables.scale_capacity + 1)),

@@ -18,21 +18,18 @@ import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
 from peftserve.adapter_weights import AdapterWeights
 from peftserve.batched_layers import AdapterLayers, BatchDeltas
+from peftserve.decode_graphs import CaptureFailed, DecodeGraphs
 from peftserve.kv_cache import PagedKVCache
 from peftserve.packed_masks import MaskBuilder, packed_mask_builder
 from peftserve.paged_attention import ATTENTION_NAME as PAGED_ATTENTION
 from peftserve.paged_attention import hand_over, reading_in_place
 from peftserve.paged_attention import register as register_paged_attention
-
-if TYPE_CHECKING:
-    from peftserve.decode_graphs import DecodeGraphs
 
 logger = logging.getLogger("peftserve.generation")
 
@@ -234,8 +231,13 @@ class ModelRunner:
         """One decoding step: each row's last token goes in, its next token comes out."""
         rows = [(state.sequence_id, state.result.token_ids[-1], state.row.adapter) for state in states]
         if self.graphs is not None and self.graphs.serves(rows):
-            self._choose(states, self.graphs.decode(rows).float())
-            return
+            try:
+                self._choose(states, self.graphs.decode(rows).float())
+                return
+            except CaptureFailed as exc:  # the step did not run: it runs eagerly below, and so do later ones
+                logger.warning("decoding steps run eagerly from now on: %s", exc)
+                self.graphs.close()
+                self.graphs = None
         ids = torch.tensor([[token] for _, token, _ in rows], device=self.device)
         positions = torch.tensor([[self.cache.length(state.sequence_id)] for state in states])
         plan = [(state.sequence_id, 1) for state in states]

@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from peftserve.decode_graphs import DecodeGraphs, graph_batch_sizes
+from peftserve.decode_graphs import CaptureFailed, DecodeGraphs, graph_batch_sizes
 from peftserve.engine import Engine
 from peftserve.errors import ConfigError
 from peftserve.requests import CompletionRequest
@@ -197,6 +197,38 @@ def test_decode_graphs_that_cannot_run_refuse_to_start(model_dir: Path) -> None:
     engine = Engine(demo_config(model_dir))
     assert engine.runner.graphs is None
     engine.batcher.close()
+
+
+class _CaptureFailing:
+    """Graphs whose capture fails (out of memory, say): what the runner does then."""
+
+    def __init__(self) -> None:
+        self.calls, self.closed = 0, False
+
+    def serves(self, rows) -> bool:
+        return True
+
+    def decode(self, rows):
+        self.calls += 1
+        raise CaptureFailed("capturing the decoding graph of batch size 2 failed: CUDA out of memory")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_failed_capture_runs_the_step_eagerly_and_later_steps_too(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = Engine(demo_config(model_dir))
+    requests = [CompletionRequest(prompt, max_tokens=5, ignore_eos=True) for prompt in PROMPTS[:2]]
+    expected = engine.complete(requests)
+    failing = engine.runner.graphs = _CaptureFailing()
+    answers = engine.complete(requests)
+    engine.batcher.close()
+    assert [a.text for a in answers] == [e.text for e in expected]
+    assert all(a.output_tokens == 5 for a in answers)
+    assert failing.calls == 1 and failing.closed and engine.runner.graphs is None
+    assert "decoding steps run eagerly from now on: capturing the decoding graph" in caplog.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -280,3 +280,13 @@ def test_compiled_kernels_equal_the_torch_backend_on_cuda(case, dtype: torch.dty
 
 def generator_on_cpu(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("tokens, num_slots", [(1, 2), (7, 5), (64, 129), (33, 3)])
+def test_tokens_ordered_by_counting_equal_the_stable_sort(tokens: int, num_slots: int) -> None:
+    """The sort-free order a CUDA graph's capture uses (peftserve.decode_graphs) is the stable sort's."""
+    for seed in range(4):
+        slots = torch.randint(num_slots, (tokens,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+        sorted_, counted = TokenSlots.build(slots, num_slots), TokenSlots.build(slots, num_slots, without_sort=True)
+        for field in ("order", "starts", "counts"):
+            assert torch.equal(getattr(sorted_, field), getattr(counted, field)), (seed, field)
