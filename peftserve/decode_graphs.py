@@ -257,7 +257,8 @@ class DecodeGraphs:
     def verify(self, *, prompt_tokens: int = 12) -> str | None:
         """Compare static steps with eager ones on the loaded model; returns None if they agree, else why
         not. Rows A and B prefill, then decode three steps: A and B (captures the bucket of 2), A and B again
-        (replays it at other lengths and tokens), B alone (the bucket of 1)."""
+        (replays it at other lengths and tokens), B alone (the bucket of 1); with one running row at most,
+        A, A again, then B."""
         runner, cache = self.runner, self.runner.cache
         deltas = BatchDeltas(runner.layers, [])
         length, ids_a, ids_b = runner._check_inputs(prompt_tokens, seed=2, after_a=3, b_tokens=8)
@@ -269,12 +270,10 @@ class DecodeGraphs:
                 prompt = [(sequence, ids.shape[1])]
                 runner._forward(prompt, deltas, cache.plan(prompt, ids.shape[1]), input_ids=ids,
                                 positions=torch.arange(ids.shape[1])[None], logits_to_keep=1)  # fmt: skip
-            steps = [
-                [(a, int(ids_a[0, length])), (b, int(ids_b[0, 5]))],
-                [(a, int(ids_a[0, length + 1])), (b, int(ids_b[0, 6]))],
-                [(b, int(ids_b[0, 7]))],
-            ]
-            for step in steps:
+            pair = [a, b][: self.sizes[-1]]
+            given = {a: ids_a[0, length:].tolist(), b: ids_b[0, 5:].tolist()}  # each row's next tokens
+            for sequences in (pair, pair, [b]):
+                step = [(sequence, given[sequence].pop(0)) for sequence in sequences]
                 plan = [(sequence, 1) for sequence, _ in step]
                 positions = torch.tensor([[cache.length(sequence)] for sequence, _ in step])
                 ids = torch.tensor([[token] for _, token in step], device=cache.device)

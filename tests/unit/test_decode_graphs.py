@@ -89,12 +89,13 @@ def static_rows_run(model_dir: Path) -> dict[str, Any]:
     engine = Engine(demo_config(model_dir, kv_reads="in_place", adapter_compute="slot_tables"))
     engine.layers.slot_path.kernels = triton_kernels()  # the GPU's backend, interpreted
     config = engine.config
-    graphs = DecodeGraphs(
-        engine.runner,
-        max_rows=config.max_running_rows,
-        longest_tokens=config.max_prompt_tokens + config.max_tokens_limit,
-        capture=False,
-    )
+    longest = config.max_prompt_tokens + config.max_tokens_limit
+    verified = {}  # the start-up check's own steps, static (what it compares with the captured ones on a GPU)
+    for max_rows in (1, config.max_running_rows):
+        graphs = DecodeGraphs(engine.runner, max_rows=max_rows, longest_tokens=longest, capture=False)
+        verified[max_rows] = graphs.verify()
+        graphs.close()
+    graphs = DecodeGraphs(engine.runner, max_rows=config.max_running_rows, longest_tokens=longest, capture=False)
     traces: dict[int, list[list]] = defaultdict(list)
     run = InterpretedFunction.run
 
@@ -135,6 +136,7 @@ def static_rows_run(model_dir: Path) -> dict[str, Any]:
         {op[0] for steps in traces.values() for step in steps for op in step if op[0].rsplit(".", 1)[0] in HOST_READS}
     )
     return {
+        "verified": verified,
         "tokens": [result.token_ids for result in results],
         "logits": [torch.stack(result.step_logits) for result in results],
         "steps": dict(graphs.steps),
@@ -180,6 +182,10 @@ def test_static_steps_of_every_adapter_type_equal_eager_steps(model_dir: Path, s
     decoding_steps = max(len(tokens) for tokens in static_run["tokens"]) - 1
     assert sum(static_run["steps"].values()) == decoding_steps
     assert len(static_run["steps"]) >= 2
+
+
+def test_the_start_up_check_passes_static_steps_that_equal_eager_ones(static_run: dict[str, Any]) -> None:
+    assert list(static_run["verified"].values()) == [None, None]  # one running row at most, and the default
 
 
 def test_every_step_of_a_bucket_issues_the_operations_of_the_first(static_run: dict[str, Any]) -> None:
