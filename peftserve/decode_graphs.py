@@ -84,7 +84,15 @@ class DecodeGraphs:
     """Static decoding steps for one :class:`ModelRunner` (whose layers compute every batch through slot
     tables and whose cache reads in place), captured as CUDA graphs when ``capture``."""
 
-    def __init__(self, runner: ModelRunner, *, max_rows: int, longest_tokens: int, capture: bool) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        max_rows: int,
+        longest_tokens: int,
+        capture: bool,
+        on_capture: Callable[[int], None] = lambda size: None,
+    ) -> None:
         cache, path = runner.cache, runner.layers.slot_path
         if path is None or runner.layers.slots_from != 0:
             raise ValueError("static decoding steps need every batch's adapters in slot tables")
@@ -92,6 +100,7 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_rows)
         self.max_blocks = min(cache.blocks_for(longest_tokens), cache.usable_blocks - 1)
         self.capture = capture
+        self.on_capture = on_capture  # told each bucket size captured (the engine's metrics)
         # Wraps each forward pass run eagerly (capture off); tests record the pass's operations with it.
         self.around_forward: Callable[[int], AbstractContextManager] = lambda size: nullcontext()
         self.steps: Counter[int] = Counter()  # decoding steps served, per bucket
@@ -249,6 +258,7 @@ class DecodeGraphs:
             logits = self._forward(size)
         cache.bytes_written = written
         self.captures += 1
+        self.on_capture(size)
         logger.info("captured the decoding graph of batch size %d", size)
         self._graphs[size] = captured = _Captured(graph, logits)
         return captured

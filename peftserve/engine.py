@@ -139,7 +139,13 @@ class Engine:
             why_not = "not every batch's adapters are computed through slot tables (adapter_compute)"
         else:
             longest = config.max_prompt_tokens + config.max_tokens_limit + _VIRTUAL_TOKEN_ALLOWANCE
-            graphs = DecodeGraphs(self.runner, max_rows=config.max_running_rows, longest_tokens=longest, capture=True)
+            graphs = DecodeGraphs(
+                self.runner,
+                max_rows=config.max_running_rows,
+                longest_tokens=longest,
+                capture=True,
+                on_capture=self.metrics.decode_graph_captured,
+            )
             why_not = graphs.verify()
             if why_not is None:
                 self.runner.graphs = graphs

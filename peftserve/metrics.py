@@ -55,6 +55,10 @@ class EngineMetrics:
     def over_limit(self, adapter: str) -> None:
         """A request was refused because ``adapter`` is over its rate or in-flight limit."""
 
+    def decode_graph_captured(self, batch_size: int) -> None:
+        """The CUDA graph of a decoding step was captured for this batch-size bucket: on the bucket's first use,
+        and again after the adapter ops in use changed (each capture costs two forward passes on the loop)."""
+
     def inflight(self, by_adapter: dict[str, int]) -> None:
         """Requests inside the model now, for the adapters whose count just changed."""
 

@@ -57,6 +57,7 @@ FAMILIES = {
         "Requests the response cache could serve that ran the model, by adapter",
     ),
     "peftserve_response_cache_bytes": ("GAUGE", "Bytes held by the response cache (answers and keys)"),
+    "peftserve_decode_graph_captures_total": ("COUNTER", "CUDA graphs of decoding steps captured, by batch size"),
 }
 TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 _BUCKETS = {
@@ -156,6 +157,10 @@ class TritonMetrics(EngineMetrics):
     @_on_response_loop
     def response_cache_event(self, event: str, adapter: str) -> None:
         self._metric(_RESPONSE_CACHE_FAMILIES[event], adapter=adapter).increment(1)
+
+    @_on_response_loop
+    def decode_graph_captured(self, batch_size: int) -> None:
+        self._metric("peftserve_decode_graph_captures_total", batch_size=str(batch_size)).increment(1)
 
     @_on_response_loop
     def response_cache_bytes(self, nbytes: int) -> None:
