@@ -149,9 +149,9 @@ class DecodeGraphs:
         self._check_signature()
         plan = [(sequence, 1) for sequence, _, _ in rows]
         positions = [cache.length(sequence) for sequence, _, _ in rows]
+        cache.plan_static(plan, self._tables[size], self._write[:size], PADDING_SEQUENCE)  # undone if it raises
         try:
             self._fill(rows, positions, size)
-            cache.plan_static(plan, self._tables[size], self._write[:size], PADDING_SEQUENCE)
             if not self.capture:
                 with self.around_forward(size):
                     logits = self._forward(size)

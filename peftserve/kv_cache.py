@@ -285,14 +285,18 @@ class PagedKVCache:
             raise ValueError("a static decoding pass adds one token per row")
         sequences, writes = self._claim(rows)
         count, pad = len(rows), self._sequences[padding]
-        block_table = _block_table(sequences)
-        write[:count].copy_(writes)
-        write[count:].fill_(int(pad.blocks[0]) * self.block_size)
-        tables.block_table[:count, : block_table.shape[1]].copy_(block_table)
-        tables.block_table[count:, 0].fill_(pad.blocks[0])
-        lengths = torch.tensor([sequence.length for sequence in sequences], dtype=torch.int32)
-        tables.lengths[:count].copy_(lengths, non_blocking=True)
-        tables.lengths[count:].fill_(1)
+        try:
+            block_table = _block_table(sequences)
+            write[:count].copy_(writes)
+            write[count:].fill_(int(pad.blocks[0]) * self.block_size)
+            tables.block_table[:count, : block_table.shape[1]].copy_(block_table)
+            tables.block_table[count:, 0].fill_(pad.blocks[0])
+            lengths = torch.tensor([sequence.length for sequence in sequences], dtype=torch.int32)
+            tables.lengths[:count].copy_(lengths, non_blocking=True)
+            tables.lengths[count:].fill_(1)
+        except BaseException:
+            self.rewind(rows)
+            raise
         self._plan = _Plan(valid=None, write=write, read=None, query_length=1, kv_length=tables.longest, tables=tables)
         reading_in_place(True)
 
