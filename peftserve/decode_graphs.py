@@ -63,7 +63,7 @@ DecodeRow = tuple[int, int, AdapterWeights | None]  # (sequence id, its last tok
 
 def graph_batch_sizes(max_rows: int) -> list[int]:
     """The batch-size buckets: 1, 2, 4, 8, then every multiple of 8, up to ``max_rows`` (the last bucket
-    is ``max_rows`` itself). Padding a step to its bucket costs at most 8 rows beyond 8."""
+    is ``max_rows`` itself). A step of more than 8 rows is padded by at most 7."""
     sizes = [size for size in (1, 2, 4) if size < max_rows]
     sizes += list(range(8, max_rows, 8))
     return [*sizes, max_rows]
@@ -253,6 +253,8 @@ class DecodeGraphs:
             self._forward(size)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        # One pool for every bucket: a later capture may reuse what an earlier one freed, which is safe because
+        # replays never overlap and each replay's logits are read before the next replay.
         # thread_local: loader threads may copy adapters to the device meanwhile; they are not in the graph.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._forward(size)
