@@ -174,11 +174,12 @@ class DecodeGraphs:
         self.steps[size] += 1
         return logits[: len(rows)]
 
-    def _check_signature(self) -> None:
-        """Drop every graph if the stacks they read were reallocated (a rank bucket added or grown, more
-        layers wrapped); make slot buffers for new rank buckets."""
+    def signature(self) -> tuple:
+        """What a captured graph depends on beyond its buffers: the adapter stacks it reads (reallocated when a
+        rank bucket is added or grows, or more layers are wrapped) and the ops it runs per module (those that
+        any assigned adapter uses). A graph captured under another signature must not replay."""
         tables = self.runner.layers.slot_path.tables
-        signature = (
+        return (
             tables.generation,
             tables.ops_in_use_changes,
             tuple(tables.rank_capacity.items()),
@@ -186,6 +187,11 @@ class DecodeGraphs:
             len(tables.modules),
             len(self.runner.layers.wrapped),
         )
+
+    def _check_signature(self) -> None:
+        """Drop every graph captured under another :meth:`signature`; make slot buffers for new rank buckets."""
+        tables = self.runner.layers.slot_path.tables
+        signature = self.signature()
         if signature == self._signature:
             return
         if self._graphs:

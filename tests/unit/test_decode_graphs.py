@@ -205,6 +205,33 @@ def test_decode_graphs_that_cannot_run_refuse_to_start(model_dir: Path) -> None:
     engine.batcher.close()
 
 
+def test_graphs_are_captured_again_when_the_ops_they_run_or_the_stacks_they_read_change(model_dir: Path) -> None:
+    """A graph replays the ops and stack addresses of its capture: its signature must change whenever those
+    would, and only then (each change costs a capture of every bucket in use)."""
+    engine = Engine(demo_config(model_dir, adapter_compute="slot_tables"))
+    graphs = DecodeGraphs(engine.runner, max_rows=4, longest_tokens=64, capture=False)
+    adapters = {}
+    for adapter_id in ("pirate", "robot", "chef"):  # LoRA on every module, LoRA on 3 of them, IA3
+        adapters[adapter_id] = engine.read_adapter(engine.repository.latest(adapter_id))[1]
+        engine.layers.wrap(list(adapters[adapter_id].modules))
+    path, tables = engine.layers.slot_path, engine.layers.slot_path.tables
+    changes = []
+
+    def then(step) -> None:
+        before = graphs.signature()
+        step()
+        changes.append(graphs.signature() != before)
+
+    then(lambda: path.batch([adapters["pirate"]]))  # first low-rank ops in every module: a new rank bucket
+    then(lambda: path.batch([adapters["robot"]]))  # the bucket's one slot is taken: it grows
+    then(lambda: tables.release(adapters["robot"]))  # pirate still uses those ops
+    then(lambda: path.batch([adapters["robot"]]))  # a free slot, ops in use: nothing a graph reads changes
+    then(lambda: path.batch([adapters["chef"]]))  # the first scaling ops
+    then(lambda: tables.release(adapters["chef"]))  # the last ones
+    engine.batcher.close()
+    assert changes == [True, True, False, False, True, True]
+
+
 class _CaptureFailing:
     """Graphs whose capture fails (out of memory, say): what the runner does then."""
 
