@@ -63,7 +63,8 @@ class ServeConfig(BaseModel):
     decode_graphs: Literal["auto", "off", "on"] = Field(
         "auto",
         description="whether decoding steps replay CUDA graphs (one per batch-size bucket: 1, 2, 4, then multiples "
-        "of 8 up to max_running_rows; captured on first use, again after adapter stacks grow): on needs CUDA, "
+        "of 8 up to max_running_rows; captured on first use, again when adapter stacks grow or the ops in use "
+        "change): on needs CUDA, "
         "kv_reads in place and adapter_compute on slot tables, and is checked against eager steps at start, "
         "refusing to start if it fails; auto: on where all that holds, off elsewhere",
     )

@@ -320,16 +320,13 @@ class ModelRunner:
         finally:
             self.cache.release(a)
             self.cache.release(b)
-        expected = torch.stack(separate).float()
-        error = (packed.float() - expected).abs().max() / expected.abs().max().clamp(min=1e-6)
-        # Half precision rounds the two layouts' sums differently; a mask error moves logits far more.
-        tolerance = 1e-3 if dtype == torch.float32 else 3e-2
-        if not error <= tolerance:
+        error = self.check_error(packed, torch.stack(separate))
+        if error is not None:
             logger.warning(
                 "prefill and decoding run in separate passes: a packed pass differed from separate ones by %.2g "
                 "(relative; tolerance %.0g)",
-                float(error),
-                tolerance,
+                error,
+                self.check_tolerance(),
             )
             return False
         self.packed_masks = builder
@@ -356,10 +353,9 @@ class ModelRunner:
             self.cache.rewind(plan)
             self.cache.reads_in_place = True
             in_place = run().float()
-            error = (in_place - gathered).abs().max() / gathered.abs().max().clamp(min=1e-6)
-            tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 3e-2
-            if not error <= tolerance:
-                raise _Mismatch(f"a {name} pass read in place differed from a gathered one by {float(error):.2g}")
+            error = self.check_error(in_place, gathered)
+            if error is not None:
+                raise _Mismatch(f"a {name} pass read in place differed from a gathered one by {error:.2g}")
 
         try:
             self.cache.reserve(a, length + 2)
@@ -405,6 +401,19 @@ class ModelRunner:
             self.cache.release(a)
             self.cache.release(b)
         return None
+
+    def check_tolerance(self) -> float:
+        """The start-up checks' bound on the relative logit difference between two ways of computing a pass:
+        half precision rounds sums taken in another order by up to ~1e-2; a wrong mask or read moves logits
+        far more."""
+        return 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 3e-2
+
+    def check_error(self, ours: torch.Tensor, reference: torch.Tensor) -> float | None:
+        """The relative max logit difference of ``ours`` against ``reference`` if it exceeds
+        :meth:`check_tolerance`, else None (NaN exceeds it)."""
+        ours, reference = ours.float(), reference.float()
+        error = float((ours - reference).abs().max() / reference.abs().max().clamp(min=1e-6))
+        return None if error <= self.check_tolerance() else error
 
     def _check_inputs(
         self, prompt_tokens: int, *, seed: int, after_a: int, b_tokens: int

@@ -58,15 +58,16 @@ class TokenSlots:
         (CUB's stable sorts are not all capturable); it takes tokens x slots memory, fine for a decoding step."""
         if slots.dim() != 1 or slots.dtype != torch.int32:
             raise ValueError(f"slots must be a 1-d int32 tensor, got {tuple(slots.shape)} {slots.dtype}")
+        index = slots.long()
         # scatter_add_, not bincount: bincount on CUDA reads the maximum back to the host.
         counts = torch.zeros(num_slots, dtype=torch.int64, device=slots.device)
-        counts.scatter_add_(0, slots.long(), torch.ones_like(slots, dtype=torch.int64))
+        counts.scatter_add_(0, index, torch.ones_like(index))
         starts = torch.cumsum(counts, 0) - counts
         if without_sort:  # token t goes to its slot's start plus the number of earlier tokens of that slot
-            same = slots.long()[:, None] == torch.arange(num_slots, device=slots.device)
-            earlier = (torch.cumsum(same, 0) - same.long()).gather(1, slots.long()[:, None])[:, 0]
-            order = slots.new_empty(slots.shape, dtype=torch.int64)
-            order.scatter_(0, starts[slots.long()] + earlier, torch.arange(len(slots), device=slots.device))
+            same = index[:, None] == torch.arange(num_slots, device=slots.device)
+            earlier = (torch.cumsum(same, 0) - same.long()).gather(1, index[:, None])[:, 0]
+            order = torch.empty_like(index)
+            order.scatter_(0, starts[index] + earlier, torch.arange(len(slots), device=slots.device))
         else:
             order = torch.argsort(slots, stable=True)
         return cls(slots, num_slots, order, starts, counts)

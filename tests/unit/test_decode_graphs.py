@@ -209,6 +209,7 @@ def test_graphs_are_captured_again_when_the_ops_they_run_or_the_stacks_they_read
     """A graph replays the ops and stack addresses of its capture: its signature must change whenever those
     would, and only then (each change costs a capture of every bucket in use)."""
     engine = Engine(demo_config(model_dir, adapter_compute="slot_tables"))
+    engine.kv_cache.reads_in_place = True  # what graphs need; no pass runs here, only signatures are read
     graphs = DecodeGraphs(engine.runner, max_rows=4, longest_tokens=64, capture=False)
     adapters = {}
     for adapter_id in ("pirate", "robot", "chef"):  # LoRA on every module, LoRA on 3 of them, IA3
