@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,9 @@ class AdapterWeights:
     modules: dict[str, ModuleDelta] = field(default_factory=dict)
     prefix_kv: torch.Tensor | None = None  # (layers, 2, kv_heads, virtual_tokens, head_dim)
     virtual_embeddings: torch.Tensor | None = None  # (virtual_tokens, hidden)
+    # The PackedAdapter (peftserve.packed_adapter) whose buffer these tensors are views into, if any: the host
+    # tier keeps that buffer as it is instead of packing a second copy.
+    packed_from: Any = field(default=None, repr=False, compare=False)
 
     @property
     def prefix_length(self) -> int:
@@ -163,32 +166,6 @@ class AdapterWeights:
         for delta in self.modules.values():
             parts += [delta.lora_a, delta.lora_b, delta.in_scale, delta.out_scale, *(delta.kronecker or ())]
         return [t for t in parts if t is not None]
-
-    def copied_to(self, device: torch.device, *, pin: bool = False, non_blocking: bool = False) -> AdapterWeights:
-        """A copy of this adapter on ``device``; ``pin`` puts a CPU copy in page-locked memory, from which a
-        ``non_blocking`` copy to a CUDA device does not stall the copying thread."""
-
-        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            if tensor is None:
-                return None
-            if pin:  # strides kept, like ``to``
-                return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
-            return tensor.to(device, non_blocking=non_blocking, copy=True)
-
-        modules = {
-            name: replace(
-                delta,
-                lora_a=move(delta.lora_a),
-                lora_b=move(delta.lora_b),
-                in_scale=move(delta.in_scale),
-                out_scale=move(delta.out_scale),
-                kronecker=None if delta.kronecker is None else (move(delta.kronecker[0]), move(delta.kronecker[1])),
-            )
-            for name, delta in self.modules.items()
-        }
-        return AdapterWeights(
-            self.peft_type, modules, prefix_kv=move(self.prefix_kv), virtual_embeddings=move(self.virtual_embeddings)
-        )
 
     @cached_property
     def nbytes(self) -> int:

@@ -97,8 +97,8 @@ class ServeConfig(BaseModel):
         4096.0,
         ge=0,
         description="host memory for converted adapters, so that one evicted from the adapter cache comes back as "
-        "a copy instead of a file read and conversion (peftserve/host_tier.py); on CPU it shares the adapter "
-        "cache's tensors; 0: off",
+        "a copy instead of a file read and conversion (peftserve/host_tier.py), each packed into one buffer; on "
+        "CPU the adapter cache reads views into those buffers; 0: off",
     )
     preload: tuple[str, ...] = Field((), description="comma-separated adapter ids loaded at start and never evicted")
     adapter_poll_seconds: float = Field(

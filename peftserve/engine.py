@@ -175,7 +175,7 @@ class Engine:
                 "a new version"
             )
         config, tensors = parse_adapter_files(files, version.path)
-        weights = convert_adapter(config, tensors, self.base_shape)
+        weights = self.host_tier.runtime_form(convert_adapter(config, tensors, self.base_shape))
         seconds = time.perf_counter() - started
         self.metrics.adapter_loaded(version.adapter_id, seconds=seconds, nbytes=weights.nbytes)
         logger.info(
