@@ -50,6 +50,7 @@ step() {
 }
 
 step cuda-kernel-tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda \
-    tests/unit/test_paged_attention.py tests/unit/test_lora_kernels.py tests/unit/test_decode_graphs.py
+    tests/unit/test_paged_attention.py tests/unit/test_lora_kernels.py tests/unit/test_decode_graphs.py \
+    tests/unit/test_packed_adapter.py
 step gpu-engine-check 240 "$PYTHON" -m tools.gpu_engine_check "${TOOL_ARGS[@]}" --out "$OUT/gpu-engine-check.json"
 step bench-gpu 240 "$PYTHON" -m tools.bench_gpu "${TOOL_ARGS[@]}" --out "$OUT/bench-gpu.json"

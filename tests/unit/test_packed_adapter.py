@@ -94,12 +94,19 @@ def test_a_packed_adapter_is_a_few_objects_for_the_garbage_collector_whatever_it
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a page-locked buffer copied in one transfer")
-def test_on_cuda_the_buffer_is_pinned_and_comes_back_to_the_device_equal(engine: Engine) -> None:
-    _, weights = engine.read_adapter(engine.repository.latest("pirate"))
-    on_device = PackedAdapter.pack(weights).unpack(torch.device("cuda"))
+def test_on_cuda_the_buffer_is_pinned_and_comes_back_to_the_device_equal() -> None:
+    """No engine: the GPU session runs this among its CUDA tests, in seconds."""
+    generator = torch.Generator().manual_seed(0)
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.bfloat16).cuda()
+
+    modules = {f"layers.{i}.q_proj": ModuleDelta(lora_a=random(64, 8), lora_b=random(8, 64)) for i in range(4)}
+    modules["layers.0.mlp"] = ModuleDelta(out_scale=random(96), scales_bias=True)
+    on_device = AdapterWeights("LORA", modules)
     packed = PackedAdapter.pack(on_device, pin=True)
     assert packed.buffer.device.type == "cpu" and packed.buffer.is_pinned()
     fetched = packed.unpack(torch.device("cuda"), non_blocking=True)
     torch.cuda.synchronize()
     assert_same_adapter(fetched, on_device)
-    assert all(t.device.type == "cuda" for t in fetched.tensors())
+    assert all(t.device.type == "cuda" and t.data_ptr() % 16 == 0 for t in fetched.tensors())
