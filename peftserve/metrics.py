@@ -59,6 +59,10 @@ class EngineMetrics:
         """The CUDA graph of a decoding step was captured for this batch-size bucket: on the bucket's first use,
         and again after the adapter ops in use changed (each capture costs two forward passes on the loop)."""
 
+    def gc_pause(self, generation: int, *, seconds: float) -> None:
+        """Python's garbage collector held the GIL this long for a collection of ``generation`` (2: full),
+        stalling every thread of the process (peftserve.gc_pauses)."""
+
     def inflight(self, by_adapter: dict[str, int]) -> None:
         """Requests inside the model now, for the adapters whose count just changed."""
 

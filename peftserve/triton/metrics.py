@@ -9,6 +9,7 @@ unaligned fastbin chunk", SIGABRT). They die with the stub process.
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import Callable
 
 import triton_python_backend_utils as pb_utils
@@ -58,6 +59,10 @@ FAMILIES = {
     ),
     "peftserve_response_cache_bytes": ("GAUGE", "Bytes held by the response cache (answers and keys)"),
     "peftserve_decode_graph_captures_total": ("COUNTER", "CUDA graphs of decoding steps captured, by batch size"),
+    "peftserve_gc_pause_seconds": (
+        "HISTOGRAM",
+        "Pauses of Python's garbage collector in the engine's stub (every thread waits), by generation",
+    ),
 }
 TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 _BUCKETS = {
@@ -121,6 +126,8 @@ class TritonMetrics(EngineMetrics):
         # Counters and histograms start at zero, so dashboards' rate() works from the first scrape.
         for family in ZERO_INITIALIZED:
             self._metric(family, _BUCKETS.get(family), adapter=BASE_LABEL)
+        for generation in range(len(gc.get_count())):
+            self._metric("peftserve_gc_pause_seconds", TOKEN_BUCKETS, generation=str(generation))
 
     def _metric(self, family: str, buckets: list[float] | None = None, **labels: str):
         key = (family, *sorted(labels.items()))
@@ -161,6 +168,10 @@ class TritonMetrics(EngineMetrics):
     @_on_response_loop
     def decode_graph_captured(self, batch_size: int) -> None:
         self._metric("peftserve_decode_graph_captures_total", batch_size=str(batch_size)).increment(1)
+
+    @_on_response_loop
+    def gc_pause(self, generation: int, *, seconds: float) -> None:
+        self._metric("peftserve_gc_pause_seconds", TOKEN_BUCKETS, generation=str(generation)).observe(seconds)
 
     @_on_response_loop
     def response_cache_bytes(self, nbytes: int) -> None:

@@ -21,9 +21,12 @@ logger = logging.getLogger("peftserve.triton")
 class ResponseLoop:
     """Runs queued calls in order on one thread; polls cancellation of watched response senders."""
 
-    def __init__(self, *, final_flag: int, poll_seconds: float = 0.02) -> None:
+    def __init__(
+        self, *, final_flag: int, poll_seconds: float = 0.02, every_poll: Callable[[], None] | None = None
+    ) -> None:
         self.final_flag = final_flag
         self.poll_seconds = poll_seconds
+        self.every_poll = every_poll  # also run on this thread every ``poll_seconds`` (gathered metrics)
         self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._watched: dict[int, tuple[object, threading.Event]] = {}  # touched by this thread only
         self._thread = threading.Thread(target=self._run, name="triton-responses", daemon=True)
@@ -68,6 +71,7 @@ class ResponseLoop:
                 logger.exception("a call into Triton failed")
             if time.monotonic() - polled >= self.poll_seconds:  # also under a steady stream of sends
                 self._poll_cancellation()
+                self._run_every_poll()
                 polled = time.monotonic()
 
     def _poll_cancellation(self) -> None:
@@ -79,6 +83,14 @@ class ResponseLoop:
             except Exception:
                 logger.exception("cancellation check failed")
                 del self._watched[key]
+
+    def _run_every_poll(self) -> None:
+        if self.every_poll is None:
+            return
+        try:
+            self.every_poll()
+        except Exception:
+            logger.exception("a periodic call on the response thread failed")
 
 
 def _nothing() -> None:

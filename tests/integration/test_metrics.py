@@ -52,3 +52,15 @@ def test_metrics_count_requests_tokens_errors_and_cache(triton: TritonServer) ->
     assert value(after, "peftserve_adapter_load_duration_seconds_count", adapter="gardener") >= 1
     assert value(after, "peftserve_adapters_loaded") >= 1
     assert value(after, "peftserve_adapter_memory_bytes") > 0
+
+
+def test_garbage_collector_pauses_of_the_engine_stub_are_a_histogram_per_generation(triton: TritonServer) -> None:
+    before = scrape(triton)
+    for generation in "012":  # every series from the first scrape on
+        assert f'peftserve_gc_pause_seconds_count{{generation="{generation}",model="peft_llm"}}' in before
+    for _ in range(20):  # each request leaves objects behind in the stub: young collections follow
+        infer(triton, "a dog", "pirate", 8)
+    after = scrape(triton)
+    counts = [value(after, "peftserve_gc_pause_seconds_count", generation=g) for g in "012"]
+    assert counts[0] > value(before, "peftserve_gc_pause_seconds_count", generation="0"), counts
+    assert value(after, "peftserve_gc_pause_seconds_sum", generation="0") > 0

@@ -17,6 +17,7 @@ from peftserve.adapter_status import server_status
 from peftserve.continuous import Work, run_torch_single_threaded
 from peftserve.engine import Engine
 from peftserve.errors import InvalidRequestError, PeftServeError
+from peftserve.gc_pauses import GcPauses
 from peftserve.hot_swap import AdapterWatcher
 from peftserve.metrics import UNKNOWN_LABEL
 from peftserve.requests import Completion
@@ -43,7 +44,8 @@ class TritonPythonModel:
         config = start_model(args)  # peft_llm's settings (this model's engine_config parameter)
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         logger.info("loading %s on %s", config.base_model, device)
-        self.responses = ResponseLoop(final_flag=FINAL)
+        self.gc_pauses = GcPauses()
+        self.responses = ResponseLoop(final_flag=FINAL, every_poll=self._report_gc_pauses)
         self.metrics = TritonMetrics(config.served_model, run=self.responses.call)
         run_torch_single_threaded()  # before any torch work here: this thread hands requests over
         engine = Engine(config, device=device, metrics=self.metrics)
@@ -54,6 +56,7 @@ class TritonPythonModel:
         # The public model may die with its stub (Triton neither restarts it nor reports it unready).
         self.forwarder_watch = watch_through_triton(config.served_model, args["model_repository"])
         freeze_startup_objects()
+        self.gc_pauses.start()  # serving's pauses, not start-up's
         version = int(args["model_version"])
         self.status = lambda: server_status(engine, model=config.served_model, model_version=version)
 
@@ -84,7 +87,12 @@ class TritonPythonModel:
                 works[0].on_text = _streamer(self.responses, sender, works[0])
             self.batcher.submit(*works)
 
+    def _report_gc_pauses(self) -> None:
+        for generation, seconds in self.gc_pauses.drain():
+            self.metrics.gc_pause(generation, seconds=seconds)
+
     def finalize(self) -> None:
+        self.gc_pauses.stop()
         self.forwarder_watch.stop()
         self.watcher.stop()
         self.batcher.close()
