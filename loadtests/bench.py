@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -180,16 +181,40 @@ def run_locust(server: TritonServer, adapters: list[str], seconds: int, out: Pat
 MEMORY_METRICS = ("peftserve_adapters_loaded", "peftserve_adapter_memory_bytes", "peftserve_host_adapter_cache_bytes")
 
 
+def metrics_page(server: TritonServer) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
 def read_metrics(server: TritonServer) -> dict[str, float]:
     """The adapter memory gauges, summed over the models that report them."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        page = response.read().decode()
+    page = metrics_page(server)
     values = dict.fromkeys(MEMORY_METRICS, 0.0)
     for line in page.splitlines():
         name = line.split("{", 1)[0]
         if name in values:
             values[name] += float(line.rsplit(" ", 1)[1])
     return values
+
+
+def full_collections(page: str) -> str:
+    """The engine stub's full garbage collections so far, from a metrics ``page`` (``peftserve_gc_pause_seconds``,
+    generation 2): how many, their mean, and the histogram bucket that holds the longest."""
+    count, total, buckets = 0.0, 0.0, []
+    for line in page.splitlines():
+        if not line.startswith("peftserve_gc_pause_seconds") or 'generation="2"' not in line:
+            continue
+        name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
+        if name.endswith("_count"):
+            count += value
+        elif name.endswith("_sum"):
+            total += value
+        elif (bound := re.search(r'le="([^"]+)"', line)) and bound[1] != "+Inf":
+            buckets.append((float(bound[1]), value))
+    if not count:
+        return "none"
+    longest = next((f"<= {1000 * le:g} ms" for le, below in sorted(buckets) if below >= count), "> 1 s")
+    return f"{count:.0f}, mean {1000 * total / count:.1f} ms, longest {longest} (`peftserve_gc_pause_seconds`)"
 
 
 class PeakMetrics:
@@ -233,6 +258,8 @@ def memory_facts(config: ServeConfig, peaks: dict[str, float], server: TritonSer
                    "(`peftserve_host_adapter_cache_bytes`)"),
         MemoryFact("server resident memory (tritonserver + both model stubs)", "-",
                    f"{_group_rss(server.process.pid) / mib:.0f} MiB (at the end)"),
+        MemoryFact("full garbage collections in the engine's stub over the whole run (every stream waits)", "-",
+                   full_collections(metrics_page(server))),
     ]  # fmt: skip
 
 

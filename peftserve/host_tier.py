@@ -10,9 +10,9 @@ Each version is kept packed (:class:`~peftserve.packed_adapter.PackedAdapter`): 
 that thousands of them add a few objects each to what Python's garbage collector walks, not hundreds. On a
 GPU the buffer is page-locked, and a device miss copies it in one transfer without blocking. On CPU the
 device *is* host memory: a converted adapter is packed at once and served as views into that buffer
-(:meth:`HostAdapterTier.runtime_form`), which the tier then keeps: an adapter in both tiers takes its bytes once;
-``peftserve_host_adapter_cache_bytes`` still counts every adapter the tier keeps (what evicting all of them
-would free once the device cache drops them too).
+(:meth:`HostAdapterTier.runtime_form`), which the tier then keeps, so an adapter in both tiers takes its
+bytes once; ``peftserve_host_adapter_cache_bytes`` still counts every adapter the tier keeps (what
+evicting all of them would free once the device cache drops them too).
 """
 
 from __future__ import annotations

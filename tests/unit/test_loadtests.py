@@ -16,6 +16,7 @@ from loadtests.bench import (
     build_repository,
     concurrency_levels,
     describe_adapters,
+    full_collections,
 )
 from loadtests.perf_sweep import SweepPoint, read_csv, write_csv
 from loadtests.report import BenchmarkFacts, MemoryFact, PatternFacts, StallFacts, build_report, headline_ratio
@@ -203,3 +204,22 @@ def test_sweep_csv_keeps_whether_a_point_was_stable(tmp_path: Path) -> None:
     points = [point("base", 16, 100), replace(point("distinct-1000", 16, 40), stable=False)]
     write_csv(points, tmp_path / "sweep.csv")
     assert read_csv(tmp_path / "sweep.csv") == points
+
+
+def test_full_collections_are_read_from_the_gc_pause_histogram_of_generation_2() -> None:
+    series = 'model="peft_llm",generation="{}"'
+    page = "\n".join(
+        [
+            "# TYPE peftserve_gc_pause_seconds histogram",
+            f"peftserve_gc_pause_seconds_count{{{series.format(0)}}} 500",
+            f"peftserve_gc_pause_seconds_sum{{{series.format(0)}}} 0.5",
+            f"peftserve_gc_pause_seconds_count{{{series.format(2)}}} 4",
+            f"peftserve_gc_pause_seconds_sum{{{series.format(2)}}} 0.06",
+            f'peftserve_gc_pause_seconds_bucket{{{series.format(2)},le="0.01"}} 1',
+            f'peftserve_gc_pause_seconds_bucket{{{series.format(2)},le="0.025"}} 4',
+            f'peftserve_gc_pause_seconds_bucket{{{series.format(2)},le="0.05"}} 4',
+            f'peftserve_gc_pause_seconds_bucket{{{series.format(2)},le="+Inf"}} 4',
+        ]
+    )
+    assert full_collections(page) == "4, mean 15.0 ms, longest <= 25 ms (`peftserve_gc_pause_seconds`)"
+    assert full_collections(page.split("\n", 3)[3].replace('generation="2"', 'generation="1"')) == "none"
