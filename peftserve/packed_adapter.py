@@ -1,9 +1,9 @@
 """An adapter's tensors packed into one buffer: the form the host tier keeps thousands of adapters in.
 
 Python's cyclic garbage collector walks every container object it tracks on each full collection, holding
-the GIL: every running stream stalls meanwhile. In runtime form (:class:`AdapterWeights`) an adapter is a
-tracked tensor or two per module plus the module's record and dicts: ~100 objects for a demo LoRA, ~900 for
-an all-linear LoRA of a 32-layer 7-8B model, so a host tier of a thousand such adapters made every full
+the GIL: every running stream stalls meanwhile. In runtime form (:class:`AdapterWeights`) an adapter is
+about five tracked objects per module (its tensors, its record): ~140 for a demo LoRA, ~1,100 for an
+all-linear LoRA of a 32-layer 7-8B model, so a host tier of a thousand such adapters made every full
 collection walk a million objects. Packed, an adapter is a few tracked objects whatever its size: one byte
 buffer, and a layout of plain tuples of names and numbers (which the collector stops tracking after its first
 look, since they cannot take part in a cycle).
