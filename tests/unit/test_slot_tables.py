@@ -92,10 +92,37 @@ def test_assign_release_and_reuse() -> None:
 
     slot_tables.release(first)
     assert slot_tables.slots_of(first) is None
-    up = slot_tables.modules["up"]
-    assert not up.a[8][a.low_rank[8]].any() and not up.b[8][a.low_rank[8]].any()  # back to the identity
     assert slot_tables.assign(lora(8, 4)).low_rank == a.low_rank  # the freed slot is reused
     slot_tables.release(first)  # releasing twice changes nothing
+
+
+def test_a_reused_slot_holds_nothing_of_its_previous_adapter() -> None:
+    """Release leaves a slot's values; the next adapter there overwrites them, and resets what it lacks: the
+    columns beyond its rank, the modules it does not adapt, the scales it does not have."""
+    slot_tables = tables({8: 1}, scale_capacity=1)
+    rank_one_up = AdapterWeights("LORA", {"up": lora_delta(IN, MID, 1, 6)})
+    dora_both = AdapterWeights(
+        "LORA",
+        {
+            "up": lora_delta(IN, MID, 8, 5, out_scale=torch.rand(MID, generator=generator(7)) + 0.5),
+            "down": ModuleDelta(in_scale=torch.rand(MID, generator=generator(8)) + 0.5),
+        },
+    )
+    up_in_scaled = AdapterWeights("IA3", {"up": ModuleDelta(in_scale=torch.rand(IN, generator=generator(9)) + 0.5)})
+    layers = model()
+    x = {"up": torch.randn(2, IN, generator=generator(10)), "down": torch.randn(2, MID, generator=generator(11))}
+    slot_tables.assign(dora_both)
+    slot_tables.release(dora_both)
+    for adapter in (rank_one_up, up_in_scaled):  # each in the slots dora_both left
+        slot_tables.assign(adapter)
+        batch = slot_tables.indices([adapter, None], 1)
+        for name, layer in layers.items():
+            out = slot_linear(x[name], layer.weight, layer.bias, slot_tables.modules[name], batch, TorchKernels())
+            for row, used in enumerate((adapter, None)):
+                expected = one_token(layer, x[name][row], used and used.modules.get(name))
+                torch.testing.assert_close(out[row], expected)
+        slot_tables.release(adapter)
+    assert torch.equal(slot_tables.modules["up"].out_scale[1], torch.ones(MID))  # reset by up_in_scaled
 
 
 def test_ops_in_use_change_only_when_a_module_op_gains_its_first_adapter_or_loses_its_last() -> None:
