@@ -69,17 +69,14 @@ _STRUCTURED_MIN_READ = 1 << 15
 _RECENT_BATCHES = 64
 _RECENT_BATCH_BYTES = 64 << 20
 
-# On a CPU, a batch of this many distinct adapters or more, whose weights add up to more than the bytes below,
-# goes through slot tables (AdapterLayers.slots_from): their per-step terms cost more than the per-row path's,
-# but nothing is stacked when the batch changes, and with many adapters the batch changes at nearly every step
-# into an arrangement not seen before, whose pairs the per-row path copies side by side (about the adapters'
-# own bytes). Small adapters cost little to copy: measured in process on the demo model (adapters of ~0.3 MB),
-# 16 clients, medians of 6-8 alternating rounds: Zipf over 64 adapters 0.67x of the base model per row against
-# 0.60x from 9 adapters through slot tables; uniform over 300 (nearly every row its own adapter) 0.62x against
-# 0.52x. Larger adapters (bench-engine's LoRA r8 are 2.4 MB, SmolLM2's ~10 MB) keep going through slot tables
-# from 9 adapters, as measured before the wider masked pairs (demo: per row 0.56x, slot tables 0.65x with ~14
-# distinct per batch); they were not measured again.
-CPU_SLOTS_FROM_BYTES = 8 << 20
+# On a CPU, a batch of this many distinct adapters or more goes through slot tables (AdapterLayers.slots_from):
+# their per-step terms cost more than the per-row path's, but nothing is stacked when the batch changes, and
+# with many adapters the batch changes at nearly every step into an arrangement not seen before, whose pairs
+# the per-row path copies side by side (about the adapters' own bytes). Small adapters used to stay per row
+# (below 8 MiB together), while a slot's release reset it to zeros (slot_tables.py); since a release only
+# frees the slot, measured in process on the demo model (adapters of ~0.3 MB), 16 clients, alternating
+# rounds, per row against through slot tables from 9 adapters: all distinct over 1,000 adapters 0.41 / 0.36x
+# against 0.51 / 0.43x (medians of 4 and 6 rounds), Zipf over 64 0.56 / 0.44x against 0.54 / 0.50x.
 CPU_SLOTS_FROM_ADAPTERS = 9
 
 # Such a batch is built per row once it has run this many passes through slot tables: each step then costs
@@ -272,8 +269,7 @@ class AdapterLayers:
     layers under the engine's lock, runs no forward pass there. Without a probe every layer shrinks alone.
 
     A batch is computed per row (:class:`BatchDeltas`' own layouts) or, with a slot path in use, through slot
-    tables when it has at least ``slots_from`` distinct adapters whose weights add up to more than
-    ``slots_from_bytes`` (``slots_from`` 0: every batch, as on CUDA).
+    tables when it has at least ``slots_from`` distinct adapters (``slots_from`` 0: every batch, as on CUDA).
     """
 
     def __init__(self, model: nn.Module, probe: Callable[[], object] | None = None) -> None:
@@ -283,21 +279,18 @@ class AdapterLayers:
         self.stacks = StackMemo()
         self.siblings: list[list[str]] = []  # names of layers called one after another on one input
         self.slots_from = 0
-        self.slots_from_bytes = 0
         self.recent: BatchMemo[BatchDeltas] = BatchMemo(max_entries=_RECENT_BATCHES, max_bytes=_RECENT_BATCH_BYTES)
         # A batch through slot tables leases its adapters' slots while it lives: only the last one is kept.
         self.recent_through_slots: BatchMemo[BatchDeltas] = BatchMemo(max_entries=1, max_bytes=0)
         # Sibling groups over every linear layer, wrapped or not: ``siblings`` keeps their wrapped members.
         self._sibling_groups = _trace_siblings(model, probe) if probe is not None else []
 
-    def use_slot_path(self, path: SlotPath, *, from_adapters: int = 0, from_bytes: int = 0) -> None:
-        """Compute later batches of at least ``from_adapters`` distinct adapters of more than ``from_bytes``
-        together through ``path`` (``from_adapters`` 0: every batch, which the engine does on CUDA; on CPU it
-        sends only batches of many large adapters)."""
+    def use_slot_path(self, path: SlotPath, *, from_adapters: int = 0) -> None:
+        """Compute later batches of at least ``from_adapters`` distinct adapters through ``path``
+        (``from_adapters`` 0: every batch, which the engine does on CUDA; on CPU only batches of many)."""
         path.add_modules({name: layer.base for name, layer in self.wrapped.items()})
         self.slot_path = path
         self.slots_from = from_adapters
-        self.slots_from_bytes = from_bytes
 
     def through_slots(self, row_adapters: Sequence[AdapterWeights | None]) -> bool:
         """Whether a batch of these rows is computed through the slot path."""
@@ -305,8 +298,7 @@ class AdapterLayers:
             return False
         if self.slots_from == 0:
             return True
-        distinct = {id(adapter): adapter for adapter in row_adapters if adapter is not None}
-        return len(distinct) >= self.slots_from and sum(a.nbytes for a in distinct.values()) > self.slots_from_bytes
+        return len({id(adapter) for adapter in row_adapters if adapter is not None}) >= self.slots_from
 
     def deltas(self, row_adapters: Sequence[AdapterWeights | None]) -> BatchDeltas:
         """The deltas of a batch whose row ``i`` uses ``row_adapters[i]``: a recent batch's with the same

@@ -73,8 +73,7 @@ class ServeConfig(BaseModel):
         description="how adapter terms are computed: per_row stacks each batch's adapter pairs per rank bucket "
         "(torch; the CPU path), slot_tables keeps adapters in preallocated per-module stacks indexed per token "
         "(triton-lang kernels where triton and CUDA are present, torch otherwise); auto: slot_tables on CUDA; "
-        "elsewhere per_row, except for batches of 9 or more distinct adapters of more than 8 MiB together, which "
-        "go through slot_tables",
+        "elsewhere per_row, except for batches of 9 or more distinct adapters, which go through slot_tables",
     )
     default_max_tokens: int = Field(32, ge=1, description="`max_tokens` of a request that omits it")
     max_tokens_limit: int = Field(256, ge=1, description="largest `max_tokens` a request may ask for")

@@ -25,7 +25,7 @@ from peftserve.adapter_repository import AdapterRepository, AdapterVersion, read
 from peftserve.adapter_status import AdapterStates
 from peftserve.adapter_types import convert_adapter
 from peftserve.adapter_weights import ADAPTER_FILES, AdapterWeights, BaseModelShape, parse_adapter_files
-from peftserve.batched_layers import CPU_SLOTS_FROM_ADAPTERS, CPU_SLOTS_FROM_BYTES, AdapterLayers
+from peftserve.batched_layers import CPU_SLOTS_FROM_ADAPTERS, AdapterLayers
 from peftserve.blocked_content import BlockedContent
 from peftserve.chat import parse_messages, render_messages
 from peftserve.config import ServeConfig
@@ -87,7 +87,7 @@ class Engine:
         if slots_from is not None:
             # Twice the running rows: the last pass's batch (still installed) plus every row joining now.
             path = SlotPath(slots_per_bucket=2 * config.max_running_rows, device=self.device)
-            self.layers.use_slot_path(path, from_adapters=slots_from, from_bytes=CPU_SLOTS_FROM_BYTES)
+            self.layers.use_slot_path(path, from_adapters=slots_from)
         self.repository = AdapterRepository(Path(config.adapter_repository))
         self.cache: AdapterCache[AdapterVersion, AdapterWeights] = AdapterCache(
             max_entries=config.max_loaded_adapters,

@@ -165,9 +165,8 @@ def test_demo_engine_through_interpreted_kernels_equals_peft_in_one_mixed_batch(
 def test_adapter_compute_setting_puts_a_cpu_engine_on_slot_tables_with_the_same_answers(model_dir: Path) -> None:
     """``adapter_compute=slot_tables`` on CPU (torch kernels over the stacks) answers a mixed batch of every
     adapter type exactly as the per-row path does: the switch operators use to compare or fall back. ``auto``
-    on CPU sends only batches of many distinct adapters through slot tables, and only when they are large
-    enough that stacking them per batch would cost more than it saves (the demo's are not)."""
-    from peftserve.batched_layers import CPU_SLOTS_FROM_ADAPTERS, CPU_SLOTS_FROM_BYTES
+    on CPU sends only batches of many distinct adapters through slot tables."""
+    from peftserve.batched_layers import CPU_SLOTS_FROM_ADAPTERS
     from peftserve.engine import Engine
     from peftserve.requests import CompletionRequest
 
@@ -178,16 +177,14 @@ def test_adapter_compute_setting_puts_a_cpu_engine_on_slot_tables_with_the_same_
     auto = engines["auto"]
     assert engines["per_row"].layers.slot_path is None and engines["slot_tables"].layers.slots_from == 0
     assert auto.layers.slots_from == CPU_SLOTS_FROM_ADAPTERS <= len(ADAPTERS) - 1
-    assert auto.layers.slots_from_bytes == CPU_SLOTS_FROM_BYTES
     requests = [
         CompletionRequest(PROMPTS[i % len(PROMPTS)], adapter, max_tokens=8) for i, adapter in enumerate(ADAPTERS)
     ]
     for engine in engines.values():  # every adapter loaded first, so that they all join one batch
         engine.complete([CompletionRequest("a", adapter, max_tokens=1) for adapter in ADAPTERS])
     cached = [auto.cache.get(version) for version in auto.cache.sizes()]
-    assert not auto.layers.through_slots(cached), "the demo's small adapters are stacked per row"
-    auto.layers.slots_from_bytes = sum(adapter.nbytes for adapter in cached) - 1  # as if they were large
-    assert not auto.layers.through_slots(cached[:2]) and auto.layers.through_slots(cached)
+    assert len(cached) >= CPU_SLOTS_FROM_ADAPTERS
+    assert not auto.layers.through_slots(cached[: CPU_SLOTS_FROM_ADAPTERS - 1]) and auto.layers.through_slots(cached)
     answers = {compute: [a.text for a in engine.complete(requests)] for compute, engine in engines.items()}
     assert answers["slot_tables"] == answers["per_row"] == answers["auto"]
     assert auto.layers.slot_path.tables.rank_capacity, "the batch of every adapter went through slot tables"
