@@ -104,7 +104,11 @@ class ServeConfig(BaseModel):
         1.0, ge=0, description="how often to look for new, changed and removed adapter versions (hot-swap); 0: off"
     )
     loader_threads: int = Field(
-        2, ge=1, le=64, description="threads that read, convert and smoke-check adapters beside the decoding loop"
+        2,
+        ge=1,
+        le=64,
+        description="adapters read and converted at once beside the decoding loop; up to 16 more loads may wait "
+        "on their smoke checks meanwhile, whose probes then share passes",
     )
     torch_threads: int = Field(
         0,

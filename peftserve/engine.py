@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -78,6 +79,11 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         self._lock = threading.RLock()  # the model: forward passes and wrapping layers
         self._serving_lock = threading.Lock()  # which version serves each adapter id
+        # Reading and converting hold the GIL most of the time: only loader_threads do it at once, while more
+        # threads may wait on their smoke checks (see ensure_loaded).
+        self._reads = threading.BoundedSemaphore(config.loader_threads)
+        self._loads: dict[str, Future[None]] = {}  # adapter id -> its load in progress
+        self._loads_lock = threading.Lock()
         self.device = torch.device(device)
         self.tokenizer, self.model = base or _load_base_model(config, self.device)
         lay_out_for_cpu_matmul(self.model)
@@ -163,6 +169,10 @@ class Engine:
         before, then evicted) must still hash to it: files changed in place are refused, never served
         under the name of what was checked.
         """
+        with self._reads:
+            return self._read_adapter(version)
+
+    def _read_adapter(self, version: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
         started = time.perf_counter()
         if self.host_tier.enabled:  # every read from files is a host-tier miss
             self.metrics.host_cache_event("miss", version.adapter_id)
@@ -282,7 +292,33 @@ class Engine:
 
     def ensure_loaded(self, adapter_id: str) -> tuple[AdapterVersion, AdapterWeights] | None:
         """Load an adapter into the cache (on the caller's thread). When every cache entry is in use, the
-        loaded version and weights are returned instead, for the request to hold until a slot frees."""
+        loaded version and weights are returned instead, for the request to hold until a slot frees.
+
+        Concurrent calls for one adapter share one load: the first reads, converts and smoke-checks it, the
+        others wait for it and then take the loaded adapter, or raise its error. Many first requests for one
+        adapter (a hot adapter's, after a restart) would otherwise each read and check it.
+        """
+        with self._loads_lock:
+            load = self._loads.get(adapter_id)
+            first = load is None
+            if first:
+                load = self._loads[adapter_id] = Future()
+        if not first:
+            load.result()
+            return self._ensure_loaded(adapter_id)
+        try:
+            loaded = self._ensure_loaded(adapter_id)
+        except BaseException as exc:
+            load.set_exception(exc)
+            raise
+        else:
+            load.set_result(None)
+            return loaded
+        finally:
+            with self._loads_lock:
+                del self._loads[adapter_id]
+
+    def _ensure_loaded(self, adapter_id: str) -> tuple[AdapterVersion, AdapterWeights] | None:
         version = self._serving.get(adapter_id)
         if version is None:
             version, weights = self.prepare_version(self.repository.latest(adapter_id))
