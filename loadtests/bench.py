@@ -34,7 +34,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from loadtests.perf_sweep import PROMPTS, sweep, write_csv
+from loadtests.perf_sweep import PROMPTS, PointRunner, ratios_beside_base, sweep, write_csv
 from loadtests.report import BenchmarkFacts, MemoryFact, PatternFacts, StallFacts, build_report, read_locust_stats
 from loadtests.synthetic import LoraShape, write_random_loras
 from loadtests.traffic import TrafficPattern
@@ -43,8 +43,8 @@ from tools.bench_stream_stall import STREAMS, cold_adapters_arrive, first_reques
 from tools.triton_server import TritonServer, free_port
 
 PROFILES = {
-    "short": {"levels": [1, 4, 16], "measurement_ms": 3000, "locust_seconds": 15},
-    "long": {"levels": [1, 2, 4, 8, 16, 32], "measurement_ms": 10000, "locust_seconds": 600},
+    "short": {"levels": [1, 4, 16], "measurement_ms": 3000, "locust_seconds": 15, "ratio_rounds": 2},
+    "long": {"levels": [1, 2, 4, 8, 16, 32], "measurement_ms": 10000, "locust_seconds": 600, "ratio_rounds": 3},
 }
 MAX_TOKENS = 16
 COLD_ADAPTERS = 20
@@ -324,6 +324,7 @@ def settings(
         else "every pattern's adapters requested once (accepted, in the host tier); first use is the cold stall",
         "profile": f"{profile}: concurrency {', '.join(map(str, levels))}, perf_analyzer windows of "
         f"{measurement_ms} ms (doubled for a point that did not stabilise), "
+        f"{PROFILES[profile]['ratio_rounds']} rounds of ratios beside base, "
         f"locust {PROFILES[profile]['locust_seconds']} s",
     }
 
@@ -393,16 +394,17 @@ def main(argv: list[str] | None = None) -> int:
             if not args.first_use:
                 accept_adapters(server, [*model.trained, *synthetic], concurrency=levels[-1])
             with PeakMetrics(server) as peaks:
-                points = sweep(
+                runner = PointRunner(
                     server.http_url,
                     patterns,
-                    levels,
                     root,
                     max_tokens=MAX_TOKENS,
                     ignore_eos=True,
                     measurement_ms=measurement_ms,
                 )
+                points = sweep(runner, patterns, levels)
                 write_csv(points, args.out / "perf_sweep.csv")
+                ratios = ratios_beside_base(runner, patterns[0], patterns[1:], levels[-1], profile["ratio_rounds"])
                 stall = cold_stall(server, config, cold)
                 print(f"locust: {profile['locust_seconds']} s, 8 users, uniform over 8 adapters ...")
                 locust_csv = run_locust(
@@ -421,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         patterns=pattern_facts,
         memory=memory,
         stall=stall,
+        ratios=ratios,
     )
     rows = read_locust_stats(locust_csv) if locust_csv.exists() else []
     report = build_report(points, rows, facts, args.out)

@@ -116,50 +116,86 @@ def _perf_analyzer(
             return completed, next(csv.DictReader(handle))
 
 
-def sweep(
-    url: str,
-    patterns: list[TrafficPattern],
-    levels: Iterable[float],
-    workdir: Path,
-    *,
-    load: str = "concurrency",
-    max_tokens: int = 16,
-    ignore_eos: bool = False,
-    measurement_ms: int = 3000,
-    protocol: str = "http",
-) -> list[SweepPoint]:
-    points = []
-    inputs = {
-        p.label: perf_analyzer_input_data(
-            p, PROMPTS, max_tokens=max_tokens, count=max(INPUT_ENTRIES, len(p.adapters)), ignore_eos=ignore_eos
+class PointRunner:
+    """perf_analyzer points over some traffic patterns against one server: each pattern's input data, written
+    once, and its tokens per request."""
+
+    def __init__(
+        self,
+        url: str,
+        patterns: list[TrafficPattern],
+        workdir: Path,
+        *,
+        load: str = "concurrency",
+        max_tokens: int = 16,
+        ignore_eos: bool = False,
+        measurement_ms: int = 3000,
+        protocol: str = "http",
+    ) -> None:
+        self.url, self.load, self.measurement_ms, self.protocol = url, load, measurement_ms, protocol
+        self.data: dict[str, Path] = {}
+        self.tokens: dict[str, float] = {}
+        for pattern in tqdm(patterns, desc="tokens per request", unit="pattern"):
+            entries = perf_analyzer_input_data(
+                pattern, PROMPTS, max_tokens=max_tokens, count=max(INPUT_ENTRIES, len(pattern.adapters)),
+                ignore_eos=ignore_eos,
+            )  # fmt: skip
+            self.data[pattern.label] = workdir / f"{pattern.label}.json"
+            self.data[pattern.label].write_text(json.dumps(entries))
+            # Greedy answers are fixed, so one pass over the entries gives each pattern's tokens per request:
+            # patterns whose answers stop early at end-of-sequence do less work, and tokens/s compares fairly.
+            self.tokens[pattern.label] = mean_output_tokens(url, entries, protocol)
+
+    def point(self, pattern: TrafficPattern, level: float) -> SweepPoint:
+        row, stable = run_point(
+            self.url, self.data[pattern.label], load=self.load, level=level, measurement_ms=self.measurement_ms,
+            protocol=self.protocol,
+        )  # fmt: skip
+        return SweepPoint(
+            pattern=pattern.label,
+            load=self.load,
+            level=level,
+            throughput=float(row["Inferences/Second"]),
+            tokens_per_request=self.tokens[pattern.label],
+            p50_ms=float(row["p50 latency"]) / 1000,
+            p90_ms=float(row["p90 latency"]) / 1000,
+            p99_ms=float(row["p99 latency"]) / 1000,
+            stable=stable,
         )
-        for p in patterns
-    }
-    # Greedy answers are fixed, so one pass over the entries gives each pattern's tokens per request:
-    # patterns whose answers stop early at end-of-sequence do less work, and tokens/s compares fairly.
-    tokens = {
-        label: mean_output_tokens(url, data, protocol)
-        for label, data in tqdm(inputs.items(), desc="tokens per request", unit="pattern")
-    }
+
+
+def sweep(runner: PointRunner, patterns: list[TrafficPattern], levels: Iterable[float]) -> list[SweepPoint]:
+    """Every pattern at every level, pattern by pattern."""
     plan = [(pattern, level) for pattern in patterns for level in levels]
-    for pattern, level in tqdm(plan, desc="perf_analyzer", unit="point"):
-        data = workdir / f"{pattern.label}.json"
-        data.write_text(json.dumps(inputs[pattern.label]))
-        row, stable = run_point(url, data, load=load, level=level, measurement_ms=measurement_ms, protocol=protocol)
-        points.append(
-            SweepPoint(
-                pattern=pattern.label,
-                load=load,
-                level=level,
-                throughput=float(row["Inferences/Second"]),
-                tokens_per_request=tokens[pattern.label],
-                p50_ms=float(row["p50 latency"]) / 1000,
-                p90_ms=float(row["p90 latency"]) / 1000,
-                p99_ms=float(row["p99 latency"]) / 1000,
-                stable=stable,
-            )
-        )
-    return points
+    return [runner.point(pattern, level) for pattern, level in tqdm(plan, desc="perf_analyzer", unit="point")]
+
+
+def ratios_beside_base(
+    runner: PointRunner, base: TrafficPattern, patterns: list[TrafficPattern], level: float, rounds: int
+) -> dict[str, list[float]]:
+    """Each pattern's tokens/s over the base model's, once per round, each pattern measured between two base
+    points (base, first, base, second, ..., base) and judged against their mean.
+
+    A machine whose speed drifts while a sweep runs pattern after pattern moves every ratio with it: on the
+    2-core build machines the same code gave Zipf-64 0.54x and 0.89x in two runs, the base model's own rate
+    1,672-2,423 tokens/s. Base points on both sides of each pattern cancel a drift that is slow beside a point.
+    """
+    order = [base, *[point for _ in range(rounds) for pattern in patterns for point in (pattern, base)]]
+    measured = [runner.point(pattern, level) for pattern in tqdm(order, desc="ratios beside base", unit="point")]
+    return base_relative(measured)
+
+
+def base_relative(measured: list[SweepPoint]) -> dict[str, list[float]]:
+    """From points that alternate base, pattern, base, pattern, ..., base: each pattern's tokens/s over the
+    mean of the base points beside it, in the order measured."""
+    bases, others = measured[::2], measured[1::2]
+    if len(bases) != len(others) + 1 or len({p.pattern for p in bases}) > 1:
+        raise ValueError("points must alternate base, pattern, base, ..., base")
+    ratios: dict[str, list[float]] = {}
+    for before, point, after in zip(bases, others, bases[1:], strict=False):
+        beside = (before.tokens_per_second + after.tokens_per_second) / 2
+        ratios.setdefault(point.pattern, []).append(point.tokens_per_second / beside)
+    return ratios
 
 
 def write_csv(points: list[SweepPoint], path: Path) -> None:
@@ -205,10 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         ("request_rate", args.request_rate) if args.request_rate else ("concurrency", args.concurrency or "1")
     )
     with tempfile.TemporaryDirectory() as tmp:
-        points = sweep(
+        runner = PointRunner(
             args.url,
             patterns,
-            [float(v) for v in levels.split(",")],
             Path(tmp),
             load=load,
             max_tokens=args.max_tokens,
@@ -216,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             measurement_ms=args.measurement_ms,
             protocol=args.protocol,
         )
+        points = sweep(runner, patterns, [float(v) for v in levels.split(",")])
     write_csv(points, args.out)
     print(f"{len(points)} points written to {args.out}")
     return 0

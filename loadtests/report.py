@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,15 @@ class BenchmarkFacts:
     patterns: list[PatternFacts] = field(default_factory=list)
     memory: list[MemoryFact] = field(default_factory=list)
     stall: StallFacts | None = None
+    # Each pattern's tokens/s over the base model's at the headline level, per round, each measured between
+    # two base points (perf_sweep.ratios_beside_base); the report's ratios are their medians.
+    ratios: dict[str, list[float]] = field(default_factory=dict)
+
+    def ratio(self, points: list[SweepPoint], pattern: str) -> float | None:
+        """The pattern's ratio to base: the median of its rounds beside base, or else the sweep's."""
+        if self.ratios.get(pattern):
+            return statistics.median(self.ratios[pattern])
+        return headline_ratio(points, pattern, self.headline_level)
 
 
 def read_locust_stats(path: Path) -> list[dict[str, str]]:
@@ -158,7 +168,7 @@ def build_report(points: list[SweepPoint], locust_rows: list[dict[str, str]], fa
     plot_throughput(points, out / "throughput.png")
     plot_latency(points, out / "latency.png")
     plot_overhead(points, out / "overhead.png")
-    ratio = headline_ratio(points, facts.headline_pattern, facts.headline_level)
+    ratio = facts.ratio(points, facts.headline_pattern)
     lines = ["# peftserve benchmark", ""]
     if ratio is not None:
         lines.append(
@@ -241,21 +251,29 @@ def ratio_table(points: list[SweepPoint], facts: BenchmarkFacts) -> list[str]:
         "",
         f"## Ratio to base at {points[0].load.replace('_', ' ')} {level:g}",
         "",
-        "| pattern | adapters | tokens/s | ratio to base | target |",
-        "|---|---|---|---|---|",
     ]
+    if facts.ratios:
+        rounds = len(next(iter(facts.ratios.values())))
+        lines += [
+            f"Each ratio is the median of {rounds} rounds; in each round every pattern was measured between two "
+            "points of the base model, and its tokens/s is judged against their mean (a machine whose speed "
+            "drifts during the run moves a ratio taken from the sweep's one base point). Tokens/s: the sweep's.",
+            "",
+        ]
+    lines += ["| pattern | adapters | tokens/s | ratio to base | rounds | target |", "|---|---|---|---|---|---|"]
     for pattern in facts.patterns:
-        ratio = headline_ratio(points, pattern.label, level)
+        ratio = facts.ratio(points, pattern.label)
         measured = f"{tokens[pattern.label]:.0f}" if pattern.label in tokens else "-"
         if pattern.label in unstable:
             measured += " (unstable)"
         shown = "1.00x" if pattern.label == "base" else (f"**{ratio:.2f}x**" if ratio is not None else "-")
+        rounds = " / ".join(f"{r:.2f}" for r in facts.ratios.get(pattern.label, [])) or "-"
         if pattern.target is None:
             target = "-"
         else:
             verdict = "met" if ratio is not None and ratio >= pattern.target else "not met"
             target = f">= {pattern.target:.2f}x: {verdict}"
-        lines.append(f"| {pattern.label} | {pattern.adapters} | {measured} | {shown} | {target} |")
+        lines.append(f"| {pattern.label} | {pattern.adapters} | {measured} | {shown} | {rounds} | {target} |")
     return lines
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtests.perf_sweep import read_csv, sweep, write_csv
+from loadtests.perf_sweep import PointRunner, read_csv, sweep, write_csv
 from loadtests.traffic import TrafficPattern
 from peftserve.config import read_model_config
 from tests.conftest import MODEL_DIR
@@ -21,7 +21,8 @@ LOADTESTS = Path(__file__).resolve().parents[2] / "loadtests"
 
 def test_perf_analyzer_sweep_writes_a_parsable_csv(triton: TritonServer, tmp_path: Path) -> None:
     patterns = [TrafficPattern("base"), TrafficPattern("trained", ("pirate", "knight"))]
-    points = sweep(triton.http_url, patterns, [2], tmp_path, max_tokens=8, measurement_ms=2000, ignore_eos=True)
+    runner = PointRunner(triton.http_url, patterns, tmp_path, max_tokens=8, measurement_ms=2000, ignore_eos=True)
+    points = sweep(runner, patterns, [2])
     write_csv(points, tmp_path / "sweep.csv")
     again = read_csv(tmp_path / "sweep.csv")
     assert [(p.pattern, p.level) for p in again] == [("base", 2.0), ("trained-2", 2.0)]

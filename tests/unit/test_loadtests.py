@@ -18,7 +18,7 @@ from loadtests.bench import (
     describe_adapters,
     full_collections,
 )
-from loadtests.perf_sweep import SweepPoint, read_csv, write_csv
+from loadtests.perf_sweep import SweepPoint, base_relative, read_csv, write_csv
 from loadtests.report import BenchmarkFacts, MemoryFact, PatternFacts, StallFacts, build_report, headline_ratio
 from loadtests.synthetic import LoraShape, write_random_loras
 from loadtests.traffic import TrafficPattern, perf_analyzer_input_data
@@ -98,10 +98,10 @@ def test_report_has_headline_tables_and_plots(tmp_path: Path) -> None:
     assert "trained-3 at concurrency 16 reaches 0.90x the base model's token throughput" in text
     assert "50 tokens/s; peftserve through Triton (uniform-8) is 8.0x faster" in text
     assert "## Ratio to base at concurrency 16" in text
-    assert "| base | none (base model) | 400 | 1.00x | - |" in text
-    assert "| trained-3 | `pirate` LoRA r8 | 360 | **0.90x** | >= 0.90x: met |" in text
-    assert "| uniform-8 | 8 synthetic | 400 | **1.00x** | - |" in text
-    assert "| zipf-64 | 64 synthetic | 200 (unstable) | **0.50x** | >= 0.90x: not met |" in text
+    assert "| base | none (base model) | 400 | 1.00x | - | - |" in text
+    assert "| trained-3 | `pirate` LoRA r8 | 360 | **0.90x** | - | >= 0.90x: met |" in text
+    assert "| uniform-8 | 8 synthetic | 400 | **1.00x** | - | - |" in text
+    assert "| zipf-64 | 64 synthetic | 200 (unstable) | **0.50x** | - | >= 0.90x: not met |" in text
     assert "| zipf-64 | 16 (unstable) | 20.0 | 10.0 | 200 | 10 | 20 | 30 |" in text
     assert "did not agree within 50%" in text
     assert "| adapter memory on the device | `max_adapter_memory_mb` 512 MiB | 0.2 MiB |" in text
@@ -114,6 +114,36 @@ def test_report_has_headline_tables_and_plots(tmp_path: Path) -> None:
     for name in ("throughput.png", "latency.png", "overhead.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in text
+
+
+def test_ratios_beside_base_judge_each_pattern_against_the_base_points_around_it(tmp_path: Path) -> None:
+    """The machine slows down by half during the rounds: each ratio, against the base points measured just
+    before and after it, stays what the patterns cost; the sweep's one early base point would halve them."""
+    measured = [
+        point("base", 16, 100),
+        point("zipf-64", 16, 90),  # base 100 then 80 beside it: 90 / 90
+        point("base", 16, 80),
+        point("distinct-1000", 16, 56),  # 56 / 70
+        point("base", 16, 60),
+        point("zipf-64", 16, 50),  # 50 / 55
+        point("base", 16, 50),
+    ]
+    ratios = base_relative(measured)
+    assert ratios.keys() == {"zipf-64", "distinct-1000"}
+    assert ratios["zipf-64"] == pytest.approx([1.0, 50 / 55])
+    assert ratios["distinct-1000"] == pytest.approx([0.8])
+    with pytest.raises(ValueError, match="alternate"):
+        base_relative(measured[:-1])
+    facts = BenchmarkFacts(
+        headline_pattern="zipf-64",
+        patterns=[PatternFacts("base", "none"), PatternFacts("zipf-64", "64 synthetic", target=0.9)],
+        ratios=ratios,
+    )
+    text = build_report([point("base", 16, 100), point("zipf-64", 16, 50)], [], facts, tmp_path).read_text()
+    median = (1.0 + 50 / 55) / 2
+    assert f"zipf-64 at concurrency 16 reaches {median:.2f}x" in text
+    assert f"| zipf-64 | 64 synthetic | 500 | **{median:.2f}x** | 1.00 / 0.91 | >= 0.90x: met |" in text
+    assert "the median of 2 rounds" in text
 
 
 def test_a_gap_is_judged_against_its_own_piece_undisturbed() -> None:
