@@ -38,7 +38,8 @@ class SlotPath:
         self.slots_per_bucket = slots_per_bucket
         self.kernels = kernels or kernels_for(device)
         self.tables = SlotTables({}, rank_capacity={}, scale_capacity=slots_per_bucket, device=device)
-        self._recent: OrderedDict[int, AdapterWeights] = OrderedDict()  # id -> adapter, least recent first
+        # id -> the adapter, weakly (see SlotTables), least recent first
+        self._recent: OrderedDict[int, weakref.ref[AdapterWeights]] = OrderedDict()
         self._leases: Counter[int] = Counter()
         # Reentrant: a lease ends when its batch is garbage, which may happen inside batch() itself.
         self._lock = threading.RLock()
@@ -62,6 +63,9 @@ class SlotPath:
 
     def _assign(self, adapter: AdapterWeights, keep: dict[int, AdapterWeights]) -> None:
         if self.tables.slots_of(adapter) is None:
+            self.tables.release_dropped()  # before a bucket grows for slots that dropped adapters still hold
+            for key in [key for key, ref in self._recent.items() if ref() is None]:
+                del self._recent[key]
             for bucket in rank_buckets_of(adapter):
                 self._make_room(bucket)
         while True:
@@ -75,8 +79,10 @@ class SlotPath:
                 )
                 if victim is None:
                     raise
-                self.tables.release(self._recent.pop(victim))
-        self._recent[id(adapter)] = adapter
+                dropped = self._recent.pop(victim)()
+                if dropped is not None:
+                    self.tables.release(dropped)
+        self._recent[id(adapter)] = weakref.ref(adapter)
         self._recent.move_to_end(id(adapter))
 
     def _make_room(self, bucket: int) -> None:

@@ -18,6 +18,7 @@ cache's accounting).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -107,7 +108,11 @@ class SlotTables:
         self.modules: dict[str, ModuleStacks] = {}
         self._dtype, self._device = dtype, device
         self._free: dict[int | None, list[int]] = {None: list(range(scale_capacity, 0, -1))}  # None: scales
-        self._assigned: dict[int, tuple[AdapterWeights, AdapterSlots]] = {}  # id(adapter): kept alive here
+        # id(adapter) -> a weak reference to it and its slots. Weak: slots must not keep an adapter alive that
+        # the adapter cache has evicted (its memory, device memory on a GPU, is no longer counted), nor its
+        # tracked objects for the garbage collector to walk; a dropped adapter's slots are freed lazily
+        # (release_dropped), and an id whose adapter is gone names nothing.
+        self._assigned: dict[int, tuple[weakref.ref[AdapterWeights], AdapterSlots]] = {}
         self.generation = 0  # counts bucket growths: indices built before one name the old stack sizes
         # Counts the times an op of a module (a rank bucket's pair, an input or output scale) went from no
         # assigned slot to one, or back: what decides which ops a batch can skip whatever its rows.
@@ -203,13 +208,15 @@ class SlotTables:
 
     def slots_of(self, adapter: AdapterWeights) -> AdapterSlots | None:
         entry = self._assigned.get(id(adapter))
-        return None if entry is None else entry[1]
+        return None if entry is None or entry[0]() is not adapter else entry[1]
 
     def assign(self, adapter: AdapterWeights) -> AdapterSlots:
         """Write ``adapter`` into free slots (checked first: a refusal changes nothing); idempotent."""
         assigned = self.slots_of(adapter)
         if assigned is not None:
             return assigned
+        if id(adapter) in self._assigned:  # an adapter dropped since, whose id this one now has
+            self._free_entry(id(adapter))
         unknown = sorted(set(adapter.modules) - set(self.modules))
         if unknown:
             raise UnsupportedAdapterError(f"the slot tables hold no stacks for modules {unknown}")
@@ -229,7 +236,7 @@ class SlotTables:
         slots = AdapterSlots({bucket: taken[bucket] for bucket in buckets}, taken.get(None, NO_SLOT))
         for name, stacks in self.modules.items():
             self._write(stacks, adapter.modules.get(name), slots)
-        self._assigned[id(adapter)] = (adapter, slots)
+        self._assigned[id(adapter)] = (weakref.ref(adapter), slots)
         return slots
 
     def _write(self, stacks: ModuleStacks, delta: ModuleDelta | None, slots: AdapterSlots) -> None:
@@ -281,10 +288,16 @@ class SlotTables:
 
     def release(self, adapter: AdapterWeights) -> None:
         """Free the adapter's slots (nothing happens if not assigned); their values stay until reassigned."""
-        entry = self._assigned.pop(id(adapter), None)
-        if entry is None:
-            return
-        slots = entry[1]
+        if self.slots_of(adapter) is not None:
+            self._free_entry(id(adapter))
+
+    def release_dropped(self) -> None:
+        """Free the slots of assigned adapters that nothing else holds any more."""
+        for key in [key for key, (ref, _) in self._assigned.items() if ref() is None]:
+            self._free_entry(key)
+
+    def _free_entry(self, key: int) -> None:
+        slots = self._assigned.pop(key)[1]
         for stacks in self.modules.values():
             for bucket, slot in slots.low_rank.items():
                 if slot in stacks.low_rank_slots[bucket]:

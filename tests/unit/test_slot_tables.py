@@ -4,6 +4,8 @@ kernels under the interpreter."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -125,6 +127,23 @@ def test_a_reused_slot_holds_nothing_of_its_previous_adapter() -> None:
     assert torch.equal(slot_tables.modules["up"].out_scale[1], torch.ones(MID))  # reset by up_in_scaled
 
 
+def test_the_tables_keep_no_adapter_alive_and_free_the_slots_of_dropped_ones() -> None:
+    """An adapter the cache has evicted must not live on in the slot tables (on a GPU its device memory would
+    stay allocated, uncounted); its slots free up, and a new object at its address names nothing."""
+    slot_tables = tables({8: 2})
+    kept, dropped = lora(8, 1), lora(8, 2)
+    slot_tables.assign(kept)
+    slot_tables.assign(dropped)
+    assert slot_tables.free_slots(8) == 0
+    gone = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert gone() is None
+    slot_tables.release_dropped()
+    assert slot_tables.free_slots(8) == 1 and slot_tables.slots_of(kept) is not None
+    assert slot_tables.assign(lora(8, 3)).low_rank == {8: 2}
+
+
 def test_ops_in_use_change_only_when_a_module_op_gains_its_first_adapter_or_loses_its_last() -> None:
     """What a CUDA graph's skipped ops depend on (peftserve.decode_graphs): not every assignment."""
     slot_tables = tables()
@@ -143,7 +162,8 @@ def test_ops_in_use_change_only_when_a_module_op_gains_its_first_adapter_or_lose
 
 def test_a_full_bucket_refuses_with_a_clear_error_and_changes_nothing() -> None:
     slot_tables = tables({8: 1, 16: 1})
-    slot_tables.assign(lora(16, 1))
+    held = lora(16, 1)  # the tables hold adapters weakly
+    slot_tables.assign(held)
     before = slot_tables.modules["up"].a[8].clone()
     needs_both = lora(8, 2, down_rank=16)
     with pytest.raises(CacheFullError, match="all 1 slots of the rank bucket 16 are assigned"):
@@ -153,7 +173,8 @@ def test_a_full_bucket_refuses_with_a_clear_error_and_changes_nothing() -> None:
     assert slot_tables.assign(lora(8, 3)).low_rank == {8: 1}  # bucket 8 was not taken by the refusal
 
     scales = tables(scale_capacity=1)
-    scales.assign(ia3(4))
+    held_scales = ia3(4)
+    scales.assign(held_scales)
     with pytest.raises(CacheFullError, match="scale tables"):
         scales.assign(dora(8, 5))
 
