@@ -38,6 +38,7 @@ from peftserve.adapter_repository import AdapterVersion
 from peftserve.adapter_weights import AdapterWeights
 from peftserve.admission import Admission
 from peftserve.batched_layers import BatchDeltas
+from peftserve.config import SMOKE_CHECKS_WAITING
 from peftserve.errors import (
     AdapterNotReady,
     CacheFullError,
@@ -65,13 +66,6 @@ DEFAULT_TORCH_THREADS = torch.get_num_threads()  # torch's own choice, before an
 # small and running streams wait less for it (measured in process, SmolLM2: worst gap 2.5x -> 2.2x).
 SEPARATE_MIN_CHUNK = 64
 PACKED_MIN_CHUNK = 16
-
-# Loader threads beyond loader_threads (which bounds the ones reading and converting at once: Engine.read_adapter),
-# for loads waiting on their smoke checks: the probes of adapters that arrive together then share passes instead
-# of joining one pass each. In process, demo, 20 cold adapters arriving beside 4 decoding streams: the smoke checks
-# were most of what the arrivals cost the streams (1.47 steps per arrival, 0.68 with the check skipped), their
-# probes trickling in over 22-31 packed passes of ~2 steps each.
-SMOKE_CHECKS_WAITING = 16
 
 TextCallback = Callable[[str], None]
 DoneCallback = Callable[[Completion | PeftServeError], None]
