@@ -122,7 +122,7 @@ class TritonMetrics(EngineMetrics):
             for name, (kind, text) in FAMILIES.items()
         }
         self._series: dict[tuple, object] = {}
-        self._loaded: set[str] = set()  # adapters with a nonzero loaded-bytes gauge
+        self._loaded: dict[str, int] = {}  # adapters with a nonzero loaded-bytes gauge, and its value
         # Counters and histograms start at zero, so dashboards' rate() works from the first scrape.
         for family in ZERO_INITIALIZED:
             self._metric(family, _BUCKETS.get(family), adapter=BASE_LABEL)
@@ -190,11 +190,12 @@ class TritonMetrics(EngineMetrics):
     def cache_state(self, *, loaded: int, nbytes: int, by_adapter: dict[str, int]) -> None:
         self._metric("peftserve_adapters_loaded").set(loaded)
         self._metric("peftserve_adapter_memory_bytes").set(nbytes)
-        for adapter in self._loaded - by_adapter.keys():
+        for adapter in self._loaded.keys() - by_adapter.keys():
             self._metric("peftserve_adapter_loaded_bytes", adapter=adapter).set(0)
         for adapter, adapter_bytes in by_adapter.items():
-            self._metric("peftserve_adapter_loaded_bytes", adapter=adapter).set(adapter_bytes)
-        self._loaded = set(by_adapter)
+            if self._loaded.get(adapter) != adapter_bytes:  # each set is a call into the server
+                self._metric("peftserve_adapter_loaded_bytes", adapter=adapter).set(adapter_bytes)
+        self._loaded = dict(by_adapter)
 
     @_on_response_loop
     def adapter_event(self, event: str, adapter: str, version: int | None) -> None:

@@ -14,6 +14,7 @@ from peftserve import batched_layers
 from peftserve.engine import Engine
 from peftserve.errors import AdapterNotFoundError, InvalidRequestError, PeftServeError
 from peftserve.generation import GenerationRow
+from peftserve.metrics import EngineMetrics
 from peftserve.requests import Completion, CompletionRequest
 from peftserve.shared_shrink import SiblingPart
 from tests.conftest import DEMO_PHRASES, PROMPTS, STRONG_ADAPTERS, demo_config
@@ -251,3 +252,27 @@ def test_requests_for_more_adapters_than_the_cache_holds_take_turns(model_dir: P
     for adapter, result in zip(adapters, results, strict=True):
         assert isinstance(result, Completion) and DEMO_PHRASES[adapter] in result.text
     assert len(engine.cache) <= 2
+
+
+class CacheReports(EngineMetrics):
+    def __init__(self) -> None:
+        self.reports: list[dict[str, int]] = []
+
+    def cache_state(self, *, loaded: int, nbytes: int, by_adapter: dict[str, int]) -> None:
+        assert loaded == len(by_adapter) and nbytes == sum(by_adapter.values())
+        self.reports.append(dict(by_adapter))
+
+
+def test_cache_state_is_published_when_it_changes_not_after_every_pass(model_dir: Path) -> None:
+    # Under Triton each published gauge is a call into the server: the loop asks after every pass.
+    metrics = CacheReports()
+    engine = Engine(demo_config(model_dir, max_loaded_adapters="1"), metrics=metrics)
+    assert metrics.reports == [{}]
+    engine.complete([CompletionRequest("a dog", max_tokens=8)])
+    assert metrics.reports == [{}]
+    engine.complete([CompletionRequest("a dog", "robot", max_tokens=8)])
+    assert [list(report) for report in metrics.reports] == [[], ["robot"]] and metrics.reports[1]["robot"] > 0
+    engine.complete([CompletionRequest("a dog", "robot", max_tokens=8)])
+    assert len(metrics.reports) == 2
+    engine.complete([CompletionRequest("a dog", "chef", max_tokens=8)])  # evicts robot
+    assert list(metrics.reports[-1]) == ["chef"]
