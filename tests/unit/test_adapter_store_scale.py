@@ -42,6 +42,7 @@ def test_eviction_really_frees_memory(model_dir: Path) -> None:
     assert engine.cache.stats.evictions - evictions_before == 500
     assert growth < RSS_TOLERANCE_BYTES, f"resident memory grew by {growth / 2**20:.1f} MiB over 500 load/evict cycles"
     assert len(engine.layers.recent) <= len(engine.cache), "recent batches outlived their evicted adapters"
+    assert len(engine.layers.profiles) <= len(engine.cache), "module profiles outlived their evicted adapters"
 
 
 @pytest.fixture(scope="module")

@@ -75,9 +75,13 @@ def test_an_adapter_leaving_the_cache_takes_its_batches_with_it() -> None:
     layers = wrapped(Block())
     kept, leaving = lora(1), lora(2)
     with_it, without_it = layers.deltas([kept, leaving]), layers.deltas([kept])
+    profiles = layers.profiles.find([kept])
+    assert profiles is not None and layers.profiles.find([kept, leaving]) is not None
     layers.forget(leaving)
+    assert layers.profiles.find([kept, leaving]) is None  # nor what each module needed of it
     assert layers.deltas([kept, leaving]) is not with_it
     assert layers.deltas([kept]) is without_it
+    assert layers.profiles.find([kept]) is profiles
 
 
 def test_wrapping_more_layers_starts_over() -> None:
