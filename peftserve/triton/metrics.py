@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import threading
 from collections.abc import Callable
 
 import triton_python_backend_utils as pb_utils
@@ -123,6 +124,9 @@ class TritonMetrics(EngineMetrics):
         }
         self._series: dict[tuple, object] = {}
         self._loaded: dict[str, int] = {}  # adapters with a nonzero loaded-bytes gauge, and its value
+        self._inflight_lock = threading.Lock()  # inflight() is called from the batching loop and submit
+        self._inflight_pending: dict[str, int] = {}
+        self._inflight_published: dict[str, int] = {}  # touched by the response thread only
         # Counters and histograms start at zero, so dashboards' rate() works from the first scrape.
         for family in ZERO_INITIALIZED:
             self._metric(family, _BUCKETS.get(family), adapter=BASE_LABEL)
@@ -211,10 +215,23 @@ class TritonMetrics(EngineMetrics):
     def over_limit(self, adapter: str) -> None:
         self._metric("peftserve_over_limit_total", adapter=adapter).increment(1)
 
-    @_on_response_loop
     def inflight(self, by_adapter: dict[str, int]) -> None:
-        for adapter, count in by_adapter.items():
-            self._metric("peftserve_requests_in_flight", adapter=adapter).set(count)
+        """Kept for :meth:`publish_inflight`, not queued: the counts change twice a request, and a gauge's set,
+        unlike a counter's or a histogram's update, holds the GIL for its whole call into the server (~35 us,
+        measured in a stub): at 200 requests a second that stalled every other thread of the stub 14 ms a
+        second (py-spy, demo at concurrency 16: nearly all of the response thread's time holding the GIL)."""
+        with self._inflight_lock:
+            self._inflight_pending.update(by_adapter)
+
+    def publish_inflight(self) -> None:
+        """Set the in-flight gauges whose counts changed since the last call (on the response thread, every
+        poll: a scrape sees counts at most a poll old)."""
+        with self._inflight_lock:
+            pending, self._inflight_pending = self._inflight_pending, {}
+        for adapter, count in pending.items():
+            if self._inflight_published.get(adapter) != count:
+                self._metric("peftserve_requests_in_flight", adapter=adapter).set(count)
+                self._inflight_published[adapter] = count
 
     @_on_response_loop
     def first_token(self, adapter: str, *, seconds: float) -> None:

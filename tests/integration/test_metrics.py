@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 import pytest
 from tritonclient.utils import InferenceServerException
 
 from tests.integration.conftest import infer
+from tests.integration.test_streaming import Stream
 from tools.triton_server import TritonServer
 
 
@@ -69,3 +71,27 @@ def test_garbage_collector_pauses_of_the_engine_stub_are_a_histogram_per_generat
         assert count >= value(before, "peftserve_gc_pause_seconds_count", generation=generation)
     assert value(after, "peftserve_gc_pause_seconds_count", generation="0") > 0
     assert value(after, "peftserve_gc_pause_seconds_sum", generation="0") > 0
+
+
+def test_requests_in_flight_are_counted_while_they_run_and_not_after(triton: TritonServer) -> None:
+    """The gauge is published on the response thread's polls (every 20 ms), not on every change."""
+
+    def in_flight() -> float:
+        return value(scrape(triton), "peftserve_requests_in_flight", adapter="chef")
+
+    def eventually(wanted: float) -> float:
+        deadline = time.monotonic() + 5
+        while (seen := in_flight()) != wanted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return seen
+
+    stream = Stream(triton)
+    try:
+        stream.send("long", "a dog", "chef", 128, ignore_eos=True)
+        first = stream.responses.get(timeout=60)
+        assert first[1] is None
+        assert eventually(1) == 1
+        stream.collect(1)
+        assert eventually(0) == 0
+    finally:
+        stream.close()

@@ -45,7 +45,7 @@ class TritonPythonModel:
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         logger.info("loading %s on %s", config.base_model, device)
         self.gc_pauses = GcPauses()
-        self.responses = ResponseLoop(final_flag=FINAL, every_poll=self._report_gc_pauses)
+        self.responses = ResponseLoop(final_flag=FINAL, every_poll=self._every_poll)
         self.metrics = TritonMetrics(config.served_model, run=self.responses.call)
         run_torch_single_threaded()  # before any torch work here: this thread hands requests over
         engine = Engine(config, device=device, metrics=self.metrics)
@@ -87,9 +87,11 @@ class TritonPythonModel:
                 works[0].on_text = _streamer(self.responses, sender, works[0])
             self.batcher.submit(*works)
 
-    def _report_gc_pauses(self) -> None:
+    def _every_poll(self) -> None:
+        """On the response thread: metrics gathered since the last poll."""
         for generation, seconds in self.gc_pauses.drain():
             self.metrics.gc_pause(generation, seconds=seconds)
+        self.metrics.publish_inflight()
 
     def finalize(self) -> None:
         self.gc_pauses.stop()
