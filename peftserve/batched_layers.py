@@ -514,6 +514,7 @@ class _BatchLayout:
         self._plans: dict[tuple[int, ...], tuple[list[_GroupPlan], _MaskedChoice | None]] = {}
         self._chosen: dict[tuple[tuple[int, ...], int], list[_GroupPlan | _MaskedPlan]] = {}
         self._row_numbers: dict[torch.device, torch.Tensor] = {}
+        self._masks: dict[tuple, _RowMask] = {}
         self._pending_vectors: list[_VectorRequest] = []
 
     def module_deltas(self, profile: _ModuleProfile) -> RowDeltas:
@@ -554,11 +555,19 @@ class _BatchLayout:
             return None
         rest = self._plan(tuple(0 if adapter in members else rank for adapter, rank in enumerate(ranks)), like.device)
         columns = [adapter for adapter in members for _ in range(ranks[adapter])]
-        plan = [_MaskedPlan(members, _RowMask(self, len(self.distinct), columns, like.dtype, like.device)), *rest]
+        plan = [_MaskedPlan(members, self._row_mask(tuple(columns), like)), *rest]
         if _ops(plan) >= _ops(grouped):
             return None
         used = sum((stop - start) * ranks[owner] for start, stop, owner in self.runs if owner in members)
         return _MaskedChoice(plan, wasted=self.batch * len(columns) - used)
+
+    def _row_mask(self, column_owners: tuple[int, ...], like: torch.Tensor) -> _RowMask:
+        """One mask per pattern of column owners in a batch: modules of other ranks often share it."""
+        key = (column_owners, like.dtype, like.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = _RowMask(self, len(self.distinct), list(column_owners), like.dtype, like.device)
+        return mask
 
     def row_numbers(self, device: torch.device) -> torch.Tensor:
         """``(rows,)``: each row's adapter number plus one (0: the base model), the row index into tables whose
@@ -593,7 +602,8 @@ class _BatchLayout:
             widths = tuple(request.width for request in requests)
             table = self.stacks.get(("scales", widths), parts, partial(_scale_table, requests, dtype, device))
             rows = table.index_select(0, self.row_numbers(device)).unsqueeze(1)
-            for request, vectors in zip(requests, rows.split(widths, dim=2), strict=True):
+            # split_with_sizes: Tensor.split is a Python wrapper around it
+            for request, vectors in zip(requests, rows.split_with_sizes(widths, dim=2), strict=True):
                 setattr(request.into, request.field_name, vectors)
 
     def _plan(self, ranks: tuple[int, ...], device: torch.device) -> list[_GroupPlan]:
