@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from peftserve.triton.stub_watch import stub_pids
 from tests.integration.conftest import infer, outputs, private_repository, running_server
+from tests.integration.test_metrics import scrape, value
 from tools.client import build_inputs
 from tools.triton_server import TritonServer
 
@@ -168,7 +169,12 @@ def test_requests_in_the_engine_when_its_stub_dies_are_answered_at_once(
     requests = [threading.Thread(target=long_request, args=(n,)) for n in range(8)]
     for thread in requests:
         thread.start()
-    time.sleep(0.4)
+    # Killed once all eight are inside the engine (a fixed wait raced them: the demo decodes 200 tokens in
+    # well under half a second); the in-flight gauge is published every 20 ms.
+    deadline = time.monotonic() + 30
+    while value(scrape(watched_server), "peftserve_requests_in_flight", adapter="pirate") < len(requests):
+        assert time.monotonic() < deadline, "the requests never reached the engine"
+        time.sleep(0.01)
     (stub,) = stub_pids("peft_llm_stream", server_pid=server_pid)
     os.kill(stub, signal.SIGKILL)
     for thread in requests:
