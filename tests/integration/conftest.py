@@ -13,20 +13,25 @@ kept beside the new one); any other failure, or the same abort twice, fails the 
 from __future__ import annotations
 
 import json
+import queue
 import re
 import shutil
+import time
 import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from tests.conftest import MODEL_REPOSITORY
 from tools.client import build_inputs
+from tools.deployment import Server
+from tools.server_probe import Metrics, scrape_metrics
 from tools.triton_server import TritonServer, TritonStartError, free_port
 
 
@@ -163,3 +168,49 @@ def private_repository(model_dir: Path, root: Path, adapter_ids: list[str], **pa
     stream = model_dir.parent / "peft_llm_stream"
     shutil.copytree(stream, root / "peft_llm_stream", ignore=shutil.ignore_patterns("__pycache__"))
     return model
+
+
+STREAM_MODEL = "peft_llm_stream"
+
+
+class Stream:
+    """One gRPC stream; collects each request's pieces until its final response."""
+
+    def __init__(self, server: TritonServer) -> None:
+        self.client = grpcclient.InferenceServerClient(server.grpc_url)
+        self.responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+
+    def send(self, request_id: str, prompt: str, adapter_id: str, max_tokens: int, **kwargs) -> None:
+        inputs = build_inputs(grpcclient, prompt, adapter_id, max_tokens, **kwargs)
+        flag = grpcclient.InferInput("stream", [1, 1], "BOOL")
+        flag.set_data_from_numpy(np.array([[True]]))
+        self.client.async_stream_infer(STREAM_MODEL, [*inputs, flag], request_id=request_id)
+
+    def collect(self, count: int, timeout: float = 60) -> dict[str, tuple[list[str], str, int | None]]:
+        """{request id: (pieces, adapter_version, output_tokens or None on error)} for ``count`` requests."""
+        pieces: dict[str, list[str]] = {}
+        finished: dict[str, tuple[list[str], str, int | None]] = {}
+        deadline = time.monotonic() + timeout
+        while len(finished) < count:
+            result, error = self.responses.get(timeout=max(0.1, deadline - time.monotonic()))
+            if error is not None:
+                raise error
+            response = result.get_response()
+            text = result.as_numpy("text_output")
+            pieces.setdefault(response.id, []).append(text[0, 0].decode())
+            tokens = result.as_numpy("output_tokens")
+            if tokens is not None:  # only the final response carries the token count
+                version = result.as_numpy("adapter_version")[0, 0].decode()
+                finished[response.id] = (pieces[response.id], version, int(tokens[0, 0]))
+        return finished
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+
+def metrics_of(server: TritonServer) -> Metrics:
+    """One scrape of ``server``'s metrics page, parsed as the operator tools parse it (tools.server_probe)."""
+    endpoint = Server(http=server.http_url, grpc=server.grpc_url, metrics=f"127.0.0.1:{server.metrics_port}")
+    return scrape_metrics(endpoint)

@@ -26,8 +26,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from peftserve.triton.stub_watch import stub_pids
-from tests.integration.conftest import infer, outputs, private_repository, running_server
-from tests.integration.test_metrics import scrape, value
+from tests.integration.conftest import infer, metrics_of, outputs, private_repository, running_server
 from tools.client import build_inputs
 from tools.triton_server import TritonServer
 
@@ -172,7 +171,8 @@ def test_requests_in_the_engine_when_its_stub_dies_are_answered_at_once(
     # Killed once all eight are inside the engine (a fixed wait raced them: the demo decodes 200 tokens in
     # well under half a second); the in-flight gauge is published every 20 ms.
     deadline = time.monotonic() + 30
-    while value(scrape(watched_server), "peftserve_requests_in_flight", adapter="pirate") < len(requests):
+    in_flight = "peftserve_requests_in_flight"
+    while metrics_of(watched_server).total(in_flight, model="peft_llm", adapter="pirate") < len(requests):
         assert time.monotonic() < deadline, "the requests never reached the engine"
         time.sleep(0.01)
     (stub,) = stub_pids("peft_llm_stream", server_pid=server_pid)

@@ -2,47 +2,32 @@
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.conftest import infer
-from tests.integration.test_streaming import Stream
+from tests.integration.conftest import Stream, infer, metrics_of
+from tools.server_probe import Metrics
 from tools.triton_server import TritonServer
 
 
-def scrape(triton: TritonServer) -> dict[str, float]:
-    """``{'name{labels}': value}`` for every peftserve_ sample on the metrics page."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics", timeout=10) as response:
-        page = response.read().decode()
-    samples = {}
-    for line in page.splitlines():
-        match = re.fullmatch(r"(peftserve_\w+)(\{[^}]*\})?\s+(\S+)", line)
-        if match:
-            labels = ",".join(sorted(re.findall(r'\w+="[^"]*"', match[2] or "")))
-            samples[f"{match[1]}{{{labels}}}"] = float(match[3])
-    return samples
-
-
-def value(samples: dict[str, float], name: str, **labels: str) -> float:
-    wanted = ",".join(sorted(f'{k}="{v}"' for k, v in {"model": "peft_llm", **labels}.items()))
-    return samples.get(f"{name}{{{wanted}}}", 0.0)
+def peft_llm(metrics: Metrics, name: str, **labels: str) -> float:
+    """The value of ``name`` for the peft_llm model's samples with these labels (0 if none)."""
+    return metrics.total(name, model="peft_llm", **labels)
 
 
 def test_metrics_count_requests_tokens_errors_and_cache(triton: TritonServer) -> None:
-    before = scrape(triton)
+    before = metrics_of(triton)
     for _ in range(3):
         infer(triton, "a dog", "gardener", 8)
     infer(triton, "a dog", max_tokens=8)
     with pytest.raises(InferenceServerException, match="unknown adapter 'nobody'"):
         infer(triton, "a dog", "nobody", 8)
-    after = scrape(triton)
+    after = metrics_of(triton)
 
     def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+        return peft_llm(after, name, **labels) - peft_llm(before, name, **labels)
 
     assert delta("peftserve_requests_total", adapter="gardener") == 3
     assert delta("peftserve_requests_total", adapter="(base)") == 1
@@ -50,34 +35,33 @@ def test_metrics_count_requests_tokens_errors_and_cache(triton: TritonServer) ->
     assert 3 <= delta("peftserve_generated_tokens_total", adapter="gardener") <= 24
     assert delta("peftserve_request_duration_seconds_count", adapter="gardener") == 3
     assert delta("peftserve_adapter_cache_hits_total", adapter="gardener") >= 2
-    assert value(after, "peftserve_adapter_cache_misses_total", adapter="gardener") >= 1
-    assert value(after, "peftserve_adapter_load_duration_seconds_count", adapter="gardener") >= 1
-    assert value(after, "peftserve_adapters_loaded") >= 1
-    assert value(after, "peftserve_adapter_memory_bytes") > 0
+    assert peft_llm(after, "peftserve_adapter_cache_misses_total", adapter="gardener") >= 1
+    assert peft_llm(after, "peftserve_adapter_load_duration_seconds_count", adapter="gardener") >= 1
+    assert peft_llm(after, "peftserve_adapters_loaded") >= 1
+    assert peft_llm(after, "peftserve_adapter_memory_bytes") > 0
 
 
 def test_garbage_collector_pauses_of_the_engine_stub_are_a_histogram_per_generation(triton: TritonServer) -> None:
     """Series for every generation from the first scrape on; the stub's collections since start-up counted
     (when one happens depends on what the stub allocated: the unit tests time them exactly)."""
-    before = scrape(triton)
-    for generation in "012":
-        assert f'peftserve_gc_pause_seconds_count{{generation="{generation}",model="peft_llm"}}' in before
+    before = metrics_of(triton)
+    assert set(before.by_label("peftserve_gc_pause_seconds_count", "generation", model="peft_llm")) == set("012")
     for _ in range(20):  # the stub allocates for each request: by now some young collection has run
         infer(triton, "a dog", "pirate", 8)
-    after = scrape(triton)
+    after = metrics_of(triton)
     for generation in "012":
-        count = value(after, "peftserve_gc_pause_seconds_count", generation=generation)
-        assert value(after, "peftserve_gc_pause_seconds_bucket", generation=generation, le="+Inf") == count
-        assert count >= value(before, "peftserve_gc_pause_seconds_count", generation=generation)
-    assert value(after, "peftserve_gc_pause_seconds_count", generation="0") > 0
-    assert value(after, "peftserve_gc_pause_seconds_sum", generation="0") > 0
+        count = peft_llm(after, "peftserve_gc_pause_seconds_count", generation=generation)
+        assert peft_llm(after, "peftserve_gc_pause_seconds_bucket", generation=generation, le="+Inf") == count
+        assert count >= peft_llm(before, "peftserve_gc_pause_seconds_count", generation=generation)
+    assert peft_llm(after, "peftserve_gc_pause_seconds_count", generation="0") > 0
+    assert peft_llm(after, "peftserve_gc_pause_seconds_sum", generation="0") > 0
 
 
 def test_requests_in_flight_are_counted_while_they_run_and_not_after(triton: TritonServer) -> None:
     """The gauge is published on the response thread's polls (every 20 ms), not on every change."""
 
     def in_flight() -> float:
-        return value(scrape(triton), "peftserve_requests_in_flight", adapter="chef")
+        return peft_llm(metrics_of(triton), "peftserve_requests_in_flight", adapter="chef")
 
     def eventually(wanted: float) -> float:
         deadline = time.monotonic() + 5

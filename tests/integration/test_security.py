@@ -25,10 +25,10 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import DEMO_PHRASES
-from tests.integration.conftest import private_repository, serving
+from tests.integration.conftest import metrics_of, private_repository, serving
 from tools.client import build_inputs
 from tools.deployment import Deployment, load_deployment
-from tools.server_probe import StatusUnavailable, adapter_status, scrape_metrics
+from tools.server_probe import StatusUnavailable, adapter_status
 from tools.triton_server import TritonServer, free_port
 
 ADMIN_KEY, CLIENT_KEY = "admin-secret-for-tests", "client-secret-for-tests"
@@ -189,7 +189,7 @@ def test_flood_on_one_adapter_is_refused_while_another_is_served_normally(guarde
     assert len(flood_ok) <= PIRATE_RATE * (sum(during) + 2) + PIRATE_RATE  # the rate held
     # "Normal latency": not queued behind the flood (a loose bound: 2 shared cores run flood and server).
     assert statistics.median(during) < 5 * statistics.median(baseline) + 0.5
-    metrics = scrape_metrics(_metrics_server(server))
+    metrics = metrics_of(server)
     assert metrics.by_label("peftserve_over_limit_total", "adapter").get("pirate", 0) >= len(flood_errors)
 
 
@@ -222,7 +222,7 @@ def test_repository_attacks_are_refused_and_nothing_is_loaded(guarded, adapter_i
     server, _, marker = guarded
     with pytest.raises(InferenceServerException, match=message):
         infer(server, adapter_id)
-    loaded = scrape_metrics(_metrics_server(server)).by_label("peftserve_adapter_loaded_bytes", "adapter")
+    loaded = metrics_of(server).by_label("peftserve_adapter_loaded_bytes", "adapter")
     assert not loaded.get(adapter_id) and not marker.exists()
 
 
@@ -235,16 +235,8 @@ def test_adapter_files_changed_in_place_are_detected(guarded, model_dir: Path) -
     deadline = time.monotonic() + 10
     events: dict[str, float] = {}
     while time.monotonic() < deadline and not events.get("knight"):
-        events = scrape_metrics(_metrics_server(server)).by_label(
-            "peftserve_adapter_version_events_total", "adapter", event="files_changed"
-        )
+        events = metrics_of(server).by_label("peftserve_adapter_version_events_total", "adapter", event="files_changed")
         time.sleep(0.2)
     assert events.get("knight", 0) >= 1
     text, version = infer(server, "knight")  # the copy checked at load keeps serving, never the changed files
     assert version == "knight@1" and DEMO_PHRASES["knight"] in text
-
-
-def _metrics_server(server: TritonServer):
-    from tools.deployment import Server
-
-    return Server(http=server.http_url, grpc=server.grpc_url, metrics=f"127.0.0.1:{server.metrics_port}")

@@ -13,48 +13,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from tests.conftest import DEMO_PHRASES, STRONG_ADAPTERS
-from tests.integration.conftest import infer, outputs
+from tests.integration.conftest import STREAM_MODEL, Stream, infer, outputs
 from tools.client import build_inputs
 from tools.triton_server import TritonServer
-
-STREAM_MODEL = "peft_llm_stream"
-
-
-class Stream:
-    """One gRPC stream; collects each request's pieces until its final response."""
-
-    def __init__(self, server: TritonServer) -> None:
-        self.client = grpcclient.InferenceServerClient(server.grpc_url)
-        self.responses: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
-
-    def send(self, request_id: str, prompt: str, adapter_id: str, max_tokens: int, **kwargs) -> None:
-        inputs = build_inputs(grpcclient, prompt, adapter_id, max_tokens, **kwargs)
-        flag = grpcclient.InferInput("stream", [1, 1], "BOOL")
-        flag.set_data_from_numpy(np.array([[True]]))
-        self.client.async_stream_infer(STREAM_MODEL, [*inputs, flag], request_id=request_id)
-
-    def collect(self, count: int, timeout: float = 60) -> dict[str, tuple[list[str], str, int | None]]:
-        """{request id: (pieces, adapter_version, output_tokens or None on error)} for ``count`` requests."""
-        pieces: dict[str, list[str]] = {}
-        finished: dict[str, tuple[list[str], str, int | None]] = {}
-        deadline = time.monotonic() + timeout
-        while len(finished) < count:
-            result, error = self.responses.get(timeout=max(0.1, deadline - time.monotonic()))
-            if error is not None:
-                raise error
-            response = result.get_response()
-            text = result.as_numpy("text_output")
-            pieces.setdefault(response.id, []).append(text[0, 0].decode())
-            tokens = result.as_numpy("output_tokens")
-            if tokens is not None:  # only the final response carries the token count
-                version = result.as_numpy("adapter_version")[0, 0].decode()
-                finished[response.id] = (pieces[response.id], version, int(tokens[0, 0]))
-        return finished
-
-    def close(self) -> None:
-        self.client.stop_stream()
-        self.client.close()
 
 
 def sse(server: TritonServer, body: dict) -> list[dict]:
