@@ -87,6 +87,7 @@ CPU_SLOTS_FROM_ADAPTERS = 9
 PASSES_BEFORE_PER_ROW = 6
 
 _Stacked = TypeVar("_Stacked")
+MaskKey = tuple[int, tuple[int, ...], torch.dtype, torch.device]  # adapters, column owners, dtype, device
 _Run = tuple[int, int, int]  # (start, stop, owner): consecutive rows of one adapter (owner -1: the base model)
 logger = logging.getLogger(__name__)
 
@@ -166,9 +167,10 @@ class MaskedPairs:
     a: torch.Tensor  # (in, total rank)
     b: torch.Tensor  # (total rank, out)
     mask: torch.Tensor  # (rows, 1, total rank): 1 on each row's own adapter's columns
+    mask_key: MaskKey | None = None  # what the mask is made from (its columns' owners), for templates
 
     def shrink_form(self) -> ShrinkForm:
-        return ShrinkForm("rows", None, self.a, self.b, mask=self.mask)
+        return ShrinkForm("rows", None, self.a, self.b, mask=self.mask, mask_key=self.mask_key)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         low = torch.matmul(x, self.a).mul_(self.mask)
@@ -284,6 +286,10 @@ class AdapterLayers:
         self.recent_through_slots: BatchMemo[BatchDeltas] = BatchMemo(max_entries=1, max_bytes=0)
         # What each module needs of a list of distinct adapters, whatever the rows (_ModuleProfiles).
         self.profiles: BatchMemo[_ModuleProfiles] = BatchMemo(max_entries=_RECENT_BATCHES, max_bytes=0)
+        # The groups of any batch over a list of distinct adapters, where masked pairs serve it (_MaskTemplate).
+        self.templates: BatchMemo[_MaskTemplate | _Untemplated] = BatchMemo(
+            max_entries=_RECENT_BATCHES, max_bytes=_RECENT_BATCH_BYTES
+        )
         # Sibling groups over every linear layer, wrapped or not: ``siblings`` keeps their wrapped members.
         self._sibling_groups = _trace_siblings(model, probe) if probe is not None else []
 
@@ -319,13 +325,33 @@ class AdapterLayers:
                 return self.recent_through_slots.add(row_adapters, slotted)
             if self.slots_from == 0 or slotted.passes < PASSES_BEFORE_PER_ROW:
                 return slotted
-        return self.recent.add(row_adapters, BatchDeltas(self, row_adapters, through_slots=False))
+        built = BatchDeltas(self, row_adapters, through_slots=False, template=self._template(row_adapters))
+        return self.recent.add(row_adapters, built)
+
+    def _template(self, row_adapters: Sequence[AdapterWeights | None]) -> _MaskTemplate | None:
+        """The template of batches over these rows' distinct adapters (made on first need), or None where
+        there is none: a single adapter (its rows are one slice), or masked pairs would not serve."""
+        distinct = list({id(adapter): adapter for adapter in row_adapters if adapter is not None}.values())
+        if len(distinct) < 2:
+            return None
+        found = self.templates.find(distinct)
+        if found is None:
+            profiles = self.profiles.find(distinct)
+            if profiles is None:
+                profiles = self.profiles.add(distinct, _ModuleProfiles(distinct, self.wrapped))
+            found = _Untemplated()
+            if _masks_serve(profiles, len(row_adapters)):
+                template = _MaskTemplate(self, row_adapters, profiles)
+                found = template if template.complete else found
+            self.templates.add(distinct, found)
+        return found if isinstance(found, _MaskTemplate) else None
 
     def forget(self, adapter: AdapterWeights) -> None:
         """``adapter`` left the adapter cache: no recent batch may keep its memory."""
         self.recent.forget(adapter)
         self.recent_through_slots.forget(adapter)
         self.profiles.forget(adapter)
+        self.templates.forget(adapter)
 
     def wrap(self, module_names: Sequence[str], lock: AbstractContextManager | None = None) -> None:
         """Wrap the named linear layers (idempotent); done when an adapter targeting them loads.
@@ -355,6 +381,7 @@ class AdapterLayers:
             self.recent.clear()  # built for fewer layers and older siblings
             self.recent_through_slots.clear()
             self.profiles.clear()
+            self.templates.clear()
             if self.slot_path is None or self.slots_from:  # slot tables run their own kernels: no sharing there
                 self.siblings = [
                     kept
@@ -389,6 +416,7 @@ class BatchDeltas:
         row_adapters: Sequence[AdapterWeights | None],
         *,
         through_slots: bool | None = None,  # None: as the layers choose for these rows
+        template: _MaskTemplate | None = None,  # its groups serve these rows, with masks and vectors made here
     ) -> None:
         self.layers = layers
         self.batch = len(row_adapters)
@@ -396,6 +424,14 @@ class BatchDeltas:
         self.held_bytes = 0  # stacked or concatenated copies of adapters' tensors (BatchMemo bounds them)
         self.passes = 0  # installed for this many passes so far
         self._shared = False
+        self.template = template
+        if template is not None:
+            self._shared = True  # the template's siblings share already
+            self.per_module = template.per_module
+            self.masks, self.vectors = template.arranged(row_adapters)
+            self.held_bytes = sum(mask.nbytes for mask in self.masks.values())
+            self.held_bytes += sum(part.nbytes for _, parts in self.vectors for part in parts)
+            return
         if layers.through_slots(row_adapters) if through_slots is None else through_slots:
             touched = {name for adapter in row_adapters if adapter for name in adapter.modules}
             forward = layers.slot_path.batch(row_adapters).forward
@@ -429,7 +465,9 @@ class BatchDeltas:
     def install(self) -> None:
         """Put this batch's deltas into the layers for a pass; from its second pass, siblings share shrinks."""
         self.passes += 1
-        if self.passes == 2:
+        if self.template is not None:
+            self.template.bind(self.batch, self.masks, self.vectors)
+        elif self.passes == 2:
             self.share_siblings()
         per_module = self.per_module
         for name, layer in self.layers.wrapped.items():
@@ -439,6 +477,82 @@ class BatchDeltas:
 
 def _concatenated(stacks: StackMemo, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return stacks.get(("siblings", dim), parts, lambda: torch.cat(parts, dim=dim))
+
+
+class _MaskTemplate:
+    """The groups of every batch over one list of distinct adapters, whatever its rows: each module's adapters
+    as masked pairs (:class:`MaskedPairs`), siblings sharing their shrink, scaling vectors from one table.
+
+    Through Triton, with requests joining and leaving at their own times, about half of the passes of the
+    demo's three trained adapters at concurrency 16 brought an arrangement of rows not seen among the recent
+    64, and building it took 8% of the serving loop's time (71-78% of passes and 13-15% with eight adapters;
+    engine instrumented, diagnostic). A batch over a template makes only what depends on its rows (a row
+    mask per pattern of column owners, the scaling vectors: a few gathers) and binds them into the template's
+    groups when it is installed. Used where masked pairs serve every module (:func:`_masks_serve`).
+    """
+
+    def __init__(self, layers: AdapterLayers, row_adapters: Sequence[AdapterWeights | None], profiles) -> None:
+        layout = _BatchLayout(row_adapters, layers.stacks, all_masked=True)
+        self.distinct = {id(adapter): number + 1 for number, adapter in enumerate(layout.distinct)}
+        with layers.stacks.handed_out() as handed:
+            self.per_module = {name: layout.module_deltas(profile) for name, profile in profiles.items()}
+            self.gathers = layout.gather_row_vectors()
+            groups_of = {name: rows.low_rank for name, rows in self.per_module.items()}
+            stacked = partial(_concatenated, layers.stacks)
+            share_shrinks(groups_of, layers.siblings, stacked, layout.batch, _OP_MACS)
+        self.held_bytes = sum(handed.values())
+        holders = {}
+        for rows in self.per_module.values():
+            for group in rows.low_rank:
+                holder = group.shared if isinstance(group, SiblingPart) else group
+                holders[id(holder)] = holder
+        self.mask_users = [(holder, holder.mask_key) for holder in holders.values()]
+        self.complete = all(key is not None for _, key in self.mask_users)
+
+    def arranged(
+        self, row_adapters: Sequence[AdapterWeights | None]
+    ) -> tuple[dict[MaskKey, torch.Tensor], list[tuple[_VectorGather, tuple[torch.Tensor, ...]]]]:
+        """The masks and scaling vectors of a batch of these rows."""
+        numbers: dict[torch.device, torch.Tensor] = {}
+
+        def row_numbers(device: torch.device) -> torch.Tensor:
+            if device not in numbers:
+                numbers[device] = torch.tensor([self.distinct.get(id(a), 0) for a in row_adapters], device=device)
+            return numbers[device]
+
+        masks = {key: _mask_for(key, row_numbers(key[3])) for _, key in self.mask_users}
+        return masks, [(gather, gather.rows(row_numbers(gather.table.device))) for gather in self.gathers]
+
+    def bind(self, batch: int, masks: dict[MaskKey, torch.Tensor], vectors) -> None:
+        """Make the template's groups those of a batch of ``batch`` rows with these masks and vectors."""
+        for rows in self.per_module.values():
+            rows.batch = batch
+        for holder, key in self.mask_users:
+            holder.mask = masks[key]
+        for gather, parts in vectors:
+            gather.set(parts)
+
+
+class _Untemplated:
+    """A list of distinct adapters that masked pairs do not serve well: its batches are built per layout."""
+
+    held_bytes = 0
+
+
+def _masks_serve(profiles: dict[str, _ModuleProfile], rows: int) -> bool:
+    """Whether masked pairs serve every module of these adapters in batches of about ``rows`` rows: pairs only
+    (no LoKr through its factors), at most :data:`_MASKED_MAX_RANK` columns, and, with adapters sharing rows
+    evenly, the columns each row computes for nothing cost no more than the ops that grouping them would
+    take beyond masked pairs' three (the test ``_BatchLayout._choose`` makes per batch)."""
+    for profile in profiles.values():
+        ranks = [rank for rank in profile.ranks if rank]
+        if _STRUCTURED in ranks or sum(ranks) > _MASKED_MAX_RANK:
+            return False
+        if len(ranks) > 1:
+            wasted = rows * sum(ranks) * (len(ranks) - 1) / len(ranks)
+            if wasted * profile.features > (2 * len(ranks) - 3) * _OP_MACS:
+                return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -493,8 +607,11 @@ class _BatchLayout:
     with that pattern.
     """
 
-    def __init__(self, row_adapters: Sequence[AdapterWeights | None], stacks: StackMemo) -> None:
+    def __init__(
+        self, row_adapters: Sequence[AdapterWeights | None], stacks: StackMemo, *, all_masked: bool = False
+    ) -> None:
         self.stacks = stacks
+        self.all_masked = all_masked  # every module's adapters as masked pairs, whatever the rows (templates)
         numbers: dict[int, int] = {}
         self.distinct: list[AdapterWeights] = []
         self.adapter_of_row: list[int] = []  # -1: the base model
@@ -534,6 +651,10 @@ class _BatchLayout:
     def _choose(self, ranks: tuple[int, ...], features: int, like: torch.Tensor) -> list[_GroupPlan | _MaskedPlan]:
         """The plan of every module with these ranks and features: masked pairs where the ops they save are
         worth the multiply-adds they waste, adapters grouped otherwise."""
+        if self.all_masked:
+            members = [adapter for adapter, rank in enumerate(ranks) if rank]
+            columns = tuple(adapter for adapter in members for _ in range(ranks[adapter]))
+            return [_MaskedPlan(members, self._row_mask(columns, like))] if members else []
         plans = self._plans.get(ranks)
         if plans is None:
             grouped = self._plan(ranks, like.device)
@@ -588,23 +709,24 @@ class _BatchLayout:
         else:
             self._pending_vectors.append(_VectorRequest(into, field_name, vectors, width, like.dtype, like.device))
 
-    def gather_row_vectors(self) -> None:
+    def gather_row_vectors(self) -> list[_VectorGather]:
         """Fill in every requested scaling vector: one table of every module's distinct vectors side by side,
         ones first, indexed by row (one op for the batch, where a table per module took two ops per module:
-        measured, 16 DoRA modules made a sixth of the cost of a new batch on the demo).
-        """
+        measured, 16 DoRA modules made a sixth of the cost of a new batch on the demo). Returns the gathers,
+        which a template makes again for each arrangement of rows."""
         by_kind: dict[tuple[torch.dtype, torch.device], list[_VectorRequest]] = {}
         for request in self._pending_vectors:
             by_kind.setdefault((request.dtype, request.device), []).append(request)
         self._pending_vectors = []
+        gathers = []
         for (dtype, device), requests in by_kind.items():
             parts = [vector for request in requests for vector in request.vectors]
             widths = tuple(request.width for request in requests)
             table = self.stacks.get(("scales", widths), parts, partial(_scale_table, requests, dtype, device))
-            rows = table.index_select(0, self.row_numbers(device)).unsqueeze(1)
-            # split_with_sizes: Tensor.split is a Python wrapper around it
-            for request, vectors in zip(requests, rows.split_with_sizes(widths, dim=2), strict=True):
-                setattr(request.into, request.field_name, vectors)
+            gather = _VectorGather(table, widths, requests)
+            gather.set(gather.rows(self.row_numbers(device)))
+            gathers.append(gather)
+        return gathers
 
     def _plan(self, ranks: tuple[int, ...], device: torch.device) -> list[_GroupPlan]:
         buckets: dict[int, list[_Run]] = {}
@@ -706,12 +828,16 @@ class _RowMask:
         self, layout: _BatchLayout, adapters: int, column_owners: list[int], dtype: torch.dtype, device: torch.device
     ) -> None:
         self._layout = layout
-        self._owners = adapters, tuple(column_owners), dtype, device
+        self.key: MaskKey = (adapters, tuple(column_owners), dtype, device)
 
     @cached_property
     def tensor(self) -> torch.Tensor:
-        table = _column_owner_table(*self._owners)
-        return table.index_select(0, self._layout.row_numbers(table.device)).unsqueeze(1)
+        return _mask_for(self.key, self._layout.row_numbers(self.key[3]))
+
+
+def _mask_for(key: MaskKey, row_numbers: torch.Tensor) -> torch.Tensor:
+    """``(rows, 1, columns)``: each row's adapter's row of the column-owner table."""
+    return _column_owner_table(*key).index_select(0, row_numbers).unsqueeze(1)
 
 
 @lru_cache(maxsize=256)
@@ -739,6 +865,24 @@ class _VectorRequest:
     device: torch.device
 
 
+@dataclass(frozen=True)
+class _VectorGather:
+    """Every scaling vector of a batch of one dtype and device: ``table`` indexed by row, split by module."""
+
+    table: torch.Tensor  # (adapters + 1, sum of widths)
+    widths: tuple[int, ...]
+    requests: list[_VectorRequest]
+
+    def rows(self, row_numbers: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each request's ``(rows, 1, width)`` vectors for rows of these numbers (0: the base model)."""
+        # split_with_sizes: Tensor.split is a Python wrapper around it
+        return self.table.index_select(0, row_numbers).unsqueeze(1).split_with_sizes(self.widths, dim=2)
+
+    def set(self, vectors: tuple[torch.Tensor, ...]) -> None:
+        for request, rows in zip(self.requests, vectors, strict=True):
+            setattr(request.into, request.field_name, rows)
+
+
 def _scale_table(requests: list[_VectorRequest], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(adapters + 1, widths)``: each request's distinct vectors in its columns, ones for the base model's
     row and for adapters without a vector."""
@@ -760,7 +904,7 @@ class _MaskedPlan:
     def build(self, deltas: list[ModuleDelta | None], stacks: StackMemo) -> MaskedPairs:
         members = [deltas[adapter] for adapter in self.adapters]
         a, b = stacks.get(("side by side",), members, partial(_side_by_side, members))
-        return MaskedPairs(a, b, self.mask.tensor)
+        return MaskedPairs(a, b, self.mask.tensor, self.mask.key)
 
 
 def _side_by_side(members: list[ModuleDelta]) -> tuple[torch.Tensor, torch.Tensor]:

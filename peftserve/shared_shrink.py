@@ -42,6 +42,8 @@ class ShrinkForm:
     b: torch.Tensor
     mask: torch.Tensor | None = None
     adapters: tuple[int, ...] = ()  # "segments": who each stacked pair belongs to, in order
+    # What ``mask`` is made from: (adapters, each column's owner, dtype, device); see batched_layers.MaskKey.
+    mask_key: tuple | None = None
 
 
 def _input_key(x: torch.Tensor) -> tuple:
@@ -63,6 +65,12 @@ class SharedShrink:
                 [form.mask if form.mask is not None else a.new_ones(rows, 1, form.a.shape[-1]) for form in forms],
                 dim=-1,
             )
+        # Where every form's mask is known by its columns' owners, the concatenated mask's: a batch template
+        # (batched_layers._MaskTemplate) makes it anew for each arrangement of rows.
+        keys = [form.mask_key for form in forms]
+        self.mask_key = None
+        if all(key is not None for key in keys):
+            self.mask_key = (keys[0][0], tuple(owner for key in keys for owner in key[1]), *keys[0][2:])
         self._key: tuple | None = None
         self._held: torch.Tensor | None = None
         self._low: torch.Tensor | None = None
