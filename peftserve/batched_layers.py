@@ -14,7 +14,8 @@ once however many rows use it. Where a few low-rank adapters' rows interleave, t
 run side by side under a row mask (:class:`MaskedPairs`); a LoKr whose exact pair would be large runs through
 its Kronecker factors (:class:`KroneckerRun`). From a batch's second pass, sibling layers (q/k/v, gate/up)
 share one shrink (:mod:`peftserve.shared_shrink`). A batch whose rows use the same adapters as a recent one is
-that one again (:mod:`peftserve.batch_memo`).
+that one again (:mod:`peftserve.batch_memo`); where masked pairs serve every module of a batch's distinct
+adapters, every arrangement of their rows shares one template of groups (:class:`_MaskTemplate`).
 """
 
 from __future__ import annotations
@@ -543,14 +544,15 @@ def _masks_serve(profiles: dict[str, _ModuleProfile], rows: int) -> bool:
     """Whether masked pairs serve every module of these adapters in batches of about ``rows`` rows: pairs only
     (no LoKr through its factors), at most :data:`_MASKED_MAX_RANK` columns, and, with adapters sharing rows
     evenly, the columns each row computes for nothing cost no more than the ops that grouping them would
-    take beyond masked pairs' three (the test ``_BatchLayout._choose`` makes per batch)."""
+    take beyond masked pairs' three (two per adapter's run, at most five stacked: the test
+    ``_BatchLayout._choose`` makes per batch)."""
     for profile in profiles.values():
         ranks = [rank for rank in profile.ranks if rank]
         if _STRUCTURED in ranks or sum(ranks) > _MASKED_MAX_RANK:
             return False
         if len(ranks) > 1:
             wasted = rows * sum(ranks) * (len(ranks) - 1) / len(ranks)
-            if wasted * profile.features > (2 * len(ranks) - 3) * _OP_MACS:
+            if wasted * profile.features > (min(2 * len(ranks), 5) - 3) * _OP_MACS:
                 return False
     return True
 
