@@ -467,7 +467,7 @@ class BatchDeltas:
         """Put this batch's deltas into the layers for a pass; from its second pass, siblings share shrinks."""
         self.passes += 1
         if self.template is not None:
-            self.template.bind(self.batch, self.masks, self.vectors)
+            self.template.bind(self)
         elif self.passes == 2:
             self.share_siblings()
         per_module = self.per_module
@@ -478,6 +478,9 @@ class BatchDeltas:
 
 def _concatenated(stacks: StackMemo, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return stacks.get(("siblings", dim), parts, lambda: torch.cat(parts, dim=dim))
+
+
+_Vectors = list[tuple["_VectorGather", tuple[torch.Tensor, ...]]]  # each gather's per-request row vectors
 
 
 class _MaskTemplate:
@@ -492,9 +495,11 @@ class _MaskTemplate:
     groups when it is installed. Used where masked pairs serve every module (:func:`_masks_serve`).
     """
 
-    def __init__(self, layers: AdapterLayers, row_adapters: Sequence[AdapterWeights | None], profiles) -> None:
+    def __init__(
+        self, layers: AdapterLayers, row_adapters: Sequence[AdapterWeights | None], profiles: _ModuleProfiles
+    ) -> None:
+        self.stacks = layers.stacks
         layout = _BatchLayout(row_adapters, layers.stacks, all_masked=True)
-        self.distinct = {id(adapter): number + 1 for number, adapter in enumerate(layout.distinct)}
         with layers.stacks.handed_out() as handed:
             self.per_module = {name: layout.module_deltas(profile) for name, profile in profiles.items()}
             self.gathers = layout.gather_row_vectors()
@@ -509,28 +514,26 @@ class _MaskTemplate:
                 holders[id(holder)] = holder
         self.mask_users = [(holder, holder.mask_key) for holder in holders.values()]
         self.complete = all(key is not None for _, key in self.mask_users)
+        self.bound: object | None = None  # the batch whose masks and vectors the groups hold now
 
-    def arranged(
-        self, row_adapters: Sequence[AdapterWeights | None]
-    ) -> tuple[dict[MaskKey, torch.Tensor], list[tuple[_VectorGather, tuple[torch.Tensor, ...]]]]:
-        """The masks and scaling vectors of a batch of these rows."""
-        numbers: dict[torch.device, torch.Tensor] = {}
+    def arranged(self, row_adapters: Sequence[AdapterWeights | None]) -> tuple[dict[MaskKey, torch.Tensor], _Vectors]:
+        """The masks and scaling vectors of a batch of these rows. Its distinct adapters are the template's in
+        the same order (the template is found by them), so the layout numbers rows as the template's groups."""
+        layout = _BatchLayout(row_adapters, self.stacks)
+        masks = {key: _mask_for(key, layout.row_numbers(key[3])) for _, key in self.mask_users}
+        return masks, [(gather, gather.rows(layout.row_numbers(gather.table.device))) for gather in self.gathers]
 
-        def row_numbers(device: torch.device) -> torch.Tensor:
-            if device not in numbers:
-                numbers[device] = torch.tensor([self.distinct.get(id(a), 0) for a in row_adapters], device=device)
-            return numbers[device]
-
-        masks = {key: _mask_for(key, row_numbers(key[3])) for _, key in self.mask_users}
-        return masks, [(gather, gather.rows(row_numbers(gather.table.device))) for gather in self.gathers]
-
-    def bind(self, batch: int, masks: dict[MaskKey, torch.Tensor], vectors) -> None:
-        """Make the template's groups those of a batch of ``batch`` rows with these masks and vectors."""
+    def bind(self, batch: BatchDeltas) -> None:
+        """Make the template's groups those of ``batch`` (its rows, masks and vectors), unless they are already:
+        a decoding batch is installed for pass after pass."""
+        if self.bound is batch:
+            return
+        self.bound = batch
         for rows in self.per_module.values():
-            rows.batch = batch
+            rows.batch = batch.batch
         for holder, key in self.mask_users:
-            holder.mask = masks[key]
-        for gather, parts in vectors:
+            holder.mask = batch.masks[key]
+        for gather, parts in batch.vectors:
             gather.set(parts)
 
 
